@@ -1,0 +1,160 @@
+"""
+The setup every script shares: config overrides, device and dtype choice, autocast,
+distributed init, seeding, compile. Imports nothing from this project.
+
+Config (nanoGPT's idea, made safer): each script keeps its settings as plain globals at the
+top and calls `configure(globals())`. Then
+    python train.py config/train_verdict.py --batch_size=32 --compile=False
+runs the config file (plain Python assigning the same globals), then applies each
+--key=value. Values are parsed with ast.literal_eval (a bare word stays a string) and must
+have the type of the default; an unknown key stops with the closest known name.
+"""
+import ast
+import difflib
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+
+def die(msg):
+    """Stop with one clear line on stderr and exit code 1 (bad input, not a bug)."""
+    sys.exit(f"error: {msg}")
+
+
+def config_keys(g):
+    """The overridable settings of a script: its public globals of plain types."""
+    return [k for k, v in g.items()
+            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), tuple, list))]
+
+
+def _typed(value, default, shown):
+    """`value` converted to the type of `default`, or stop naming the key."""
+    if default is None or value is None:
+        return value
+    if isinstance(value, str) and isinstance(default, bool) and value.lower() in ('true', 'false'):
+        value = value.lower() == 'true'
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)  # --learning_rate=1 means 1.0
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        value = type(default)(value)
+    if type(value) is not type(default):  # type(), not isinstance: True is no int here
+        die(f"{shown}: expected {type(default).__name__} like the default {default!r}")
+    return value
+
+
+def configure(g, argv=None):
+    """Apply `[config_file.py] --key=value ...` to the script's globals `g`; return the keys."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    if '-h' in argv or '--help' in argv:
+        doc = (g.get('__doc__') or '').strip()
+        print(doc.splitlines()[0] if doc else '')
+        print(f"usage: python {os.path.basename(sys.argv[0])} [config/file.py] [--key=value ...]\n")
+        for k in keys:
+            print(f"  --{k}={g[k]!r}")
+        sys.exit(0)
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file: plain Python assigning the same globals
+            if not os.path.isfile(arg):
+                die(f"config file {arg} not found (expected a path like config/train_verdict.py or --key=value)")
+            defaults = {k: g[k] for k in keys}
+            with open(arg, encoding='utf-8') as f:
+                exec(compile(f.read(), arg, 'exec'), g)  # trusted code you chose to run, as in nanoGPT
+            for k in config_keys(g):
+                if k not in defaults:
+                    die(f"config file {arg} sets unknown key '{k}'" + _closest(k, keys))
+                g[k] = _typed(g[k], defaults[k], f"{arg}: {k}={g[k]!r}")
+            continue
+        key, eq, text = arg[2:].partition('=')
+        if not eq:
+            die(f"'{arg}': write --{key}=value")
+        if key not in keys:
+            die(f"unknown key --{key}" + _closest(key, keys) + " (--help lists them)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # --init_from=gpt2 needs no quotes
+        if isinstance(g[key], str) and not isinstance(value, str):
+            value = text  # --start=42 is the text "42"
+        g[key] = _typed(value, g[key], f"--{key}={text}")
+    return keys
+
+
+def _closest(key, keys):
+    match = difflib.get_close_matches(key, keys, n=1)
+    return f"; did you mean --{match[0]}?" if match else ""
+
+
+def pick_device(device='auto'):
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        die(f"--device={device} but no CUDA GPU is visible; use --device=auto or cpu")
+    return device
+
+
+def pick_dtype(dtype, device_type):
+    """'auto': bfloat16 where the GPU supports it, float16 (+GradScaler) on older GPUs, float32 elsewhere."""
+    if dtype == 'auto':
+        if device_type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        else:
+            dtype = 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        die(f"--dtype={dtype}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def setup(device='auto', dtype='auto', seed=1337):
+    """Device, dtype and autocast context for a script's loop, seeded.
+    Returns (device, device_type, dtype_name, ctx)."""
+    device = pick_device(device)
+    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    dtype = pick_dtype(dtype, device_type)
+    torch.manual_seed(seed)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for any float32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    return device, device_type, dtype, ctx
+
+
+def init_distributed(device='auto'):
+    """Under torchrun (RANK set): join the process group, nccl on GPUs and gloo on CPU.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 0, 1, device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    world_size = int(os.environ['WORLD_SIZE'])
+    use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda') or device.startswith('cuda')
+    if use_cuda:
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    backend = 'nccl' if use_cuda and dist.is_nccl_available() else 'gloo'
+    dist.init_process_group(backend=backend)
+    return True, rank, local_rank, world_size, (device if use_cuda else 'cpu')
+
+
+def maybe_compile(model, enabled, device_type, **kwargs):
+    """torch.compile where the platform can run it; otherwise say so and run eagerly."""
+    if not enabled:
+        return model
+    import shutil
+    if device_type == 'cpu' and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'cl')):
+        print("notice: --compile needs a C compiler for the CPU backend; running without it")
+        return model
+    if device_type == 'mps' or (sys.platform == 'win32' and device_type == 'cuda'):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            print(f"notice: torch.compile is not supported for {device_type} here; running without it")
+            return model
+    return torch.compile(model, **kwargs)

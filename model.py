@@ -1,0 +1,636 @@
+"""
+The whole GPT in one file (book chapters 3-4; GPT-2 weights ch. 5.5; LoRA appendix E).
+GPT-2 exactly: learned token + position embeddings, pre-LayerNorm blocks, one fused qkv
+projection, flash/SDPA causal attention, tanh-GELU MLP, output head tied to the token
+embedding. Plus what a real user needs: KV-cache generation, GPT-2 weights in and out in the
+Hugging Face layout (safetensors parsed here, no extra dependency), checkpoints, LoRA.
+Imports only torch, numpy and the standard library (requests lazily, to download).
+"""
+import json
+import math
+import mmap
+import os
+import sys
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # context length
+    vocab_size: int = 50257  # GPT-2's BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
+
+
+PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):  # ch03: multi-head attention
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.layer_idx = layer_idx  # which slot of a KVCache is ours
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+        S = k.size(2)
+        dropout_p = self.dropout if self.training else 0.0
+        if S == T or T == 1:  # whole sequence (causal), or one new token that may see every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:  # a chunk after a cached prefix: query i sees keys 0 .. S-T+i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):  # ch04: feed forward with GELU
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):  # ch04: the transformer block, pre-LayerNorm
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, so that each new token
+    costs one position of work instead of the whole sequence. Allocated once, for
+    block_size positions, in the dtype the attention computes in."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0  # how many positions are filled
+
+    def update(self, layer_idx, k, v):
+        """Store (B, nh, T, hs) new keys/values of one layer; return all of its so far (B, nh, pos+T, hs)."""
+        end = self.pos + k.size(2)
+        self.k[layer_idx, :, :, self.pos:end] = k
+        self.v[layer_idx, :, :, self.pos:end] = v
+        if layer_idx == self.k.size(0) - 1:  # the last layer has written: advance
+            self.pos = end
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+
+class GPT(nn.Module):  # ch04: the GPT model
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),   # position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_num_params(self):
+        """All parameters, the tied head counted once (124,439,808 for GPT-2 124M)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, kv_cache=None):
+        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head)."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets
+        (B, T) where -100 marks positions to ignore, None without targets."""
+        logits = self.lm_head(self.hidden_states(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Use a shorter context than the weights were trained with (e.g. GPT-2's 1024 -> 256)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
+        LayerNorm gains; the fused CUDA kernel where available (one launch for all params)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = device_type == 'cuda'
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6N + attention (PaLM appendix B)."""
+        cfg = self.config
+        N = self.get_num_params() - self.transformer.wpe.weight.numel()
+        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_s, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token() * tokens_per_s / peak_flops if peak_flops else None
+
+    # ---------------------------------------------------------------- generation (ch05)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 use_cache=True, on_token=None, generator=None):
+        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n). One prefill of
+        the prompt, then one token per step through the KV cache. temperature=0 is greedy.
+        With eos_id, a row that has emitted it is padded with eos_id and generation stops
+        once every row has. Past block_size the window slides: the cache is refilled with
+        the last block_size // 2 tokens. Within the window the tokens equal those of
+        use_cache=False (which recomputes the whole cropped sequence every step, as nanoGPT).
+        on_token(next_ids (B,)) is called after each step, e.g. to stream text."""
+        bs = self.config.block_size
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache, dev = None, idx.device.type
+        cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                x = self.hidden_states(idx[:, -bs:])
+            elif cache is None or cache.pos == bs:  # prefill: the prompt, or once full, the window's last half
+                keep = bs if cache is None else bs // 2
+                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
+                x = self.hidden_states(idx[:, -keep:], cache)
+            else:
+                x = self.hidden_states(idx[:, -1:], cache)
+            logits = self.lm_head(x[:, -1, :])  # (B, vocab): only the last position is needed
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+                done |= next_id == eos_id
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            if on_token is not None:
+                on_token(next_id)
+            if eos_id is not None and bool(done.all()):
+                break
+        return idx
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit outside the top_k largest and outside the nucleus: the
+    smallest set of most likely tokens whose probability reaches top_p. (..., vocab)"""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float('-inf'))
+        logits = torch.full_like(logits, float('-inf')).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, vocab) logits -> (B,) next token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# -------------------------------------------------------------------- GPU peak for MFU
+
+_PEAK_BF16 = [  # dense bf16/fp16 tensor-core FLOP/s from the vendors' data sheets; first match wins
+    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('GH200', 989e12),
+    ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12), ('A10G', 125e12),
+    ('A10', 125e12), ('L4', 121e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12),
+    ('4090', 165e12), ('4080', 97e12), ('4070', 58e12), ('3090', 71e12), ('3080', 60e12),
+]
+
+
+def gpu_peak_flops(device):
+    """Peak FLOP/s of the CUDA device from its name, or None (CPU, MPS, a GPU not listed:
+    give train.py --peak_flops then)."""
+    if not str(device).startswith('cuda') or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_BF16 if key in name), None)
+
+
+# -------------------------------------------------------------------- downloads
+
+def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0):
+    """Fetch url to path with requests, for real: streamed with a progress display, resumed
+    and retried with backoff after a dropped connection or a 5xx, size-checked against
+    Content-Length and sha256-checked where known. The bytes go to path.part and are renamed
+    only when complete, so an interrupted download never leaves a file that looks finished.
+    Returns path (at once if it already exists)."""
+    import hashlib
+    import requests
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + '.part')
+    desc = desc or path.name
+    for attempt in range(retries):
+        try:
+            have = part.stat().st_size if part.exists() else 0
+            headers = {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}
+            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+                if r.status_code == 416:  # our .part already holds everything (or is bogus): start over
+                    part.unlink()
+                    raise requests.ConnectionError("range not satisfiable")
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise requests.ConnectionError(f"HTTP {r.status_code}")
+                if r.status_code >= 400:
+                    raise OSError(f"download of {url} failed: HTTP {r.status_code} {r.reason}; check the URL")
+                if r.status_code != 206:
+                    have = 0  # the server ignored our Range: take the whole body again
+                length = r.headers.get('Content-Length')
+                total = have + int(length) if length is not None else None
+                got, t0, shown = have, time.time(), 0.0
+                with open(part, 'ab' if have else 'wb') as f:
+                    for chunk in r.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        got += len(chunk)
+                        if time.time() - shown > 0.5:
+                            shown = time.time()
+                            _progress(desc, got, total, (got - have) / max(shown - t0, 1e-9))
+                _progress(desc, got, total, (got - have) / max(time.time() - t0, 1e-9), end='\n')
+            if total is not None and part.stat().st_size != total:
+                raise requests.ConnectionError(f"got {part.stat().st_size:,} of {total:,} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise OSError(f"download of {url} failed after {retries} tries ({_first_line(e)}); "
+                              f"check your connection, or put the file at {path} yourself") from None
+            print(f"\n{desc}: {_first_line(e)}; retrying in {backoff * 2 ** attempt:.0f}s", file=sys.stderr)
+            time.sleep(backoff * 2 ** attempt)
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise OSError(f"download of {url} has sha256 {h.hexdigest()[:12]}..., expected {sha256[:12]}...; "
+                          "the file changed upstream or was corrupted in transit")
+    os.replace(part, path)
+    return path
+
+
+def _progress(desc, got, total, rate, end=''):
+    pct = f" {100 * got / total:5.1f}% of {total / 1e6:,.1f} MB" if total else ""
+    print(f"\r{desc}: {got / 1e6:,.1f} MB{pct} at {rate / 1e6:.1f} MB/s", end=end, file=sys.stderr, flush=True)
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+# -------------------------------------------------------------------- safetensors, GPT-2 weights
+
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+              'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """{name: tensor} from a .safetensors file: 8 bytes of little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes.
+    The file is memory-mapped copy-on-write: read once, never written."""
+    path = Path(path)
+    try:
+        with open(path, 'rb') as f:
+            n = int.from_bytes(f.read(8), 'little')
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        tensors = {}
+        for name, info in header.items():
+            if name == '__metadata__':
+                continue
+            dtype, (begin, end) = _ST_DTYPES[info['dtype']], info['data_offsets']
+            numel = math.prod(info['shape'])
+            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == numel * dtype.itemsize):
+                raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
+            tensors[name] = t.view(info['shape'])
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)}); re-download or re-save it") from None
+    return tensors
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as a .safetensors file (atomically: temp file + rename)."""
+    inv = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {'__metadata__': {'format': 'pt', **(metadata or {})}}, 0
+    flat = {}
+    for name, t in tensors.items():
+        t = t.detach().to('cpu').contiguous()
+        flat[name] = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        header[name] = {'dtype': inv[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + flat[name].numel()]}
+        offset += flat[name].numel()
+    head = json.dumps(header, separators=(',', ':')).encode()
+    head += b' ' * (-len(head) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        f.write(len(head).to_bytes(8, 'little'))
+        f.write(head)
+        for b in flat.values():
+            f.write(b.numpy().data)
+    os.replace(tmp, path)
+
+
+# GPT-2 was written with "Conv1D" layers that store Linear weights transposed: (in, out).
+_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+CACHE_DIR = Path(os.environ.get('LLM_CACHE_DIR', Path.home() / '.cache' / 'llm-from-scratch'))
+
+
+def fetch_gpt2(name):
+    """Download OpenAI's GPT-2 weights (Hugging Face layout) once into CACHE_DIR/name; later
+    runs find them there and need no network. Returns the folder."""
+    folder = CACHE_DIR / name
+    for file in ('config.json', 'model.safetensors'):
+        download(f"{HF_ENDPOINT}/openai-community/{name}/resolve/main/{file}", folder / file, desc=f"{name}/{file}")
+    return folder
+
+
+def gpt2_state_dict(tensors):
+    """Hugging Face GPT-2 tensors -> our state dict. Both naming styles load: the hub's
+    (`h.0.attn.c_attn.weight`) and recent transformers' (`transformer.h.0...`); the causal
+    mask buffers (`attn.bias`, `attn.masked_bias`) and the tied `lm_head.weight` are skipped."""
+    sd = {}
+    for name, t in tensors.items():
+        name = name.removeprefix('transformer.')
+        if name.split('.')[-2:] in (['attn', 'bias'], ['attn', 'masked_bias']) or name == 'lm_head.weight':
+            continue
+        sd['transformer.' + name] = t.t() if name.endswith(_CONV1D) else t
+    if 'transformer.wte.weight' in sd:
+        sd['lm_head.weight'] = sd['transformer.wte.weight']  # tied
+    return sd
+
+
+def _gpt2_config(path, tensors):
+    """GPTConfig from config.json beside the weights, else from the tensor shapes."""
+    cfg_file = path.parent / 'config.json' if path.suffix == '.safetensors' else path / 'config.json'
+    if cfg_file.is_file():
+        with open(cfg_file, encoding='utf-8') as f:
+            cfg = json.load(f)
+        if cfg.get('model_type', 'gpt2') != 'gpt2':
+            raise ValueError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not GPT-2")
+        return GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                         vocab_size=cfg['vocab_size'], block_size=cfg.get('n_positions', cfg.get('n_ctx')))
+    wte = tensors.get('wte.weight', tensors.get('transformer.wte.weight'))
+    wpe = tensors.get('wpe.weight', tensors.get('transformer.wpe.weight'))
+    n_layer = len({k.removeprefix('transformer.').split('.')[1] for k in tensors if '.h.' in '.' + k.removeprefix('transformer.')})
+    preset = next((p for p in PRESETS.values() if wte is not None and p['n_embd'] == wte.shape[1] and p['n_layer'] == n_layer), None)
+    if preset is None:
+        raise ValueError(f"{path}: no config.json beside the weights and the shapes match no GPT-2 size; add config.json")
+    return GPTConfig(**preset, vocab_size=wte.shape[0], block_size=wpe.shape[0])
+
+
+def _from_pretrained(cls, name_or_path, **overrides):
+    bad = set(overrides) - {'block_size', 'dropout'}
+    if bad:
+        raise ValueError(f"from_pretrained can only override block_size and dropout, not {sorted(bad)}")
+    if name_or_path in PRESETS:
+        path = fetch_gpt2(name_or_path)
+    else:
+        path = Path(name_or_path)
+        if not (path.is_dir() or (path.is_file() and path.suffix == '.safetensors')):
+            raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a folder with "
+                                    "model.safetensors + config.json, or a .safetensors file")
+    weights = path / 'model.safetensors' if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
+    tensors = load_safetensors(weights)
+    config = _gpt2_config(path, tensors)
+    block_size = overrides.get('block_size', config.block_size)
+    if block_size > config.block_size:
+        raise ValueError(f"block_size {block_size} is longer than the {config.block_size} positions the weights have")
+    config.dropout = overrides.get('dropout', 0.0)
+    model = cls(config)
+    load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))
+    if block_size < config.block_size:
+        model.crop_block_size(block_size)
+    return model
+
+
+def load_state_dict_checked(model, sd, source):
+    """load_state_dict with one readable line for missing, unexpected or mis-shaped tensors."""
+    sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        what = '; '.join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                         for label, items in (('missing', missing), ('unexpected', extra), ('shape', shapes)) if items)
+        raise ValueError(f"{source} does not fit this model ({what})")
+    with torch.no_grad():
+        model.load_state_dict(sd)
+
+
+def _save_pretrained(self, folder):
+    """Write config.json + model.safetensors as transformers' GPT2LMHeadModel does (Conv1D
+    weights transposed back; zero biases where this model has none), so the folder loads
+    here, in transformers and anywhere else GPT-2 checkpoints are read."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = self.config
+    tensors = {}
+    for name, t in merged_state_dict(self).items():
+        if name != 'lm_head.weight':  # tied to wte
+            tensors[name] = t.t() if name.endswith(_CONV1D) else t
+    if not cfg.bias:  # the layout has biases everywhere; zeros are the same model
+        for name, m in self.named_modules():
+            if name != 'lm_head' and isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is None:
+                n = m.out_features if isinstance(m, nn.Linear) else m.normalized_shape[0]
+                tensors[name + '.bias'] = torch.zeros(n, dtype=m.weight.dtype)
+    save_safetensors(tensors, folder / 'model.safetensors')
+    hf_config = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=cfg.vocab_size,
+                     n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_inner=None, activation_function='gelu_new', resid_pdrop=cfg.dropout,
+                     embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
+                     initializer_range=0.02, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
+                     tie_word_embeddings=True)
+    tmp = folder / 'config.json.tmp'
+    tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
+    os.replace(tmp, folder / 'config.json')
+
+
+GPT.from_pretrained = classmethod(_from_pretrained)
+GPT.save_pretrained = _save_pretrained
+
+
+# -------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(ckpt, path):
+    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """A checkpoint dict (path may be its out_dir). weights_only=True: loading never runs code
+    from the file; a hostile, truncated or foreign file raises ValueError with one line."""
+    path = Path(path)
+    if path.suffix != '.pt':
+        path = path / 'ckpt.pt'
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python train.py) or use --init_from=gpt2")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); "
+                         "it may be truncated, from another program, or unsafe to unpickle") from None
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'model_args')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
+    """GPT built from a checkpoint's model_args and weights (dropout/block_size overridable)."""
+    try:
+        config = GPTConfig(**{**ckpt['model_args'], **overrides})
+    except TypeError as e:
+        raise ValueError(f"{source}: bad model_args ({e})") from None
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt['model'], source)
+    return model
+
+
+# -------------------------------------------------------------------- LoRA (appendix E)
+
+class LoRALinear(nn.Linear):
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T.
+    A starts Kaiming-uniform and B at zero, so the model starts out unchanged. (The book's
+    LinearWithLoRA scales by alpha alone; alpha / rank, as in the LoRA paper, keeps the update's
+    size independent of the rank.) Keeps the Linear's parameter names, so state dicts match."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        self.scale = alpha / rank
+        self.lora_enabled = True  # False: the base model alone (DPO's reference without a copy)
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_enabled:
+            y = y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        return y
+
+    def merged_weight(self):
+        return (self.weight + self.scale * self.lora_B @ self.lora_A).detach()
+
+
+def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
+    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only
+    trainable parameters afterwards, until you unfreeze e.g. a new head). Returns model."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+    return model
+
+
+def set_lora_enabled(model, enabled):
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_enabled = enabled
+
+
+def merged_state_dict(model):
+    """The state dict with every LoRA update folded into its plain weight (no lora_* keys):
+    what a plain GPT loads."""
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + '.weight'] = m.merged_weight()
+            del sd[name + '.lora_A'], sd[name + '.lora_B']
+    return sd
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by a plain Linear holding W + (alpha/rank) B A, in place."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    plain.weight.copy_(child.merged_weight())
+                    if child.bias is not None:
+                        plain.bias.copy_(child.bias)
+                plain.weight.requires_grad_(child.weight.requires_grad)
+                setattr(module, child_name, plain)
+    return model

@@ -1,0 +1,103 @@
+"""Shared test setup: the repo on sys.path, GPT-2's BPE files from ../shared, a local HTTP server."""
+import http.server
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / 'shared'
+sys.path.insert(0, str(ROOT))
+if (SHARED / 'tiktoken_cache').is_dir():
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
+FIXTURES = ROOT / 'tests' / 'fixtures'
+
+
+def gpt2_bpe_available():
+    try:
+        import tiktoken
+        tiktoken.get_encoding('gpt2')
+        return True
+    except Exception:
+        return False
+
+
+needs_gpt2_bpe = pytest.mark.skipif(not gpt2_bpe_available(),
+                                    reason="GPT-2 BPE files unavailable: no ../shared/tiktoken_cache and no network")
+
+
+class FakeServer:
+    """An http.server on 127.0.0.1 serving `routes` {path: bytes}, with misbehaviours to order:
+    `truncate_once` paths send half their body then drop the connection, the first time
+    (`truncate_always`: every time);
+    `fail_once` paths answer 500 the first time; `no_range` paths ignore Range headers."""
+
+    def __init__(self):
+        self.routes, self.truncate_once, self.truncate_always, self.fail_once, self.no_range = {}, set(), set(), set(), set()
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get('Range')))
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                if self.path in server.fail_once:
+                    server.fail_once.discard(self.path)
+                    self.send_error(500)
+                    return
+                start = 0
+                rng = self.headers.get('Range')
+                if rng and self.path not in server.no_range:
+                    start = int(rng.split('=')[1].split('-')[0])
+                    self.send_response(206)
+                    self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+                else:
+                    self.send_response(200)
+                self.send_header('Content-Length', str(len(body) - start))
+                self.end_headers()
+                if self.path in server.truncate_once or self.path in server.truncate_always:
+                    server.truncate_once.discard(self.path)
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+def run_script(script, *args, cwd=None, timeout=300):
+    """Run one of our scripts as a user would; returns the CompletedProcess (text)."""
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    """A bad input ends with exit code != 0 and one 'error: ...' line naming the problem."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
