@@ -12,6 +12,7 @@ have the type of the default; an unknown key stops with the closest known name.
 import ast
 import difflib
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -24,9 +25,10 @@ def die(msg):
 
 
 def config_keys(g):
-    """The overridable settings of a script: its public globals of plain types."""
-    return [k for k, v in g.items()
-            if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None), tuple, list))]
+    """The overridable settings of a script: its lower-case globals of plain types
+    (UPPER_CASE ones are constants, _private ones internal)."""
+    return [k for k, v in g.items() if not k.startswith('_') and not k.isupper()
+            and isinstance(v, (int, float, bool, str, type(None), tuple, list))]
 
 
 def _typed(value, default, shown):
@@ -52,8 +54,15 @@ def configure(g, argv=None):
         doc = (g.get('__doc__') or '').strip()
         print(doc.splitlines()[0] if doc else '')
         print(f"usage: python {os.path.basename(sys.argv[0])} [config/file.py] [--key=value ...]\n")
+        comments = {}  # the comment beside each setting in the script, shown as its help
+        if g.get('__file__'):
+            with open(g['__file__'], encoding='utf-8') as f:
+                for line in f:
+                    m = re.match(r"(\w+)\s*=[^#]*#\s*(.*)", line)
+                    if m:
+                        comments.setdefault(m.group(1), m.group(2))
         for k in keys:
-            print(f"  --{k}={g[k]!r}")
+            print(f"  --{k}={g[k]!r}" + (f"  # {comments[k]}" if k in comments else ""))
         sys.exit(0)
     for arg in argv:
         if not arg.startswith('--'):  # a config file: plain Python assigning the same globals

@@ -1,0 +1,153 @@
+"""prepare_data.py: tokenizers, the llm.c shard format, data sets, downloads, bad input."""
+import json
+
+import numpy as np
+import pytest
+
+import prepare_data
+from conftest import SHARED, assert_one_line_error, needs_gpt2_bpe, run_script
+from prepare_data import (ByteTokenizer, find_shards, get_tokenizer, prepare, read_meta, read_shard, split_pieces,
+                          write_shard)
+
+
+def test_shard_round_trip_and_header(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, 1000).astype(np.uint16)
+    write_shard(tmp_path / 'x_train_000000.bin', tokens)
+    raw = (tmp_path / 'x_train_000000.bin').read_bytes()
+    header = np.frombuffer(raw[:1024], dtype=np.int32)
+    assert list(header[:3]) == [20240520, 1, 1000] and not header[3:].any()
+    assert len(raw) == 1024 + 2 * 1000
+    assert np.array_equal(read_shard(tmp_path / 'x_train_000000.bin'), tokens)
+
+
+def test_corrupt_shards_are_named(tmp_path):
+    write_shard(tmp_path / 'a.bin', np.arange(100, dtype=np.uint16))
+    data = (tmp_path / 'a.bin').read_bytes()
+    (tmp_path / 'b.bin').write_bytes(data[:-10])
+    with pytest.raises(ValueError, match='b.bin is corrupt'):
+        read_shard(tmp_path / 'b.bin')
+    (tmp_path / 'c.bin').write_bytes(b'\x00' * 2000)
+    with pytest.raises(ValueError, match='c.bin is not a token shard'):
+        read_shard(tmp_path / 'c.bin')
+    (tmp_path / 'd.bin').write_bytes(b'abc')
+    with pytest.raises(ValueError, match='d.bin is not a token shard'):
+        read_shard(tmp_path / 'd.bin')
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    text = 'héllo<|endoftext|>wörld'
+    ids = tok.encode(text)
+    assert ids[:3] == [104, 195, 169] and ids.count(256) == 1 and max(ids) == 256
+    assert tok.decode(ids) == text
+
+
+@needs_gpt2_bpe
+def test_gpt2_tokenizer_matches_the_book():
+    tok = get_tokenizer('gpt2')
+    # ch02: "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+    ids = tok.encode("Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace.")
+    assert ids[:6] == [15496, 11, 466, 345, 588, 8887] and 50256 in ids
+    assert tok.decode(ids).endswith('someunknownPlace.')
+    with pytest.raises(ValueError, match='unknown tokenizer'):
+        get_tokenizer('sentencepiece')
+
+
+def test_split_pieces_cut_only_before_a_new_line_that_starts_with_text():
+    text = ''.join(f"line {i}\n\n   indented {i}\n" for i in range(500))
+    pieces = split_pieces(text, size=200)
+    assert ''.join(pieces) == text and len(pieces) > 10
+    for p in pieces[:-1]:
+        assert p.endswith('\n')
+    for p in pieces[1:]:
+        assert not p[0].isspace()
+
+
+def test_pydoc_default_needs_no_download(tmp_path):
+    out = prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True)
+    meta = read_meta(out)
+    assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257
+    train, val = read_shard(find_shards(out, 'train')[0]), read_shard(find_shards(out, 'val')[0])
+    assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
+    assert (np.asarray(train) == 256).sum() > 50  # one end-of-text per document (topic)
+    text = ByteTokenizer().decode(np.asarray(train[:2000]).tolist())
+    assert 'statement' in text or 'assert' in text
+
+
+def test_folder_input_documents_split_and_rerun_skips(tmp_path, capsys):
+    src = tmp_path / 'texts'
+    (src / 'sub').mkdir(parents=True)
+    (src / 'a.txt').write_text('alpha ' * 200, encoding='utf-8')
+    (src / 'sub' / 'b.txt').write_text('beta ' * 200, encoding='utf-8')
+    (src / 'ignored.md').write_text('not text', encoding='utf-8')
+    out = prepare(input=str(src), data_dir=tmp_path / 'd', val_fraction=0.25, quiet=True)
+    train = np.asarray(read_shard(find_shards(out, 'train')[0])).tolist()
+    val = np.asarray(read_shard(find_shards(out, 'val')[0])).tolist()
+    tok = ByteTokenizer()
+    assert tok.decode(train + val) == 'alpha ' * 200 + '<|endoftext|>' + 'beta ' * 200 + '<|endoftext|>'
+    assert abs(len(val) - 0.25 * (len(train) + len(val))) < 10
+    stamp = (out / 'meta.json').stat().st_mtime_ns
+    prepare(input=str(src), data_dir=tmp_path / 'd', val_fraction=0.25)
+    assert 'nothing to do' in capsys.readouterr().out and (out / 'meta.json').stat().st_mtime_ns == stamp
+    (src / 'a.txt').write_text('gamma ' * 100, encoding='utf-8')
+    prepare(input=str(src), data_dir=tmp_path / 'd', val_fraction=0.25, quiet=True)
+    assert json.loads((out / 'meta.json').read_text())['train_tokens'] < len(train)
+
+
+def test_parallel_tokenization_equals_serial(tmp_path, monkeypatch):
+    text = ''.join(f"Paragraph {i}: some words here, and more words.\n" for i in range(3000))
+    (tmp_path / 'big.txt').write_text(text, encoding='utf-8')
+    serial = prepare(input=str(tmp_path / 'big.txt'), data_dir=tmp_path / 's', num_workers=1, quiet=True)
+    monkeypatch.setattr(prepare_data, 'PIECE_CHARS', 10_000)  # > 4 pieces: the pool is used
+    parallel = prepare(input=str(tmp_path / 'big.txt'), data_dir=tmp_path / 'p', num_workers=2, quiet=True)
+    for split in ('train', 'val'):
+        assert np.array_equal(read_shard(find_shards(serial, split)[0]), read_shard(find_shards(parallel, split)[0]))
+
+
+def test_shards_are_cut_at_the_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, 'SHARD_TOKENS', 1000)
+    (tmp_path / 't.txt').write_text('x' * 4500, encoding='utf-8')
+    out = prepare(input=str(tmp_path / 't.txt'), data_dir=tmp_path / 'd', val_fraction=0.0, quiet=True)
+    sizes = [len(read_shard(p)) for p in find_shards(out, 'train')]
+    assert sizes == [1000, 1000, 1000, 1000, 501]
+
+
+def test_verdict_download_against_local_server(server, tmp_path, monkeypatch):
+    body = (SHARED / 'data' / 'the-verdict.txt').read_bytes() if (SHARED / 'data' / 'the-verdict.txt').exists() \
+        else b'I HAD always thought Jack Gisburn rather a cheap genius.\n' * 50
+    url, name, sha = prepare_data.DATASETS['verdict']
+    import hashlib
+    monkeypatch.setitem(prepare_data.DATASETS, 'verdict', (f"{server.url}/the-verdict.txt", name,
+                                                           hashlib.sha256(body).hexdigest()))
+    server.routes['/the-verdict.txt'] = body
+    server.truncate_once.add('/the-verdict.txt')
+    out = prepare('verdict', data_dir=tmp_path / 'v', quiet=True)
+    assert (out / 'the-verdict.txt').read_bytes() == body
+    tok = ByteTokenizer()
+    train = np.asarray(read_shard(find_shards(out, 'train')[0])).tolist()
+    assert tok.decode(train).startswith(body[:40].decode())
+
+
+def test_fineweb_shards_download_as_they_are(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, 'FINEWEB_URL', server.url + '/fw/')
+    for name in ('fineweb_val_000000.bin', 'fineweb_train_000001.bin', 'fineweb_train_000002.bin'):
+        write_shard(tmp_path / name, np.arange(5000, dtype=np.uint16))
+        server.routes['/fw/' + name] = (tmp_path / name).read_bytes()
+    out = prepare_data.prepare_fineweb(tmp_path / 'fw', 2)
+    assert [p.name for p in find_shards(out, 'train')] == ['fineweb_train_000001.bin', 'fineweb_train_000002.bin']
+    assert read_meta(out)['tokenizer'] == 'gpt2' and len(read_shard(find_shards(out, 'val')[0])) == 5000
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/missing.txt'), 'missing.txt')
+    (tmp_path / 'bad.txt').write_bytes(b'ok \xff\xfe bad')
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/bad.txt', f'--data_dir={tmp_path}/o'),
+                          'not valid UTF-8')
+    (tmp_path / 'empty.txt').write_text('')
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/empty.txt', f'--data_dir={tmp_path}/o'),
+                          'empty')
+    (tmp_path / 'emptydir').mkdir()
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/emptydir'), 'no .txt files')
+    assert_one_line_error(run_script('prepare_data.py', '--dataset=wikipedia'), 'unknown dataset')
+    assert_one_line_error(run_script('prepare_data.py', '--tokenizer=sp'), 'unknown tokenizer')
+    assert not (tmp_path / 'o' / 'meta.json').exists()

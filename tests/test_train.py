@@ -1,0 +1,116 @@
+"""train.py end to end on tiny configs: learning, logging, exact resume, torchrun, interrupts, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, run_script
+from model import load_checkpoint
+from prepare_data import prepare, write_shard
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return prepare('pydoc', data_dir=tmp_path_factory.mktemp('data') / 'pydoc', quiet=True)
+
+
+def tiny(data, out, *extra):
+    return [f'--data_dir={data}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+            '--batch_size=8', '--eval_interval=10', '--eval_iters=2', '--log_interval=5', '--sample_tokens=8',
+            '--warmup_iters=5', '--learning_rate=3e-3', *extra]
+
+
+def log_rows(out):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def test_loss_falls_and_everything_is_logged(data, tmp_path):
+    proc = run_script('train.py', *tiny(data, tmp_path / 'out', '--max_iters=60'))
+    assert proc.returncode == 0, proc.stderr
+    assert 'ms/step' in proc.stdout and 'tok/s' in proc.stdout and 'sample:' in proc.stdout
+    rows = log_rows(tmp_path / 'out')
+    evals = [r for r in rows if r['val_loss'] is not None]
+    assert [r['step'] for r in evals] == [0, 10, 20, 30, 40, 50, 60]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.5  # from ~5.5 (uniform over 257) to well below
+    steps = [r for r in rows if r['val_loss'] is None]
+    assert set(steps[0]) == {'step', 'train_loss', 'val_loss', 'lr', 'tokens_seen', 'ms_per_step', 'tokens_per_s', 'mfu'}
+    assert steps[0]['tokens_seen'] == 5 * 8 * 32 and steps[0]['tokens_per_s'] > 0
+    ckpt = load_checkpoint(tmp_path / 'out')
+    assert ckpt['iter_num'] == 60 and ckpt['tokenizer'] == 'bytes' and ckpt['config']['max_iters'] == 60
+    assert {'optimizer', 'scaler', 'rng', 'data', 'model_args'} <= set(ckpt)
+    sample = run_script('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=20', '--num_samples=1')
+    assert sample.returncode == 0 and len(sample.stdout) > 20
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    args = ('--dropout=0.1', '--lr_decay_iters=30', '--eval_interval=15')
+    one = run_script('train.py', *tiny(data, tmp_path / 'a', '--max_iters=30', *args))
+    first = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=15', *args))
+    second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', *args))
+    assert one.returncode == first.returncode == second.returncode == 0, second.stderr
+    a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
+    assert a['iter_num'] == b['iter_num'] == 30
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    # the log of the resumed run continues where the checkpoint was, without duplicates
+    assert [r['step'] for r in log_rows(tmp_path / 'a')] == [r['step'] for r in log_rows(tmp_path / 'b')]
+
+
+def test_torchrun_two_processes_equal_one_with_accumulation(data, tmp_path):
+    args = tiny(data, tmp_path / 'ddp', '--max_iters=10', '--gradient_accumulation_steps=2')
+    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          str(ROOT / 'train.py'), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert '(2 x 1 x 8 x 32)' in ddp.stdout and ddp.stdout.count('step 10:') == 1  # rank 0 alone logs
+    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--max_iters=10', '--gradient_accumulation_steps=2'))
+    assert single.returncode == 0, single.stderr
+    a, b = load_checkpoint(tmp_path / 'ddp'), load_checkpoint(tmp_path / 'one')
+    for k in a['model']:  # the same micro-batches, averaged across processes instead of accumulated
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT delivery to a child differs on Windows')
+def test_ctrl_c_saves_and_exits_cleanly(data, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'out', '--max_iters=100000')],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('step 10 |'):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and 'Traceback' not in err, err
+    assert 'interrupted' in out and '--init_from=resume' in out
+    assert load_checkpoint(tmp_path / 'out')['iter_num'] >= 10
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    proc = run_script('train.py', *tiny(data, tmp_path / 'out', '--max_iters=50', '--learning_rate=1e999', '--grad_clip=0.0'))
+    assert_one_line_error(proc, 'not finite', 'last good checkpoint')
+    ckpt = load_checkpoint(tmp_path / 'out')
+    assert ckpt['iter_num'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
+
+
+def test_bad_input_gives_one_line_errors(data, tmp_path):
+    assert_one_line_error(run_script('train.py', *tiny(tmp_path / 'nothing', tmp_path / 'o')), 'no training shards')
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    write_shard(bad / 'x_train_000000.bin', np.arange(1000, dtype=np.uint16) % 257)
+    (bad / 'x_val_000000.bin').write_bytes((bad / 'x_train_000000.bin').read_bytes()[:-7])
+    (bad / 'meta.json').write_text('{"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}')
+    assert_one_line_error(run_script('train.py', *tiny(bad, tmp_path / 'o')), 'x_val_000000.bin is corrupt')
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--batch_size=big')), '--batch_size')
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--init_from=resume')), 'no checkpoint')
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--block_size=100000')), 'block_size')
+    assert not (tmp_path / 'o' / 'ckpt.pt').exists()
+
+
+def test_no_arguments_prepares_the_default_data_first(tmp_path):
+    proc = run_script('train.py', '--max_iters=2', '--eval_iters=1', '--n_layer=1', '--n_embd=32', '--n_head=2',
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / 'data' / 'pydoc' / 'meta.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()

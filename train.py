@@ -1,0 +1,329 @@
+"""
+Pretrain a GPT (book chapter 5 and appendix D; nanoGPT's train.py).
+    python train.py                                     # a small GPT on Python's docs, ~5 min on 2 CPU cores
+    python train.py config/train_verdict.py             # the book's chapter-5 run
+    python train.py --init_from=resume                  # continue the run in out_dir exactly
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_fineweb.py
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from configurator import configure, config_keys, setup, die, init_distributed, maybe_compile
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
+from prepare_data import find_shards, get_tokenizer, prepare, read_meta, read_shard
+
+# I/O
+out_dir = 'out'
+data_dir = 'data/pydoc'  # token shards from prepare_data.py (this default one is prepared on first use)
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or gpt2 / gpt2-medium / ... to continue pretraining
+eval_interval = 250  # evaluate, print a sample and save the checkpoint every this many steps
+eval_iters = 20  # batches per loss estimate
+log_interval = 25
+sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
+sample_tokens = 64
+# data
+batch_size = 16  # sequences per micro-batch
+block_size = 128  # context length
+gradient_accumulation_steps = 1  # micro-batches per step, in total (divided among torchrun processes)
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = True
+# AdamW
+learning_rate = 2e-3
+max_iters = 2500
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = no clipping
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 2e-4
+# system
+device = 'auto'  # auto | cpu | cuda | cuda:1 | mps
+dtype = 'auto'  # auto | float32 | bfloat16 | float16 (with a GradScaler)
+compile = False  # torch.compile the model
+seed = 1337
+peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
+
+NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint in {out_dir} is kept. "
+              "Lower --learning_rate, or use --dtype=bfloat16 or float32")
+
+
+def load_split(split, T):
+    """The memory-mapped shards of a split that hold at least one window of T + 1 tokens."""
+    shards = [read_shard(p) for p in find_shards(data_dir, split)]
+    return [s for s in shards if len(s) > T]
+
+
+def get_batch(shards, key, T, dev):
+    """batch_size random windows from the shards: x (B, T) and y = x shifted by one (B, T).
+    Drawn from a generator seeded by `key` alone, so a step's batch never depends on what ran
+    before it: resuming needs no data-loader state beyond the step number."""
+    g = torch.Generator().manual_seed(key)
+    starts_per_shard = torch.tensor([len(s) - T for s in shards])
+    ends = starts_per_shard.cumsum(0)
+    pos = torch.randint(int(ends[-1]), (batch_size,), generator=g)
+    which = torch.searchsorted(ends, pos, right=True)
+    starts = pos - ends[which] + starts_per_shard[which]
+    xy = torch.from_numpy(np.stack([shards[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())]).astype(np.int64))
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    if dev.startswith('cuda'):  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev), y.to(dev)
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay from learning_rate to min_lr (appendix D)."""
+    decay_iters = lr_decay_iters or max_iters
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, T, dev, ctx):
+    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader)."""
+    model.eval()
+    out = {}
+    for name, shards in splits.items():
+        losses = []
+        for k in range(eval_iters):
+            with ctx:
+                losses.append(model(*get_batch(shards, 10**9 + k, T, dev))[1].item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def save_loss_plot(log_path, png_path):
+    """The book's loss plot (train and val loss against tokens seen), if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for out_dir/loss.png)")
+        return
+    rows = [json.loads(line) for line in open(log_path, encoding='utf-8') if '"val_loss": null' not in line]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r['tokens_seen'] for r in rows], [r['train_loss'] for r in rows], label='Training loss')
+    ax.plot([r['tokens_seen'] for r in rows], [r['val_loss'] for r in rows], linestyle='-.', label='Validation loss')
+    ax.set_xlabel('Tokens seen')
+    ax.set_ylabel('Loss')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def main():
+    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    ddp, rank, local_rank, world_size, dev = init_distributed(device)
+    master = rank == 0
+    dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
+    if gradient_accumulation_steps % world_size:
+        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+    gas = gradient_accumulation_steps // world_size  # micro-batches per process
+
+    # data: prepare the default data set on first use, otherwise insist on shards
+    if not find_shards(data_dir, 'train'):
+        if data_dir != 'data/pydoc':
+            die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
+        if master:
+            prepare('pydoc', data_dir=data_dir)
+        if ddp:
+            torch.distributed.barrier()
+    meta = read_meta(data_dir)
+
+    # model
+    iter_num, best_val_loss, ckpt = 0, float('inf'), None
+    try:
+        if init_from == 'scratch':
+            model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                                  vocab_size=meta['vocab_size'], dropout=dropout))
+        elif init_from == 'resume':
+            ckpt = load_checkpoint(out_dir, map_location='cpu')
+            model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
+            iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+            if ckpt.get('tokenizer') != meta['tokenizer']:
+                die(f"{out_dir}/ckpt.pt was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds {meta['tokenizer']} tokens")
+        elif init_from.startswith('gpt2'):
+            model = GPT.from_pretrained(init_from, block_size=block_size, dropout=dropout)
+        else:
+            die(f"--init_from={init_from}: use scratch, resume, or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+    except (OSError, ValueError) as e:
+        die(e)
+    if meta['vocab_size'] > model.config.vocab_size:
+        die(f"{data_dir} holds {meta['tokenizer']} tokens ({meta['vocab_size']} ids) but the model knows {model.config.vocab_size}")
+    model_args = asdict(model.config)
+    T = model.config.block_size
+    try:
+        splits = {'train': load_split('train', T), 'val': load_split('val', T)}
+    except ValueError as e:
+        die(e)
+    for name, shards in splits.items():
+        if not shards:
+            die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
+                "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
+    tokenizer = get_tokenizer(meta['tokenizer']) if master and sample_prompt else None
+    model.to(dev)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
+    if ckpt is not None:  # the exact state the run was in
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        torch.set_rng_state(ckpt['rng']['torch'][rank] if rank < len(ckpt['rng']['torch']) else ckpt['rng']['torch'][0])
+        if device_type == 'cuda' and ckpt['rng']['cuda']:
+            torch.cuda.set_rng_state(ckpt['rng']['cuda'][min(rank, len(ckpt['rng']['cuda']) - 1)], dev)
+        ckpt = None  # free the memory
+    raw_model = model
+    model = maybe_compile(model, compile, device_type)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    peak = peak_flops or gpu_peak_flops(dev)
+    tokens_per_step = gradient_accumulation_steps * batch_size * T
+    start_iter = iter_num
+    if master:
+        print(f"{raw_model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
+              f"({world_size} x {gas} x {batch_size} x {T}) | {dev} {amp_dtype} | data {data_dir} ({meta['tokenizer']})")
+        os.makedirs(out_dir, exist_ok=True)
+        log_path = os.path.join(out_dir, 'log.jsonl')
+        if init_from == 'resume' and os.path.exists(log_path):  # forget what came after the checkpoint
+            with open(log_path, encoding='utf-8') as f:
+                kept = [line for line in f if json.loads(line)['step'] <= iter_num]
+            with open(log_path, 'w', encoding='utf-8') as f:
+                f.writelines(kept)
+        elif init_from != 'resume' and os.path.exists(log_path):
+            os.remove(log_path)
+        log_file = open(log_path, 'a', encoding='utf-8')
+
+    def log_json(**row):
+        log_file.write(json.dumps(row) + '\n')
+        log_file.flush()
+
+    def checkpoint():
+        cuda_rng = torch.cuda.get_rng_state_all() if device_type == 'cuda' else []
+        rng = [torch.get_rng_state()]
+        if ddp:  # every rank's dropout RNG, so that a resumed DDP run continues exactly too
+            rng = [torch.empty_like(rng[0]) for _ in range(world_size)]
+            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        return {'model': raw_model.state_dict(), 'model_args': model_args, 'tokenizer': meta['tokenizer'],
+                'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+                'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'rng': {'torch': rng, 'cuda': cuda_rng}, 'data': {'seed': seed, 'step': iter_num}}
+
+    stop = {'signal': False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # finish the step, save, exit
+
+    def stop_requested(local_flag):
+        """True if this or (under torchrun) any process asks to stop."""
+        flag = torch.tensor(float(local_flag), device=dev if ddp and device_type == 'cuda' else 'cpu')
+        if ddp:
+            torch.distributed.all_reduce(flag)  # every rank stops at the same step
+        return flag.item() > 0
+
+    def batch_key(it, micro):  # unique per (step, micro-batch across all ranks)
+        return (seed * 1_000_003 + it) * 4096 + rank * gas + micro
+
+    X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev)
+    t_log, it_log = time.time(), iter_num
+    lossf = float('nan')
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        interrupted = stop_requested(stop['signal']) if (not ddp or iter_num % log_interval == 0) else False
+        at_end = iter_num >= max_iters or interrupted
+        if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
+            dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
+            if master:
+                with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
+                    losses = estimate_loss(raw_model, splits, T, dev, ctx)
+                    sample = ''
+                    if tokenizer is not None:
+                        prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
+                        with ctx:
+                            out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
+                        raw_model.train()
+                        sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
+                if not all(math.isfinite(v) for v in losses.values()):
+                    die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f})")
+                if sample:
+                    print(f"  sample: {sample_prompt + sample!r}")
+                log_json(step=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
+                         tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None)
+                best_val_loss = min(best_val_loss, losses['val'])
+            ck = checkpoint() if ddp or master else None  # all ranks join the RNG gather
+            if master:
+                save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
+            if at_end:
+                break
+            t_log = time.time() - (iter_num - it_log) * dt_est  # eval time is not step time
+        # one optimizer step: gas micro-batches, gradients averaged (and synced across ranks once)
+        for micro in range(gas):
+            if ddp:
+                model.require_backward_grad_sync = micro == gas - 1  # all-reduce only after the last micro-batch
+            with ctx:
+                _, loss = model(X, Y)
+                loss = loss / gas  # the sum over micro-batches is then the mean
+            nxt = (iter_num, micro + 1) if micro + 1 < gas else (iter_num + 1, 0)
+            X, Y = get_batch(splits['train'], batch_key(*nxt), T, dev)  # fetched while the GPU works
+            scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num % log_interval == 0:
+            lossf = loss.item() * gas  # .item() waits for the GPU: only here, at log steps
+            if stop_requested(not math.isfinite(lossf)):
+                die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
+            if master:
+                dt = (time.time() - t_log) / (iter_num - it_log)
+                t_log, it_log = time.time(), iter_num
+                tok_s = tokens_per_step / dt
+                mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
+                gn = f" | grad norm {norm.item():.2f}" if grad_clip else ""
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{gn} | {dt * 1000:.0f} ms/step | "
+                      f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+                log_json(step=iter_num, train_loss=lossf, val_loss=None, lr=lr, tokens_seen=iter_num * tokens_per_step,
+                         ms_per_step=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
+    if master:
+        log_file.close()
+        if interrupted:
+            print(f"interrupted: saved step {iter_num} to {out_dir}/ckpt.pt; continue with --init_from=resume")
+        else:
+            save_loss_plot(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
+            print(f"done: {out_dir}/ckpt.pt (step {iter_num}); try python sample.py --out_dir={out_dir}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    if interrupted:
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()
