@@ -286,7 +286,8 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
             order.append((split, ends, len(text)))
             yield text, tokenizer
     results = pool.imap(_encode, jobs(), chunksize=1) if pool else map(_encode, jobs())
-    done_chars, t0, shown = 0, time.time(), 0.0
+    done_chars, t0 = 0, time.time()
+    shown = t0
     try:
         for i, ids in enumerate(results):
             split, ends, n_chars = order[i]

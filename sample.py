@@ -5,15 +5,16 @@ Sample text from a trained model or from GPT-2 (book chapter 5.3; nanoGPT's samp
     python sample.py --start=FILE:prompt.txt --num_samples=1 --temperature=0
 """
 import codecs
+import os
 import sys
 
 import torch
 
 from configurator import configure, setup, die, maybe_compile
-from model import GPT, load_checkpoint, model_from_checkpoint
+from model import load_pretrained
 from prepare_data import get_tokenizer
 
-init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 size (gpt2, gpt2-medium, ...), or a HF-layout folder/.safetensors
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 size (gpt2, gpt2-medium, ...), a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
 start = '\n'  # the prompt, or FILE:path to read it from a file
 num_samples = 3
@@ -28,13 +29,10 @@ compile = False  # torch.compile the model's trunk (dynamic shapes; meant for GP
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 
 
-def load_model(init_from, out_dir, device):
-    """(model, tokenizer) from out_dir's checkpoint, a GPT-2 size or a Hugging Face-layout path."""
-    if init_from == 'resume':
-        ckpt = load_checkpoint(out_dir, map_location=device)
-        return model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt"), get_tokenizer(ckpt.get('tokenizer', 'gpt2'))
-    model = GPT.from_pretrained(init_from)
-    return model, get_tokenizer('bytes' if model.config.vocab_size == 257 else 'gpt2')
+def load_model(init_from, out_dir):
+    """(model, tokenizer) from out_dir's checkpoint, a GPT-2 size or a checkpoint/HF-layout path."""
+    model, tokenizer_name = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
+    return model, get_tokenizer(tokenizer_name)
 
 
 def encode_prompt(text, tokenizer, config):
@@ -72,7 +70,7 @@ if __name__ == '__main__':
             die(f"cannot read the prompt file {start[5:]} ({e.__class__.__name__}); give a UTF-8 text file")
     device, device_type, dtype, _ = setup(device, dtype, seed)
     try:
-        model, tokenizer = load_model(init_from, out_dir, device)
+        model, tokenizer = load_model(init_from, out_dir)
     except (OSError, ValueError) as e:
         die(e)
     # Generation reads every weight once per token, so we store them in the chosen dtype rather

@@ -1,0 +1,361 @@
+"""
+Fine-tune a GPT as a text classifier: spam or not (book chapter 6).
+    python finetune_classify.py                                  # GPT-2 124M on the UCI SMS Spam Collection
+    python finetune_classify.py --data=my_labels.csv --trainable=lora
+    python finetune_classify.py --init_from=resume --classify="You won a free cruise! Text WIN to 80086"
+"""
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import configure, setup, die, maybe_compile
+from model import (GPT, GPTConfig, apply_lora, download, load_checkpoint, load_pretrained, load_state_dict_checked,
+                   merged_state_dict, save_checkpoint)
+from prepare_data import get_tokenizer
+
+# data
+data = ''  # the UCI zip, its tab-separated SMSSpamCollection, or a CSV/TSV with text and label columns; '' = download UCI's
+data_dir = 'data/sms_spam'  # where the UCI data set is downloaded to
+balance = True  # undersample every class to the size of the smallest (the book: as many ham as spam)
+max_length = 0  # tokens per text: 0 = the longest training text (at most the model's context)
+# model
+init_from = 'gpt2'  # gpt2 / gpt2-medium / -large / -xl, scratch, resume (out_dir/classifier.pt), or a ckpt.pt / HF folder
+n_layer = 4  # for init_from=scratch
+n_head = 4
+n_embd = 128
+block_size = 256
+dropout = 0.0
+trainable = 'last_block'  # last_block (the book: last block + final norm + head), all, head, lora
+lora_rank = 16
+lora_alpha = 16
+pool = 'last'  # read the prediction at the last real token (last) or average all real tokens (mean)
+# training (the book's settings)
+out_dir = 'out-classify'
+learning_rate = 5e-5
+weight_decay = 0.1
+num_epochs = 5
+batch_size = 8
+max_iters = 0  # stop after this many steps (0 = run all epochs)
+eval_interval = 50
+eval_iters = 5  # batches per loss/accuracy estimate during training
+grad_clip = 0.0
+seed = 123
+device = 'auto'
+dtype = 'auto'
+compile = False
+# use a trained classifier
+classify = ''  # a text to classify with out_dir/classifier.pt (with --init_from=resume)
+
+UCI_URLS = ('https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip',
+            'https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip')  # the book's backup
+UCI_SHA256 = 'e0c5bd54da721b0058bfecedfd96dc0be0a323366ca99d4d694817493f47be90'
+
+
+# -------------------------------------------------------------------- data (ch06 6.2-6.3)
+
+def download_sms_spam(folder):
+    """The UCI SMS Spam Collection zip (from UCI, else the book's backup URL), unzipped once."""
+    folder = Path(folder)
+    tsv = folder / 'SMSSpamCollection'
+    if tsv.is_file():
+        return tsv
+    zip_path = folder / 'sms+spam+collection.zip'
+    for i, url in enumerate(UCI_URLS):
+        try:
+            download(url, zip_path, sha256=UCI_SHA256)
+            break
+        except OSError as e:
+            if i == len(UCI_URLS) - 1:
+                raise
+            print(f"{e}\ntrying the backup URL", file=sys.stderr)
+    return extract_sms_spam(zip_path, tsv)
+
+
+def extract_sms_spam(zip_path, dest):
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            member = next((n for n in z.namelist() if n.endswith('SMSSpamCollection')), None)
+            if member is None:
+                raise ValueError(f"{zip_path} holds no SMSSpamCollection file")
+            tmp = Path(str(dest) + '.tmp')
+            tmp.write_bytes(z.read(member))
+    except zipfile.BadZipFile:
+        raise ValueError(f"{zip_path} is not a valid zip file; delete it to download it again") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_labelled(path):
+    """[(text, label)] from a zip (UCI's), a label<TAB>text file, or a CSV/TSV with a header
+    naming `text` and `label` columns. A malformed line stops with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data={path}: no such file")
+    if path.suffix == '.zip':
+        path = extract_sms_spam(path, path.with_name('SMSSpamCollection'))
+    try:
+        raw = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    lines = raw.splitlines()
+    first = lines[0].lower() if lines else ''
+    rows = []
+    if 'text' in first and 'label' in first:  # a header row: CSV or TSV by its delimiter
+        delim = '\t' if '\t' in lines[0] else ','
+        reader = csv.DictReader(io.StringIO(raw), delimiter=delim)
+        fields = {f.strip().lower(): f for f in reader.fieldnames}
+        for i, row in enumerate(reader, start=2):
+            text, label = row.get(fields['text']), row.get(fields['label'])
+            if not text or not label or None in row:
+                raise ValueError(f"{path} line {i}: expected a text and a label, got {row}")
+            rows.append((text, label.strip()))
+    else:
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            label, tab, text = line.partition('\t')
+            if not tab or not label.strip() or not text.strip():
+                raise ValueError(f"{path} line {i}: expected label<TAB>text, got {line[:60]!r}")
+            rows.append((text, label.strip()))
+    if not rows:
+        raise ValueError(f"{path} holds no labelled texts")
+    return rows
+
+
+def balance_and_split(rows, labels, seed):
+    """The book's preparation: undersample to the smallest class, shuffle, split 70/10/20."""
+    g = torch.Generator().manual_seed(seed)
+    if balance:
+        by_label = {lab: [r for r in rows if r[1] == lab] for lab in labels}
+        n = min(len(v) for v in by_label.values())
+        rows = [v[i] for v in by_label.values() for i in torch.randperm(len(v), generator=g)[:n].tolist()]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    a, b = int(0.7 * len(rows)), int(0.8 * len(rows))
+    return {'train': rows[:a], 'val': rows[a:b], 'test': rows[b:]}
+
+
+def encode_split(rows, tokenizer, label_ids, length):
+    """Token ids padded with end-of-text to `length` (longer texts truncated), their real
+    lengths and label ids: x (N, length), lengths (N,), y (N,)."""
+    ids = [tokenizer.encode(text)[:length] or [tokenizer.eot_id] for text, _ in rows]
+    x = torch.full((len(ids), length), tokenizer.eot_id, dtype=torch.long)
+    for i, t in enumerate(ids):
+        x[i, :len(t)] = torch.tensor(t)
+    lengths = torch.tensor([len(t) for t in ids])
+    y = torch.tensor([label_ids[label] for _, label in rows])
+    return x, lengths, y
+
+
+# -------------------------------------------------------------------- model (ch06 6.5-6.6)
+
+def classify_logits(model, x, lengths, pool):
+    """(B, T) padded token ids -> (B, num_classes). The prediction is read at each text's last
+    real token (the book reads position -1, which for a short text is padding), or averaged
+    over its real tokens."""
+    h = model.hidden_states(x)  # (B, T, C)
+    if pool == 'mean':
+        mask = (torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
+        pooled = (h * mask).sum(1) / lengths[:, None]
+    else:
+        pooled = h[torch.arange(x.size(0), device=x.device), lengths - 1]  # (B, C)
+    return model.lm_head(pooled)
+
+
+def set_trainable(model, trainable):
+    """Freeze what the book freezes; the new head always trains."""
+    if trainable == 'lora':
+        apply_lora(model, lora_rank, lora_alpha)  # freezes everything but the adapters
+    else:
+        for p in model.parameters():
+            p.requires_grad_(trainable == 'all')
+        if trainable == 'last_block':
+            for p in [*model.transformer.h[-1].parameters(), *model.transformer.ln_f.parameters()]:
+                p.requires_grad_(True)
+    for p in model.lm_head.parameters():
+        p.requires_grad_(True)
+
+
+def batches(split, shuffle_gen=None):
+    x, lengths, y = split
+    order = torch.randperm(len(y), generator=shuffle_gen) if shuffle_gen is not None else torch.arange(len(y))
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        if shuffle_gen is not None and len(idx) < batch_size and i:
+            break  # drop_last=True for training, as the book
+        yield x[idx], lengths[idx], y[idx]
+
+
+@torch.no_grad()
+def evaluate(model, split, dev, ctx, num_batches=None):
+    """(loss, accuracy) over the first num_batches batches of a split (all if None)."""
+    model.eval()
+    total_loss, correct, n = 0.0, 0, 0
+    for i, (x, lengths, y) in enumerate(batches(split)):
+        if num_batches is not None and i >= num_batches:
+            break
+        x, lengths, y = x.to(dev), lengths.to(dev), y.to(dev)
+        with ctx:
+            logits = classify_logits(model, x, lengths, pool).float()
+        total_loss += F.cross_entropy(logits, y, reduction='sum').item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += len(y)
+    model.train()
+    return total_loss / max(n, 1), correct / max(n, 1)
+
+
+def load_classifier(path, dev):
+    """(model, tokenizer, checkpoint) from a classifier.pt written by this script."""
+    ckpt = load_checkpoint(path, map_location='cpu')
+    if 'labels' not in ckpt:
+        raise ValueError(f"{path} is not a classifier checkpoint (no labels); train one with finetune_classify.py")
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.lm_head = nn.Linear(model.config.n_embd, len(ckpt['labels']))
+    load_state_dict_checked(model, ckpt['model'], str(path))
+    return model.to(dev).eval(), get_tokenizer(ckpt['tokenizer']), ckpt
+
+
+def save_plot(history, path):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ('loss', 'accuracy')):
+        rows = [h for h in history if f'train_{key}' in h]
+        ax.plot([h['step'] for h in rows], [h[f'train_{key}'] for h in rows], label=f'Training {key}')
+        ax.plot([h['step'] for h in rows], [h[f'val_{key}'] for h in rows], linestyle='-.', label=f'Validation {key}')
+        ax.set_xlabel('Step')
+        ax.set_ylabel(key.capitalize())
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
+    if trainable not in ('last_block', 'all', 'head', 'lora'):
+        die(f"--trainable={trainable}: use last_block, all, head or lora")
+    if pool not in ('last', 'mean'):
+        die(f"--pool={pool}: use last or mean")
+    if classify:  # use a trained classifier
+        try:
+            model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', dev)
+        except (OSError, ValueError) as e:
+            die(e)
+        ids = tokenizer.encode(classify)[:ckpt['max_length']] or [tokenizer.eot_id]
+        with torch.no_grad(), ctx:
+            probs = F.softmax(classify_logits(model, torch.tensor([ids], device=dev),
+                                              torch.tensor([len(ids)], device=dev), ckpt['pool']).float(), -1)[0]
+        best = int(probs.argmax())
+        print(f"{ckpt['labels'][best]} ({probs[best].item():.3f})")
+        return
+
+    # data
+    try:
+        rows = read_labelled(data or download_sms_spam(data_dir))
+    except (OSError, ValueError) as e:
+        die(e)
+    labels = sorted({label for _, label in rows})  # ham=0, spam=1, as the book
+    if len(labels) < 2:
+        die(f"{data or 'the data'} has a single class ({labels[0]!r}); a classifier needs at least two")
+    splits = balance_and_split(rows, labels, seed)
+    if min(len(s) for s in splits.values()) == 0:
+        die(f"{data or 'the data'} has too few texts ({len(rows)}) to split 70/10/20; give more")
+
+    # model: a pretrained GPT whose output head is replaced by n_embd -> num_classes
+    try:
+        if init_from == 'resume':
+            model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', 'cpu')
+            if ckpt['labels'] != labels:
+                die(f"{out_dir}/classifier.pt knows labels {ckpt['labels']} but the data has {labels}")
+            model.train()
+        else:
+            if init_from == 'scratch':
+                tokenizer = get_tokenizer('gpt2')
+                model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                      vocab_size=tokenizer.vocab_size, dropout=dropout))
+            else:
+                model, tok_name = load_pretrained(init_from, dropout=dropout)
+                tokenizer = get_tokenizer(tok_name)
+            torch.manual_seed(seed)
+            model.lm_head = nn.Linear(model.config.n_embd, len(labels))  # the classification head (6.5)
+    except (OSError, ValueError) as e:
+        die(e)
+    set_trainable(model, trainable)
+    model.to(dev)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    longest = max(len(tokenizer.encode(text)) for text, _ in splits['train'])
+    length = min(max_length or longest, model.config.block_size)
+    enc = {name: encode_split(rs, tokenizer, label_ids, length) for name, rs in splits.items()}
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{len(rows):,} texts, labels {label_ids}; after balancing: {len(splits['train'])} train, "
+          f"{len(splits['val'])} val, {len(splits['test'])} test; {length} tokens per text\n"
+          f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable ({trainable}); {dev} {amp_dtype}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type == 'cuda')
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
+    fwd = maybe_compile(classify_logits, compile, device_type)
+    shuffle = torch.Generator().manual_seed(seed)
+    history, step, t0 = [], 0, time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    for epoch in range(num_epochs):  # train_classifier_simple (6.6)
+        for x, lengths, y in batches(enc['train'], shuffle):
+            x, lengths, y = x.to(dev), lengths.to(dev), y.to(dev)
+            with ctx:
+                loss = F.cross_entropy(fwd(model, x, lengths, pool).float(), y)
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % eval_interval == 0:
+                tl, _ = evaluate(model, enc['train'], dev, ctx, eval_iters)
+                vl, _ = evaluate(model, enc['val'], dev, ctx, eval_iters)
+                history.append({'step': step, 'train_loss': tl, 'val_loss': vl})
+                print(f"epoch {epoch + 1} step {step}: train loss {tl:.3f}, val loss {vl:.3f} "
+                      f"({(time.time() - t0) / step * 1000:.0f} ms/step)")
+            if max_iters and step >= max_iters:
+                break
+        _, ta = evaluate(model, enc['train'], dev, ctx, eval_iters)
+        _, va = evaluate(model, enc['val'], dev, ctx, eval_iters)
+        history.append({'step': step, 'train_accuracy': ta, 'val_accuracy': va,
+                        'train_loss': history[-1]['train_loss'] if history else math.nan,
+                        'val_loss': history[-1]['val_loss'] if history else math.nan})
+        print(f"epoch {epoch + 1}: train accuracy {100 * ta:.1f}%, val accuracy {100 * va:.1f}% (on {eval_iters} batches)")
+        if max_iters and step >= max_iters:
+            break
+
+    # results on the whole of each split (6.7)
+    metrics = {'steps': step, 'minutes': (time.time() - t0) / 60}
+    for name in ('train', 'val', 'test'):
+        metrics[f'{name}_loss'], metrics[f'{name}_accuracy'] = evaluate(model, enc[name], dev, ctx)
+    print(' | '.join(f"{n} accuracy {100 * metrics[f'{n}_accuracy']:.2f}%" for n in ('train', 'val', 'test')))
+    with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:
+        json.dump({**metrics, 'labels': labels, 'init_from': init_from, 'trainable': trainable, 'pool': pool}, f, indent=2)
+    save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
+                     'tokenizer': tokenizer.name, 'labels': labels, 'max_length': length, 'pool': pool,
+                     'metrics': metrics}, Path(out_dir) / 'classifier.pt')
+    save_plot(history, Path(out_dir) / 'accuracy-loss.png')
+    print(f"saved {out_dir}/classifier.pt; try --init_from=resume --classify=\"Congratulations, you won!\"")
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()
