@@ -166,6 +166,9 @@ def main():
             if ckpt.get('tokenizer') != meta['tokenizer']:
                 die(f"{out_dir}/ckpt.pt was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds {meta['tokenizer']} tokens")
         elif init_from.startswith('gpt2'):
+            if meta['tokenizer'] != 'gpt2':
+                die(f"GPT-2 continues on GPT-2 tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
+                    "prepare it with --tokenizer=gpt2")
             model = GPT.from_pretrained(init_from, block_size=block_size, dropout=dropout)
         else:
             die(f"--init_from={init_from}: use scratch, resume, or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
