@@ -288,8 +288,8 @@ def main():
                 model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                       vocab_size=tokenizer.vocab_size, dropout=dropout))
             else:
-                model, tok_name = load_pretrained(init_from, dropout=dropout)
-                tokenizer = get_tokenizer(tok_name)
+                model, info = load_pretrained(init_from, dropout=dropout)
+                tokenizer = get_tokenizer(info['tokenizer'])
             torch.manual_seed(seed)
             model.lm_head = nn.Linear(model.config.n_embd, len(labels))  # the classification head (6.5)
     except (OSError, ValueError) as e:

@@ -564,18 +564,19 @@ def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
 
 
 def load_pretrained(init_from, **overrides):
-    """(model, tokenizer name) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder
-    holding it) or Hugging Face-layout weights (a folder or .safetensors file): the starting
-    point every fine-tuning script and sample.py accept."""
+    """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
+    it) or Hugging Face-layout weights (a folder or .safetensors file): the starting point every
+    fine-tuning script and sample.py accept. info: {'tokenizer': name, 'prompt_style': the
+    instruction template a fine-tuned checkpoint was trained with, or None}."""
     path = Path(init_from)
     if init_from not in PRESETS and (path.suffix == '.pt' or (path / 'ckpt.pt').is_file()):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, str(path), **{k: v for k, v in overrides.items() if k == 'dropout'})
         if overrides.get('block_size', model.config.block_size) < model.config.block_size:
             model.crop_block_size(overrides['block_size'])
-        return model, ckpt.get('tokenizer', 'gpt2')
+        return model, {'tokenizer': ckpt.get('tokenizer', 'gpt2'), 'prompt_style': ckpt.get('prompt_style')}
     model = GPT.from_pretrained(init_from, **overrides)
-    return model, 'bytes' if model.config.vocab_size == 257 else 'gpt2'
+    return model, {'tokenizer': 'bytes' if model.config.vocab_size == 257 else 'gpt2', 'prompt_style': None}
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)

@@ -93,6 +93,29 @@ def get_tokenizer(name):
     raise ValueError(f"unknown tokenizer {name!r}; use gpt2 or bytes")
 
 
+# -------------------------------------------------------------------- instruction prompts (ch07)
+
+PROMPT_STYLES = ('alpaca', 'phi3')
+
+
+def format_input(entry, style='alpaca'):
+    """An {instruction, input} entry as text (the book's format_input, 7.2). alpaca is the
+    book's template; phi3 its exercise 7.1."""
+    if style == 'alpaca':
+        text = ("Below is an instruction that describes a task. Write a response that appropriately "
+                f"completes the request.\n\n### Instruction:\n{entry['instruction']}")
+        return text + (f"\n\n### Input:\n{entry['input']}" if entry.get('input') else "")
+    if style == 'phi3':
+        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get('input') else "")
+    raise ValueError(f"unknown prompt style {style!r}; use {' or '.join(PROMPT_STYLES)}")
+
+
+def format_prompt(entry, style='alpaca'):
+    """The prompt a model continues with its response: the one template that training,
+    generation and sample.py share. Training text = format_prompt(entry) + entry['output']."""
+    return format_input(entry, style) + {'alpaca': "\n\n### Response:\n", 'phi3': "\n<|assistant|>:\n"}[style]
+
+
 # -------------------------------------------------------------------- shards
 
 def write_shard(path, tokens):

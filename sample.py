@@ -12,7 +12,7 @@ import torch
 
 from configurator import configure, setup, die, maybe_compile
 from model import load_pretrained
-from prepare_data import get_tokenizer
+from prepare_data import format_prompt, get_tokenizer
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 size (gpt2, gpt2-medium, ...), a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
@@ -30,9 +30,10 @@ use_cache = True  # KV cache; False recomputes the whole context every token (fo
 
 
 def load_model(init_from, out_dir):
-    """(model, tokenizer) from out_dir's checkpoint, a GPT-2 size or a checkpoint/HF-layout path."""
-    model, tokenizer_name = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
-    return model, get_tokenizer(tokenizer_name)
+    """(model, tokenizer, prompt style or None) from out_dir's checkpoint, a GPT-2 size, or a
+    checkpoint / HF-layout path."""
+    model, info = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
+    return model, get_tokenizer(info['tokenizer']), info['prompt_style']
 
 
 def encode_prompt(text, tokenizer, config):
@@ -49,14 +50,15 @@ def encode_prompt(text, tokenizer, config):
     return torch.tensor([ids], dtype=torch.long)
 
 
-def stream_to(out, tokenizer):
-    """An on_token callback writing each new token's text as it comes; a character split
-    across tokens is printed once complete."""
+def stream_to(out, tokenizer, eos_id=None):
+    """An on_token callback writing each new token's text as it comes (not eos_id); a character
+    split across tokens is printed once complete."""
     decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
 
     def on_token(next_id):
-        out.write(decoder.decode(tokenizer.decode_bytes([int(next_id[0])])))
-        out.flush()
+        if int(next_id[0]) != eos_id:
+            out.write(decoder.decode(tokenizer.decode_bytes([int(next_id[0])])))
+            out.flush()
     return on_token
 
 
@@ -70,9 +72,13 @@ if __name__ == '__main__':
             die(f"cannot read the prompt file {start[5:]} ({e.__class__.__name__}); give a UTF-8 text file")
     device, device_type, dtype, _ = setup(device, dtype, seed)
     try:
-        model, tokenizer = load_model(init_from, out_dir)
+        model, tokenizer, prompt_style = load_model(init_from, out_dir)
     except (OSError, ValueError) as e:
         die(e)
+    eos_id = None
+    if prompt_style:  # an instruction-tuned checkpoint (finetune_instruct.py): --start is the instruction
+        start = format_prompt({'instruction': start.strip(), 'input': ''}, prompt_style)
+        eos_id = tokenizer.eot_id  # the response ends with end-of-text
     # Generation reads every weight once per token, so we store them in the chosen dtype rather
     # than autocast (which would re-read the float32 weights and convert them at every step).
     model.eval().to(device=device, dtype=getattr(torch, dtype))
@@ -86,5 +92,5 @@ if __name__ == '__main__':
         for k in range(num_samples):
             sys.stdout.write(start)
             model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           use_cache=use_cache, on_token=stream_to(sys.stdout, tokenizer))
+                           eos_id=eos_id, use_cache=use_cache, on_token=stream_to(sys.stdout, tokenizer, eos_id))
             print('\n---------------')

@@ -1,5 +1,6 @@
 """Shared test setup: the repo on sys.path, GPT-2's BPE files from ../shared, a local HTTP server."""
 import http.server
+import json
 import os
 import sys
 import threading
@@ -31,7 +32,7 @@ needs_gpt2_bpe = pytest.mark.skipif(not gpt2_bpe_available(),
 class FakeServer:
     """An http.server on 127.0.0.1 serving `routes` {path: bytes}, with misbehaviours to order:
     `truncate_once` paths send half their body then drop the connection, the first time
-    (`truncate_always`: every time);
+    (`truncate_always`: every time); POST answers come from `post_routes` {path: bytes or fn(json)}.
     `fail_once` paths answer 500 the first time; `no_range` paths ignore Range headers."""
 
     def __init__(self):
@@ -71,6 +72,19 @@ class FakeServer:
                     return
                 self.wfile.write(body[start:])
 
+            def do_POST(self):  # a fake Ollama /api/chat: answers with post_routes[path], records the JSON
+                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                server.posts.append((self.path, json.loads(body or b'null')))
+                answer = server.post_routes.get(self.path)
+                if answer is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/x-ndjson')
+                self.end_headers()
+                self.wfile.write(answer(server.posts[-1][1]) if callable(answer) else answer)
+
+        self.post_routes, self.posts = {}, []
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -1,0 +1,319 @@
+"""
+Fine-tune a GPT to follow instructions, generate its test responses and have them judged (book chapter 7).
+    python finetune_instruct.py                                    # gpt2-medium on the book's 1,100 instructions
+    python finetune_instruct.py --init_from=out --judge=none       # your own pretrained checkpoint
+    python finetune_instruct.py --lora_rank=16 --prompt_style=phi3
+    python sample.py --out_dir=out-instruct --start="Rewrite the sentence using a simile: The car is fast."
+"""
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from configurator import configure, config_keys, setup, die, maybe_compile
+from model import GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict, save_checkpoint
+from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer
+
+# data
+data = ''  # a JSON list (or JSONL) of {instruction, input, output}; '' = the book's instruction-data.json
+data_dir = 'data/instruct'  # where the book's file is downloaded to
+prompt_style = 'alpaca'  # alpaca (the book's) or phi3 (exercise 7.1)
+allowed_max_length = 1024  # truncate longer examples (tokens)
+mask_inputs = False  # also mask the prompt from the loss: learn only the responses (exercise 7.2)
+# model
+init_from = 'gpt2-medium'  # a GPT-2 size, resume (out_dir/ckpt.pt), scratch, or a ckpt.pt / HF folder
+n_layer = 4  # for init_from=scratch
+n_head = 4
+n_embd = 128
+block_size = 1024
+dropout = 0.0
+lora_rank = 0  # > 0: train LoRA adapters of this rank instead of all weights (merged at save)
+lora_alpha = 16
+# training (the book's settings)
+out_dir = 'out-instruct'
+learning_rate = 5e-5
+weight_decay = 0.1
+num_epochs = 2
+batch_size = 8
+max_iters = 0  # stop after this many steps (0 = run all epochs)
+eval_interval = 5
+eval_iters = 5
+grad_clip = 0.0
+seed = 123
+device = 'auto'
+dtype = 'auto'
+compile = False
+# responses and judging
+eval_limit = 0  # generate responses for the first N test entries only (0 = all)
+max_new_tokens = 256
+judge = 'ollama'  # ollama (an Ollama-compatible /api/chat) or none
+judge_url = 'http://localhost:11434'
+judge_model = 'llama3'
+
+DATA_URL = 'https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json'
+DATA_SHA256 = '7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944'
+
+
+# -------------------------------------------------------------------- data (7.2-7.3)
+
+def read_entries(path, required=('instruction', 'input', 'output')):
+    """Entries from a JSON list or JSONL file; one missing a field stops with its index."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding='utf-8')
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--data={path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        entries = json.loads(text) if text.lstrip().startswith('[') else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e.msg} at line {e.lineno})") from None
+    if not entries:
+        raise ValueError(f"{path} holds no entries")
+    for i, entry in enumerate(entries):
+        missing = [k for k in required if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing or not entry['instruction'].strip():
+            raise ValueError(f"{path} entry {i}: missing or empty {', '.join(missing) or 'instruction'}")
+    return entries
+
+
+def split_entries(entries):
+    """The book's split, in its own (already shuffled) order: 85% train, 10% test, 5% val."""
+    a, b = int(0.85 * len(entries)), int(0.85 * len(entries)) + int(0.1 * len(entries))
+    return {'train': entries[:a], 'test': entries[a:b], 'val': entries[b:]}
+
+
+def encode_entry(entry, tokenizer, style):
+    """(token ids of prompt + response, prompt length in tokens)."""
+    prompt = tokenizer.encode(format_prompt(entry, style))
+    return prompt + tokenizer.encode(entry['output']), len(prompt)
+
+
+def collate(batch, pad_id, allowed_max_length=None, mask_inputs=False, device='cpu'):
+    """The book's custom_collate_fn: pad every example with end-of-text to the longest + 1,
+    inputs x = tokens[:-1], targets y = tokens[1:]; in y only the first end-of-text (the
+    response's end) is kept, the rest of the padding is -100, ignored by the loss. With
+    mask_inputs the prompt is ignored too. batch: [(ids, prompt_len)] -> x, y (B, T)."""
+    T = max(len(ids) for ids, _ in batch) + 1
+    x = torch.full((len(batch), T - 1), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), T - 1), -100, dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(batch):
+        seq = torch.tensor(ids + [pad_id])
+        x[i, :len(ids)] = seq[:-1]
+        y[i, :len(ids)] = seq[1:]  # ends with the one end-of-text the model must learn to emit
+        if mask_inputs:
+            y[i, :prompt_len - 1] = -100  # y[j] is token j+1: the prompt's tokens are not targets
+    if allowed_max_length:
+        x, y = x[:, :allowed_max_length], y[:, :allowed_max_length]
+    return x.to(device), y.to(device)
+
+
+def batches(encoded, shuffle_gen=None):
+    order = torch.randperm(len(encoded), generator=shuffle_gen).tolist() if shuffle_gen else range(len(encoded))
+    order = list(order)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        if shuffle_gen is not None and len(chunk) < batch_size and i:
+            break  # drop_last for training, as the book
+        yield [encoded[j] for j in chunk]
+
+
+@torch.no_grad()
+def evaluate(model, encoded, pad_id, max_len, dev, ctx, num_batches=None):
+    """Mean loss over the first num_batches batches (all if None)."""
+    model.eval()
+    losses = []
+    for i, batch in enumerate(batches(encoded)):
+        if num_batches is not None and i >= num_batches:
+            break
+        with ctx:
+            losses.append(model(*collate(batch, pad_id, max_len, mask_inputs, dev))[1].item())
+    model.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.no_grad()
+def respond(model, entry, tokenizer, style, dev, ctx, max_new):
+    """The model's response to an entry: greedy, KV cache, stops at end-of-text (7.7)."""
+    ids = tokenizer.encode(format_prompt(entry, style))[-model.config.block_size:]
+    x = torch.tensor([ids], device=dev)
+    with ctx:
+        out = model.generate(x, max_new, temperature=0, eos_id=tokenizer.eot_id)[0, len(ids):].tolist()
+    if tokenizer.eot_id in out:
+        out = out[:out.index(tokenizer.eot_id)]
+    return tokenizer.decode(out).strip()
+
+
+# -------------------------------------------------------------------- judging (7.8)
+
+def judge_prompt(entry):
+    """The book's scoring prompt (7.8)."""
+    return (f"Given the input `{format_input(entry)}` "
+            f"and correct output `{entry['output']}`, "
+            f"score the model response `{entry['model_response']}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only.")
+
+
+def query_judge(prompt, url, model, timeout=120):
+    """Ask an Ollama-compatible /api/chat, as the book does (seed 123, temperature 0), and join
+    its streamed answer (one JSON object per line)."""
+    import requests
+    payload = {'model': model, 'messages': [{'role': 'user', 'content': prompt}],
+               'options': {'seed': 123, 'temperature': 0, 'num_ctx': 2048}}
+    with requests.post(f"{url.rstrip('/')}/api/chat", json=payload, stream=True, timeout=timeout) as r:
+        if r.status_code != 200:
+            raise OSError(f"the judge at {url} answered HTTP {r.status_code}: {r.text[:100]!r}"
+                          + (f"; is the model pulled (ollama pull {model})?" if r.status_code == 404 else ""))
+        text = []
+        for line in r.iter_lines():
+            if line:
+                chunk = json.loads(line)
+                text.append(chunk.get('message', {}).get('content', ''))
+                if chunk.get('done'):
+                    break
+    return ''.join(text)
+
+
+def parse_score(text):
+    """The first whole number 0-100 in the judge's answer ("Score: 85." -> 85), else None."""
+    for m in re.finditer(r'(?<![\d.])(\d{1,3})(?![\d.]\d)', text):
+        if 0 <= int(m.group(1)) <= 100:
+            return int(m.group(1))
+    return None
+
+
+def score_responses(entries, url, model):
+    """[score or None] for each entry with a model_response; OSError if the judge is unreachable."""
+    import requests
+    scores = []
+    for i, entry in enumerate(entries):
+        try:
+            answer = query_judge(judge_prompt(entry), url, model)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise OSError(f"the judge at {url} is unreachable ({type(e).__name__}); start Ollama "
+                          f"(ollama serve; ollama pull {model}) or use --judge=none") from None
+        scores.append(parse_score(answer))
+        print(f"\rscoring {i + 1}/{len(entries)}", end='', file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return scores
+
+
+def main():
+    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
+    if prompt_style not in PROMPT_STYLES:
+        die(f"--prompt_style={prompt_style}: use {' or '.join(PROMPT_STYLES)}")
+    if judge not in ('ollama', 'none'):
+        die(f"--judge={judge}: use ollama or none")
+    try:
+        path = data or download(DATA_URL, Path(data_dir) / 'instruction-data.json', sha256=DATA_SHA256)
+        splits = split_entries(read_entries(path))
+    except (OSError, ValueError) as e:
+        die(e)
+    if min(len(s) for s in splits.values()) == 0:
+        die(f"{path} has too few entries ({sum(map(len, splits.values()))}) to split 85/10/5; give at least 20")
+
+    try:
+        if init_from == 'scratch':
+            tokenizer = get_tokenizer('gpt2')
+            model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                  vocab_size=tokenizer.vocab_size, dropout=dropout))
+        else:
+            model, info = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from,
+                                          dropout=dropout)
+            tokenizer = get_tokenizer(info['tokenizer'])
+    except (OSError, ValueError) as e:
+        die(e)
+    if lora_rank > 0:
+        apply_lora(model, lora_rank, lora_alpha)  # only the adapters train
+    model.to(dev)
+    pad_id = tokenizer.eot_id
+    max_len = min(allowed_max_length, model.config.block_size)  # longer examples are truncated
+    enc = {name: [encode_entry(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{sum(map(len, splits.values()))} entries: {len(splits['train'])} train, {len(splits['val'])} val, "
+          f"{len(splits['test'])} test ({prompt_style} prompts{', inputs masked' if mask_inputs else ''})\n"
+          f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable"
+          f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}; {dev} {amp_dtype}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type == 'cuda')
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
+    train_model = maybe_compile(model, compile, device_type)
+    shuffle = torch.Generator().manual_seed(seed)
+    show = splits['val'][0]  # the book prints the response to the first val entry as it trains
+    step, t0, val_before = 0, time.time(), evaluate(model, enc['val'], pad_id, max_len, dev, ctx)
+    print(f"before training: val loss {val_before:.3f}")
+    for epoch in range(num_epochs):  # train_model_simple (7.6)
+        for batch in batches(enc['train'], shuffle):
+            with ctx:
+                _, loss = train_model(*collate(batch, pad_id, max_len, mask_inputs, dev))
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % eval_interval == 0:
+                tl = evaluate(model, enc['train'], pad_id, max_len, dev, ctx, eval_iters)
+                val_loss = evaluate(model, enc['val'], pad_id, max_len, dev, ctx, eval_iters)
+                print(f"epoch {epoch + 1} step {step}: train loss {tl:.3f}, val loss {val_loss:.3f} "
+                      f"({(time.time() - t0) / step * 1000:.0f} ms/step)")
+            if max_iters and step >= max_iters:
+                break
+        print(f"  {show['instruction'][:60]!r} -> {respond(model, show, tokenizer, prompt_style, dev, ctx, 35)!r}")
+        if max_iters and step >= max_iters:
+            break
+    val_loss = evaluate(model, enc['val'], pad_id, max_len, dev, ctx)
+    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; val loss {val_loss:.3f}")
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
+                     'tokenizer': tokenizer.name, 'prompt_style': prompt_style, 'iter_num': step,
+                     'config': config}, Path(out_dir) / 'ckpt.pt')
+
+    # responses for the test split (7.7), kept even if the judge fails
+    test = splits['test'][:eval_limit or None]
+    for i, entry in enumerate(test):
+        entry['model_response'] = respond(model, entry, tokenizer, prompt_style, dev, ctx, max_new_tokens)
+        print(f"\rresponses {i + 1}/{len(test)}", end='', file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
+        json.dump(test, f, indent=2)
+    metrics = {'val_loss': val_loss, 'val_loss_before': val_before, 'judge_score': None, 'steps': step,
+               'test_responses': len(test)}
+
+    def write_metrics():
+        with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:
+            json.dump(metrics, f, indent=2)
+    write_metrics()
+    print(f"saved {out_dir}/ckpt.pt and {len(test)} responses in {out_dir}/test_responses.json")
+    if judge == 'none':
+        return
+    try:
+        scores = score_responses(test, judge_url, judge_model)
+    except OSError as e:
+        die(e)
+    valid = [s for s in scores if s is not None]
+    for entry, score in zip(test, scores):
+        entry['judge_score'] = score
+    with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
+        json.dump(test, f, indent=2)
+    metrics.update(judge_score=sum(valid) / len(valid) if valid else None, judge_scored=len(valid),
+                   judge_model=judge_model)
+    write_metrics()
+    print(f"judge {judge_model}: average score {metrics['judge_score']} over {len(valid)} of {len(test)} responses"
+          + (f" ({len(test) - len(valid)} answers held no number)" if len(valid) < len(test) else ""))
+
+
+if __name__ == '__main__':
+    configure(globals())
+    main()

@@ -1,0 +1,132 @@
+"""finetune_instruct.py (chapter 7): prompt templates, collate masking, learning, responses, the judge client."""
+import json
+
+import pytest
+import torch
+
+import finetune_instruct as fi
+from conftest import assert_one_line_error, run_script
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from prepare_data import format_prompt
+
+WORDS = 'apple river stone cloud tiger lemon paper music candle forest'.split()
+
+
+def synthetic_entries(path, n=60):
+    """Tiny instructions a small model can learn: repeat or reverse a word."""
+    entries = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)] + WORDS[(i * 7) % len(WORDS)]
+        if i % 2:
+            entries.append({'instruction': 'Repeat the word.', 'input': w, 'output': w})
+        else:
+            entries.append({'instruction': 'Say yes.', 'input': '', 'output': 'yes'})
+    path.write_text(json.dumps(entries), encoding='utf-8')
+    return path
+
+
+def base_checkpoint(folder, block_size=256):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=48))
+    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
+                    folder / 'ckpt.pt')
+    return model
+
+
+def test_prompt_templates():
+    entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.'}
+    assert format_prompt(entry) == ('Below is an instruction that describes a task. Write a response that '
+                                    'appropriately completes the request.\n\n### Instruction:\nName a color.'
+                                    '\n\n### Response:\n')
+    assert format_prompt({**entry, 'input': 'sky'}, 'phi3') == '<|user|>\nName a color.\nsky\n<|assistant|>:\n'
+    assert '### Input:\nsky\n\n### Response:' in format_prompt({**entry, 'input': 'sky'})
+
+
+def test_collate_masks_exactly_the_right_positions():
+    batch = [([1, 2, 3], 2), ([4, 5, 6, 7, 8], 3)]
+    x, y = fi.collate(batch, pad_id=0)
+    assert x.tolist() == [[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]]
+    assert y.tolist() == [[2, 3, 0, -100, -100], [5, 6, 7, 8, 0]]  # the first end-of-text stays a target
+    x, y = fi.collate(batch, pad_id=0, mask_inputs=True)
+    assert y.tolist() == [[-100, 3, 0, -100, -100], [-100, -100, 7, 8, 0]]  # prompt tokens are not targets
+    x, y = fi.collate(batch, pad_id=0, allowed_max_length=3)
+    assert x.shape == y.shape == (2, 3) and y.tolist() == [[2, 3, 0], [5, 6, 7]]
+
+
+def test_score_parsing():
+    assert [fi.parse_score(t) for t in ('85', 'Score: 90.', '100', ' 0\n', 'I would give it 72 points')] == [85, 90, 100, 0, 72]
+    assert [fi.parse_score(t) for t in ('excellent!', '3.5', '150', '')] == [None, None, None, None]
+
+
+def fake_ollama(server, answer='8', chunks=('8', '5')):
+    lines = [json.dumps({'message': {'role': 'assistant', 'content': c}, 'done': False}) for c in chunks]
+    lines.append(json.dumps({'message': {'role': 'assistant', 'content': ''}, 'done': True}))
+    server.post_routes['/api/chat'] = ('\n'.join(lines) + '\n').encode()
+
+
+def test_judge_client_against_a_fake_ollama(server):
+    fake_ollama(server, chunks=('8', '5'))  # the number arrives in two streamed chunks
+    entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.', 'model_response': 'Red.'}
+    assert fi.score_responses([entry], server.url, 'llama3') == [85]
+    path, payload = server.posts[-1]
+    assert payload['model'] == 'llama3' and payload['options']['seed'] == 123 and payload['options']['temperature'] == 0
+    assert 'score the model response `Red.`' in payload['messages'][0]['content']
+    fake_ollama(server, chunks=('I cannot rate', ' this.'))
+    assert fi.score_responses([entry], server.url, 'llama3') == [None]
+    url = server.url
+    server.close()
+    with pytest.raises(OSError, match='unreachable'):
+        fi.score_responses([entry], url, 'llama3')
+
+
+def test_instruction_tuning_learns_saves_and_is_judged(tmp_path, server):
+    base_checkpoint(tmp_path)
+    data = synthetic_entries(tmp_path / 'd.json')
+    fake_ollama(server, chunks=('7', '0'))
+    out = tmp_path / 'out'
+    proc = run_script('finetune_instruct.py', f'--data={data}', f'--init_from={tmp_path}', f'--out_dir={out}',
+                      '--learning_rate=3e-3', '--num_epochs=4', '--eval_interval=10', '--eval_iters=2',
+                      '--max_new_tokens=20', f'--judge_url={server.url}', '--mask_inputs=True')
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['val_loss'] < 0.5 * metrics['val_loss_before'], metrics  # learning the responses
+    assert metrics['judge_score'] == 70 and metrics['test_responses'] == 6
+    responses = json.loads((out / 'test_responses.json').read_text())
+    assert len(responses) == 6 and all('model_response' in r and r['judge_score'] == 70 for r in responses)
+    ckpt = load_checkpoint(out)
+    assert ckpt['prompt_style'] == 'alpaca' and ckpt['tokenizer'] == 'bytes'
+    # sample.py sees an instruction-tuned checkpoint and wraps --start in the template, stopping at end-of-text
+    proc = run_script('sample.py', f'--out_dir={out}', '--start=Say yes.', '--temperature=0', '--num_samples=1')
+    assert proc.returncode == 0 and '### Instruction:\nSay yes.\n\n### Response:\n' in proc.stdout, proc.stdout
+
+
+def test_lora_trains_only_adapters_and_saves_plain_weights(tmp_path):
+    base = base_checkpoint(tmp_path)
+    data = synthetic_entries(tmp_path / 'd.json', n=40)
+    out = tmp_path / 'out'
+    proc = run_script('finetune_instruct.py', f'--data={data}', f'--init_from={tmp_path}', f'--out_dir={out}',
+                      '--lora_rank=4', '--learning_rate=1e-2', '--max_iters=5', '--eval_interval=100',
+                      '--eval_limit=1', '--max_new_tokens=5', '--judge=none')
+    assert proc.returncode == 0, proc.stderr
+    assert '6,144 trainable (LoRA rank 4)' in proc.stdout  # 2 layers x (768 + 384 + 960 + 960) adapter weights
+    sd = load_checkpoint(out)['model']
+    assert not any('lora' in k for k in sd)
+    before = base.state_dict()
+    assert torch.equal(sd['transformer.wte.weight'], before['transformer.wte.weight'])  # frozen
+    assert not torch.equal(sd['transformer.h.0.attn.c_attn.weight'], before['transformer.h.0.attn.c_attn.weight'])
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    base_checkpoint(tmp_path)
+    args = (f'--init_from={tmp_path}', f'--out_dir={tmp_path}/o', '--judge=none')
+    (tmp_path / 'bad.json').write_text(json.dumps([{'instruction': 'a', 'input': '', 'output': 'b'}, {'instruction': 'x'}]))
+    assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/bad.json', *args), 'entry 1', 'input')
+    (tmp_path / 'few.json').write_text(json.dumps([{'instruction': 'a', 'input': '', 'output': 'b'}] * 5))
+    assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/few.json', *args), 'too few')
+    assert_one_line_error(run_script('finetune_instruct.py', '--data=missing.json', *args), 'missing.json')
+    synthetic_entries(tmp_path / 'ok.json')
+    assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/ok.json', '--prompt_style=chatml', *args),
+                          'chatml')
+    (tmp_path / 'lines.jsonl').write_text('\n'.join(json.dumps(e) for e in json.loads((tmp_path / 'ok.json').read_text())))
+    assert len(fi.read_entries(tmp_path / 'lines.jsonl')) == 60
+    assert not (tmp_path / 'o' / 'ckpt.pt').exists()
