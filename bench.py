@@ -1,45 +1,158 @@
 """
-Speed measurements (nanoGPT's bench.py idea): generation tokens/s with and without the KV cache,
-optionally beside Hugging Face transformers' generate() on the very same weights.
-    python bench.py                                  # GPT-2 124M shape, random weights, float32
-    python bench.py --dtype=float16 --compare_hf=True
+Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as a table).
+    python bench.py                                  # training steps, GPT-2 124M shape, synthetic tokens
+    python bench.py --ablate=True                    # the book's speed-ups one at a time
+    python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
 """
+import math
+import sys
 import tempfile
 import time
+import types
 
+import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
-from configurator import configure, setup, die
-from model import GPT, GPTConfig
+from configurator import configure, setup, die, maybe_compile
+from model import GPT, GPTConfig, CausalSelfAttention, gpu_peak_flops
+from prepare_data import find_shards, read_shard
 
+mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
 init_from = 'scratch'  # 'scratch' (random weights in the shape below) or a GPT-2 size / HF-layout folder
-n_layer, n_head, n_embd, block_size, vocab_size = 12, 12, 768, 1024, 50257
-batch_size = 1
-prompt_tokens = 64
-max_new_tokens = 200
-repeats = 3  # timed runs per variant; the best is reported
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+vocab_size = 50257
+batch_size = 8  # train: sequences per step; generate: prompts at once
+data_dir = ''  # train: shards to read batches from; '' = synthetic random tokens
+warmup_steps = 3  # train: untimed steps first (allocations, kernels, compilation)
+steps = 10  # train: timed steps
+optimizer = 'adamw'  # adamw or muon
+grad_checkpoint = False
+compile = False
+ablate = False  # train: walk the book's speed-ups one at a time and print the table
+profile = False  # train: write a torch.profiler trace (open in chrome://tracing or perfetto)
+prompt_tokens = 64  # generate
+max_new_tokens = 200  # generate
+repeats = 3  # generate: timed runs per variant; the best is reported
+compare_hf = False  # generate: also time transformers' GPT2LMHeadModel.generate (pip install transformers)
 device = 'auto'
-dtype = 'float32'  # weights are stored in this dtype (float16/bfloat16: half the bytes per token)
+dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
-compare_hf = False  # also time transformers' GPT2LMHeadModel.generate (pip install transformers)
 
 
-def best_time(fn, repeats, sync):
-    fn()  # warm-up: allocations, kernels, caches
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+# -------------------------------------------------------------------- the book's slower building blocks
+
+class BookLayerNorm(nn.Module):  # ch04's LayerNorm, written out
+    def __init__(self, ln):
+        super().__init__()
+        self.eps, self.scale = 1e-5, nn.Parameter(ln.weight.detach().clone())
+        self.shift = nn.Parameter(ln.bias.detach().clone()) if ln.bias is not None else None
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        x = self.scale * (x - mean) / torch.sqrt(var + self.eps)
+        return x + self.shift if self.shift is not None else x
 
 
-if __name__ == '__main__':
-    configure(globals())
-    device, device_type, dtype, _ = setup(device, dtype, seed)
+class BookGELU(nn.Module):  # ch04's GELU, the tanh approximation written out
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def manual_attention(self, x, kv_cache=None):  # ch03's attention: scores, mask, softmax, weighted sum
+    B, T, C = x.size()
+    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(self.n_embd, 2))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float('-inf'))
+    y = att.softmax(dim=-1) @ v
+    return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+def use_book_blocks(model, norms, attention):
+    """Swap in the book's hand-written LayerNorm/GELU and/or attention (same weights)."""
+    for block in model.transformer.h:
+        if norms:
+            block.ln_1, block.ln_2, block.mlp.gelu = BookLayerNorm(block.ln_1), BookLayerNorm(block.ln_2), BookGELU()
+        if attention:
+            block.attn.forward = types.MethodType(manual_attention, block.attn)
+    if norms:
+        model.transformer.ln_f = BookLayerNorm(model.transformer.ln_f)
+
+
+# -------------------------------------------------------------------- training speed
+
+def train_speed(dev, device_type, bs, vocab, tf32, fused, pin, native_norms, sdpa, compiled, dtype_name, trace=None):
+    """ms/step, tokens/s, MFU and peak memory of `steps` optimizer steps after `warmup_steps`."""
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab))
+    use_book_blocks(model, norms=not native_norms, attention=not sdpa)
+    model.grad_checkpoint = grad_checkpoint
+    model.to(dev)
+    if optimizer == 'adamw':  # fused: one kernel for every tensor; foreach=False: the slowest, per-tensor loop
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None, foreach=None if fused else False)
+    else:
+        opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
+    fwd = maybe_compile(model, compiled, device_type)
+    ctx = torch.autocast(device_type, dtype=getattr(torch, dtype_name)) if dtype_name != 'float32' else torch.autocast(device_type, enabled=False)
+    shards = [read_shard(p) for p in find_shards(data_dir, 'train')] if data_dir else None
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch():
+        if shards:
+            s = shards[0]
+            starts = torch.randint(len(s) - block_size - 1, (bs,), generator=gen).tolist()
+            xy = torch.from_numpy(np.stack([s[i:i + block_size + 1] for i in starts]).astype(np.int64))
+        else:
+            xy = torch.randint(0, min(vocab, vocab_size), (bs, block_size + 1), generator=gen)
+        if pin:
+            xy = xy.pin_memory()
+        xy = xy.to(dev, non_blocking=pin)
+        return xy[:, :-1], xy[:, 1:]
     sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup_steps + steps):
+        if i == warmup_steps:
+            sync()
+            t0 = time.perf_counter()
+            if trace is not None:
+                trace.start()
+        x, y = batch()
+        with ctx:
+            _, loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if trace is not None and i >= warmup_steps:
+            trace.step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    if trace is not None:
+        trace.stop()
+    tok_s = bs * block_size / dt
+    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev))
+    return dt * 1000, tok_s, mfu, peak_memory(device_type)
+
+
+def peak_memory(device_type):
+    """Peak bytes: of the GPU's allocator, or of the whole process on CPU (None where unknown)."""
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == 'darwin' else rss * 1024  # macOS counts bytes, Linux KiB
+
+
+def generate_speed(dev, dtype_name):
     if init_from == 'scratch':
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
     else:
@@ -47,19 +160,28 @@ if __name__ == '__main__':
             model = GPT.from_pretrained(init_from)
         except (OSError, ValueError) as e:
             die(e)
-    model.eval().to(device=device, dtype=getattr(torch, dtype))
-    cfg = model.config
-    idx = torch.randint(0, cfg.vocab_size, (batch_size, prompt_tokens), device=device)
-    n_new = batch_size * max_new_tokens
-    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype}, {device}, threads={torch.get_num_threads()}, "
+    model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
+    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+
+    def best_time(fn):
+        fn()  # warm-up: allocations, kernels, caches
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+    idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
+    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}, {dev}, threads={torch.get_num_threads()}, "
           f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy")
     rows = []
     with torch.no_grad():
-        t_cache, out_cache = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0), repeats, sync)
+        t_cache, out_cache = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0))
         rows.append(('ours, KV cache', t_cache))
-        t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False), repeats, sync)
+        t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False))
         rows.append(('ours, no cache (recompute the context)', t_full))
-        same = torch.equal(out_cache, out_full)
         if compare_hf:
             try:
                 from transformers import GPT2LMHeadModel
@@ -67,15 +189,61 @@ if __name__ == '__main__':
                 die("--compare_hf=True needs transformers: pip install transformers")
             with tempfile.TemporaryDirectory() as tmp:
                 model.float().save_pretrained(tmp)
-                model.to(dtype=getattr(torch, dtype))
-                hf = GPT2LMHeadModel.from_pretrained(tmp).eval().to(device=device, dtype=getattr(torch, dtype))
+                model.to(dtype=getattr(torch, dtype_name))
+                hf = GPT2LMHeadModel.from_pretrained(tmp).eval().to(device=dev, dtype=getattr(torch, dtype_name))
             mask = torch.ones_like(idx)
             t_hf, out_hf = best_time(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                                         min_new_tokens=max_new_tokens, do_sample=False,
-                                                         pad_token_id=0), repeats, sync)
+                                                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0))
             rows.append(('transformers generate(), its KV cache', t_hf))
     print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'vs transformers':>16s}")
     for name, t in rows:
         rel = f"{rows[-1][1] / t:.2f}x" if compare_hf else '-'
-        print(f"{name:42s} {n_new / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
-    print(f"KV cache == no cache: {same}" + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else ''))
+        print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
+    print(f"KV cache == no cache: {torch.equal(out_cache, out_full)}"
+          + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else ''))
+
+
+if __name__ == '__main__':
+    configure(globals())
+    dev, device_type, dtype_name, _ = setup(device, dtype, seed)
+    if mode == 'generate':
+        generate_speed(dev, dtype_name)
+    elif mode != 'train':
+        die(f"--mode={mode}: use train or generate")
+    elif ablate:  # cumulative, in the book's order; what a CPU lacks is shown as n/a
+        cuda = device_type == 'cuda'
+        padded = (vocab_size + 63) // 64 * 64
+        rows = [('baseline: float32, the book\'s LayerNorm/GELU/attention', {}),
+                ('+ TF32 tensor cores', {'tf32': True}), ('+ fused AdamW', {'fused': True}),
+                ('+ pinned memory', {'pin': True}), ('+ bfloat16 autocast', {'dtype_name': 'bfloat16'}),
+                ('+ native LayerNorm and GELU', {'native_norms': True}), ('+ SDPA (flash) attention', {'sdpa': True}),
+                ('+ torch.compile', {'compiled': True}), (f'+ vocab padded to {padded}', {'vocab': padded}),
+                ('+ micro-batch x2', {'bs': 2 * batch_size})]
+        cfg = dict(bs=batch_size, vocab=vocab_size, tf32=False, fused=False, pin=False, native_norms=False,
+                   sdpa=False, compiled=False, dtype_name='float32')
+        print(f"GPT {n_layer}x{n_embd}, context {block_size}, micro-batch {batch_size}, {dev}; "
+              f"{warmup_steps} warm-up + {steps} timed steps each")
+        print(f"{'change (cumulative)':52s} {'ms/step':>9s} {'tokens/s':>10s} {'speed-up':>9s} {'MFU':>6s}")
+        base = None
+        for name, change in rows:
+            if not cuda and any(k in change for k in ('tf32', 'fused', 'pin')):
+                print(f"{name:52s} {'n/a on ' + device_type:>9s}")
+                continue
+            cfg.update(change)
+            ms, tok_s, mfu, _ = train_speed(dev, device_type, **cfg)
+            base = base or tok_s
+            print(f"{name:52s} {ms:9.1f} {tok_s:10,.0f} {tok_s / base:8.2f}x {f'{100 * mfu:.1f}%' if mfu else '-':>6s}")
+    else:
+        trace = None
+        if profile:
+            trace = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace'),
+                                           schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(3, steps - 1)))
+        ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, vocab_size, tf32=device_type == 'cuda',
+                                          fused=device_type == 'cuda', pin=device_type == 'cuda', native_norms=True,
+                                          sdpa=True, compiled=compile, dtype_name=dtype_name, trace=trace)
+        print(f"GPT {n_layer}x{n_embd}, context {block_size}, batch {batch_size}, {dev} {dtype_name}"
+              f"{', compiled' if compile else ''}{', grad checkpointing' if grad_checkpoint else ''}, {optimizer}")
+        print(f"{ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a (not a known GPU)'} | "
+              f"peak memory {f'{mem / 2**30:.2f} GiB' if mem else 'n/a'}" + (' (process)' if device_type != 'cuda' else ''))
+        if profile:
+            print("trace written to bench_trace/ (open with tensorboard, or the .json in chrome://tracing / perfetto)")

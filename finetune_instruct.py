@@ -5,6 +5,7 @@ Fine-tune a GPT to follow instructions, generate its test responses and have the
     python finetune_instruct.py --lora_rank=16 --prompt_style=phi3
     python sample.py --out_dir=out-instruct --start="Rewrite the sentence using a simile: The car is fast."
 """
+import copy
 import json
 import os
 import re
@@ -13,13 +14,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from configurator import configure, config_keys, setup, die, maybe_compile
-from model import GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict, save_checkpoint
+from model import (GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict, save_checkpoint,
+                   set_lora_enabled)
 from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer
 
+method = 'sft'  # sft: supervised instruction tuning (7.2-7.6); dpo: preference tuning of an SFT model (the bonus)
 # data
-data = ''  # a JSON list (or JSONL) of {instruction, input, output}; '' = the book's instruction-data.json
+data = ''  # a JSON list (or JSONL) of {instruction, input, output} (+ chosen, rejected for dpo); '' = the book's file
 data_dir = 'data/instruct'  # where the book's file is downloaded to
 prompt_style = 'alpaca'  # alpaca (the book's) or phi3 (exercise 7.1)
 allowed_max_length = 1024  # truncate longer examples (tokens)
@@ -43,6 +47,8 @@ max_iters = 0  # stop after this many steps (0 = run all epochs)
 eval_interval = 5
 eval_iters = 5
 grad_clip = 0.0
+beta = 0.1  # dpo: how far the policy may move from the reference (the book's 0.1)
+dpo_learning_rate = 5e-6  # dpo: the book's learning rate (learning_rate is SFT's)
 seed = 123
 device = 'auto'
 dtype = 'auto'
@@ -54,8 +60,13 @@ judge = 'ollama'  # ollama (an Ollama-compatible /api/chat) or none
 judge_url = 'http://localhost:11434'
 judge_model = 'llama3'
 
-DATA_URL = 'https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json'
-DATA_SHA256 = '7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944'
+DATA = {  # method: (url, file name, sha256) of the book's data sets
+    'sft': ('https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json',
+            'instruction-data.json', '7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944'),
+    'dpo': ('https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/'
+            'instruction-data-with-preference.json',
+            'instruction-data-with-preference.json', '305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e'),
+}
 
 
 # -------------------------------------------------------------------- data (7.2-7.3)
@@ -150,6 +161,66 @@ def respond(model, entry, tokenizer, style, dev, ctx, max_new):
     return tokenizer.decode(out).strip()
 
 
+# -------------------------------------------------------------------- preference tuning (DPO, the ch07 bonus)
+
+def encode_pair(entry, tokenizer, style):
+    """(prompt ids, chosen response ids, rejected response ids)."""
+    return (tokenizer.encode(format_prompt(entry, style)), tokenizer.encode(entry['chosen']),
+            tokenizer.encode(entry['rejected']))
+
+
+def response_logprob(model, x, y):
+    """log p(response | prompt) per row (B,): the sum of the target tokens' log-probabilities,
+    where y's -100s (the prompt and the padding) count for nothing."""
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * (y != -100)).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """Direct Preference Optimization: -log sigmoid of beta times how much more the policy
+    than the reference prefers chosen over rejected. log(2) when policy == reference.
+    Also returns the implicit rewards beta * log(policy / reference) of each side."""
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def dpo_batch(model, reference, batch, pad_id, max_len, dev):
+    """(loss, chosen rewards, rejected rewards) of a batch of encode_pair triples. The prompt is
+    always masked: only the responses are compared. reference=None: the policy with its LoRA
+    adapters switched off is the reference (no second copy of the model)."""
+    xc, yc = collate([(p + c, len(p)) for p, c, _ in batch], pad_id, max_len, True, dev)
+    xr, yr = collate([(p + r, len(p)) for p, _, r in batch], pad_id, max_len, True, dev)
+    policy_c, policy_r = response_logprob(model, xc, yc), response_logprob(model, xr, yr)
+    with torch.no_grad():
+        if reference is None:
+            set_lora_enabled(model, False)
+        ref = reference or model
+        ref_c, ref_r = response_logprob(ref, xc, yc), response_logprob(ref, xr, yr)
+        if reference is None:
+            set_lora_enabled(model, True)
+    return dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
+
+
+@torch.no_grad()
+def dpo_evaluate(model, reference, encoded, pad_id, max_len, dev, ctx, num_batches=None):
+    """Mean DPO loss, reward margin (chosen - rejected) and reward accuracy (chosen > rejected)."""
+    model.eval()
+    losses, margins, wins = [], [], []
+    for i, batch in enumerate(batches(encoded)):
+        if num_batches is not None and i >= num_batches:
+            break
+        with ctx:
+            loss, chosen, rejected = dpo_batch(model, reference, batch, pad_id, max_len, dev)
+        losses.append(loss.item())
+        margins.extend((chosen - rejected).tolist())
+        wins.extend((chosen > rejected).float().tolist())
+    model.train()
+    return {'loss': sum(losses) / len(losses), 'reward_margin': sum(margins) / len(margins),
+            'reward_accuracy': sum(wins) / len(wins)}
+
+
 # -------------------------------------------------------------------- judging (7.8)
 
 def judge_prompt(entry):
@@ -212,9 +283,13 @@ def main():
         die(f"--prompt_style={prompt_style}: use {' or '.join(PROMPT_STYLES)}")
     if judge not in ('ollama', 'none'):
         die(f"--judge={judge}: use ollama or none")
+    if method not in DATA:
+        die(f"--method={method}: use sft or dpo")
     try:
-        path = data or download(DATA_URL, Path(data_dir) / 'instruction-data.json', sha256=DATA_SHA256)
-        splits = split_entries(read_entries(path))
+        url, name, sha = DATA[method]
+        path = data or download(url, Path(data_dir) / name, sha256=sha)
+        fields = ('instruction', 'input', 'output') + (('chosen', 'rejected') if method == 'dpo' else ())
+        splits = split_entries(read_entries(path, fields))
     except (OSError, ValueError) as e:
         die(e)
     if min(len(s) for s in splits.values()) == 0:
@@ -231,30 +306,51 @@ def main():
             tokenizer = get_tokenizer(info['tokenizer'])
     except (OSError, ValueError) as e:
         die(e)
+    reference = None  # dpo: the frozen model the policy is measured against
+    if method == 'dpo' and lora_rank == 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(dev)
     if lora_rank > 0:
         apply_lora(model, lora_rank, lora_alpha)  # only the adapters train
     model.to(dev)
     pad_id = tokenizer.eot_id
     max_len = min(allowed_max_length, model.config.block_size)  # longer examples are truncated
-    enc = {name: [encode_entry(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
+    train_model = maybe_compile(model, compile, device_type)
+    if method == 'sft':
+        enc = {name: [encode_entry(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
+        lr = learning_rate
+
+        def batch_loss(batch):
+            return train_model(*collate(batch, pad_id, max_len, mask_inputs, dev))[1]
+
+        def measure(split, n=None):
+            return {'loss': evaluate(model, enc[split], pad_id, max_len, dev, ctx, n)}
+    else:
+        enc = {name: [encode_pair(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
+        lr = dpo_learning_rate
+
+        def batch_loss(batch):
+            return dpo_batch(train_model, reference, batch, pad_id, max_len, dev)[0]
+
+        def measure(split, n=None):
+            return dpo_evaluate(model, reference, enc[split], pad_id, max_len, dev, ctx, n)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(map(len, splits.values()))} entries: {len(splits['train'])} train, {len(splits['val'])} val, "
-          f"{len(splits['test'])} test ({prompt_style} prompts{', inputs masked' if mask_inputs else ''})\n"
+          f"{len(splits['test'])} test ({method}, {prompt_style} prompts{', inputs masked' if mask_inputs else ''})\n"
           f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable"
           f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}; {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type == 'cuda')
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type == 'cuda')
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
-    train_model = maybe_compile(model, compile, device_type)
     shuffle = torch.Generator().manual_seed(seed)
     show = splits['val'][0]  # the book prints the response to the first val entry as it trains
-    step, t0, val_before = 0, time.time(), evaluate(model, enc['val'], pad_id, max_len, dev, ctx)
-    print(f"before training: val loss {val_before:.3f}")
-    for epoch in range(num_epochs):  # train_model_simple (7.6)
+    fmt = lambda m: ', '.join(f"{k} {v:.3f}" for k, v in m.items())  # noqa: E731
+    step, t0, before = 0, time.time(), measure('val')
+    print(f"before training: val {fmt(before)}")
+    for epoch in range(num_epochs):  # train_model_simple (7.6), or the bonus's train_model_dpo_simple
         for batch in batches(enc['train'], shuffle):
             with ctx:
-                _, loss = train_model(*collate(batch, pad_id, max_len, mask_inputs, dev))
+                loss = batch_loss(batch)
             scaler.scale(loss).backward()
             if grad_clip:
                 scaler.unscale_(optimizer)
@@ -264,20 +360,18 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % eval_interval == 0:
-                tl = evaluate(model, enc['train'], pad_id, max_len, dev, ctx, eval_iters)
-                val_loss = evaluate(model, enc['val'], pad_id, max_len, dev, ctx, eval_iters)
-                print(f"epoch {epoch + 1} step {step}: train loss {tl:.3f}, val loss {val_loss:.3f} "
-                      f"({(time.time() - t0) / step * 1000:.0f} ms/step)")
+                print(f"epoch {epoch + 1} step {step}: train {fmt(measure('train', eval_iters))} | "
+                      f"val {fmt(measure('val', eval_iters))} ({(time.time() - t0) / step * 1000:.0f} ms/step)")
             if max_iters and step >= max_iters:
                 break
         print(f"  {show['instruction'][:60]!r} -> {respond(model, show, tokenizer, prompt_style, dev, ctx, 35)!r}")
         if max_iters and step >= max_iters:
             break
-    val_loss = evaluate(model, enc['val'], pad_id, max_len, dev, ctx)
-    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; val loss {val_loss:.3f}")
+    after = measure('val')
+    print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; val {fmt(after)}")
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
-                     'tokenizer': tokenizer.name, 'prompt_style': prompt_style, 'iter_num': step,
+                     'tokenizer': tokenizer.name, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
                      'config': config}, Path(out_dir) / 'ckpt.pt')
 
     # responses for the test split (7.7), kept even if the judge fails
@@ -288,8 +382,11 @@ def main():
     print(file=sys.stderr)
     with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
         json.dump(test, f, indent=2)
-    metrics = {'val_loss': val_loss, 'val_loss_before': val_before, 'judge_score': None, 'steps': step,
-               'test_responses': len(test)}
+    metrics = {'method': method, 'val_loss': after['loss'], 'val_loss_before': before['loss'], 'judge_score': None,
+               'steps': step, 'test_responses': len(test)}
+    if method == 'dpo':  # measured on the val split, before and after
+        metrics.update({k: after[k] for k in ('reward_accuracy', 'reward_margin')},
+                       reward_accuracy_before=before['reward_accuracy'], reward_margin_before=before['reward_margin'])
 
     def write_metrics():
         with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:

@@ -131,6 +131,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
+        self.grad_checkpoint = False  # True: activation checkpointing per block (less memory, ~1/3 more compute)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith('c_proj.weight'):
@@ -155,7 +156,10 @@ class GPT(nn.Module):  # ch04: the GPT model
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -173,14 +177,27 @@ class GPT(nn.Module):  # ch04: the GPT model
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02):
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
-        LayerNorm gains; the fused CUDA kernel where available (one launch for all params)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        fused = device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        LayerNorm gains; the fused CUDA kernel where available (one launch for all params).
+        optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
+        head, biases, gains), as modded-nanogpt and nanochat. Each group's 'lr_scale' is its
+        learning rate relative to learning_rate, for the schedule."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if optimizer == 'adamw':
+            groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
+                      {'params': [p for _, p in named if p.dim() < 2], 'weight_decay': 0.0}]
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+        if optimizer != 'muon':
+            raise ValueError(f"unknown optimizer {optimizer!r}; use adamw or muon")
+        hidden = [p for n, p in named if p.dim() == 2 and '.h.' in n]  # embeddings (wte = head) stay with AdamW
+        embed = [p for n, p in named if p.dim() >= 2 and '.h.' not in n]
+        rest = [p for _, p in named if p.dim() < 2]
+        return MuonWithAdamW([
+            {'params': hidden, 'use_muon': True, 'lr': muon_lr, 'lr_scale': muon_lr / learning_rate,
+             'momentum': 0.95, 'weight_decay': 0.0},
+            {'params': embed, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
+            {'params': rest, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0}])
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6N + attention (PaLM appendix B)."""
@@ -251,6 +268,56 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         return logits.argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# -------------------------------------------------------------------- Muon
+
+def orthogonalize(G, steps=5):
+    """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a
+    quintic Newton-Schulz iteration in bfloat16 (coefficients from Keller Jordan's Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = G.size(0) > G.size(1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm() + 1e-7)  # spectral norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for
+    groups with use_muon, plain AdamW for the others, in one optimizer so that train.py's loop,
+    schedule, GradScaler and checkpoints treat it like AdamW."""
+
+    def __init__(self, groups):
+        super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group['lr'], group['weight_decay']
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group['use_muon']:
+                    buf = state.setdefault('momentum_buffer', torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group['momentum'])
+                    update = orthogonalize(p.grad.lerp(buf, group['momentum']))  # Nesterov
+                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                else:
+                    if not state:
+                        state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    b1, b2 = group['betas']
+                    state['step'] += 1
+                    state['exp_avg'].lerp_(p.grad, 1 - b1)
+                    state['exp_avg_sq'].lerp_(p.grad.square(), 1 - b2)
+                    step = state['step'].item()
+                    denom = (state['exp_avg_sq'] / (1 - b2 ** step)).sqrt_().add_(group['eps'])
+                    p.mul_(1 - lr * wd).addcdiv_(state['exp_avg'], denom, value=-lr / (1 - b1 ** step))
 
 
 # -------------------------------------------------------------------- GPU peak for MFU

@@ -39,7 +39,9 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 bias = True
-# AdamW
+# optimizer
+optimizer = 'adamw'  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
 learning_rate = 2e-3
 max_iters = 2500
 weight_decay = 0.1
@@ -55,6 +57,7 @@ min_lr = 2e-4
 device = 'auto'  # auto | cpu | cuda | cuda:1 | mps
 dtype = 'auto'  # auto | float32 | bfloat16 | float16 (with a GradScaler)
 compile = False  # torch.compile the model
+grad_checkpoint = False  # recompute each block's activations in backward: less memory for big models
 seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
 
@@ -188,10 +191,14 @@ def main():
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
     tokenizer = get_tokenizer(meta['tokenizer']) if master and sample_prompt else None
     model.to(dev)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    try:
+        optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr)
+    except ValueError as e:
+        die(e)
+    model.grad_checkpoint = grad_checkpoint
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     if ckpt is not None:  # the exact state the run was in
-        optimizer.load_state_dict(ckpt['optimizer'])
+        optim.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         torch.set_rng_state(ckpt['rng']['torch'][rank] if rank < len(ckpt['rng']['torch']) else ckpt['rng']['torch'][0])
         if device_type == 'cuda' and ckpt['rng']['cuda']:
@@ -231,7 +238,7 @@ def main():
             torch.distributed.all_gather_object(rng, torch.get_rng_state())
         return {'model': raw_model.state_dict(), 'model_args': model_args, 'tokenizer': meta['tokenizer'],
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
                 'rng': {'torch': rng, 'cuda': cuda_rng}, 'data': {'seed': seed, 'step': iter_num}}
 
     stop = {'signal': False}
@@ -252,8 +259,8 @@ def main():
     lossf = float('nan')
     while True:
         lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        for group in optim.param_groups:
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         interrupted = stop_requested(stop['signal']) if (not ddp or iter_num % log_interval == 0) else False
         at_end = iter_num >= max_iters or interrupted
         if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
@@ -294,11 +301,11 @@ def main():
             X, Y = get_batch(splits['train'], batch_key(*nxt), T, dev)  # fetched while the GPU works
             scaler.scale(loss).backward()
         if grad_clip:
-            scaler.unscale_(optimizer)
+            scaler.unscale_(optim)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scaler.step(optim)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         iter_num += 1
         if iter_num % log_interval == 0:
             lossf = loss.item() * gas  # .item() waits for the GPU: only here, at log steps

@@ -130,3 +130,62 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     (tmp_path / 'lines.jsonl').write_text('\n'.join(json.dumps(e) for e in json.loads((tmp_path / 'ok.json').read_text())))
     assert len(fi.read_entries(tmp_path / 'lines.jsonl')) == 60
     assert not (tmp_path / 'o' / 'ckpt.pt').exists()
+
+
+# -------------------------------------------------------------------- DPO (the chapter 7 bonus)
+
+def synthetic_preferences(path, n=60):
+    """Preference pairs with a learnable taste: the chosen answer is polite, the rejected one rude."""
+    entries = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        entries.append({'instruction': f'Describe the {w}.', 'input': '', 'output': f'A nice {w}.',
+                        'chosen': f'A lovely {w}, thank you.', 'rejected': f'Ugh, a {w}. Go away.'})
+    path.write_text(json.dumps(entries), encoding='utf-8')
+    return path
+
+
+def test_dpo_loss_is_log2_at_the_start_and_masks_the_prompt(tmp_path):
+    import copy
+    import math
+    from model import apply_lora
+    from prepare_data import ByteTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
+    tok = ByteTokenizer()
+    entries = json.loads(synthetic_preferences(tmp_path / 'p.json').read_text())
+    batch = [fi.encode_pair(e, tok, 'alpaca') for e in entries[:4]]
+    loss, chosen, rejected = fi.dpo_batch(model, copy.deepcopy(model), batch, tok.eot_id, 256, 'cpu')
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and chosen.abs().max() < 1e-5
+    apply_lora(model, 4, 8)  # adapters start at zero: the adapter-less reference is the same model
+    loss, _, _ = fi.dpo_batch(model, None, batch, tok.eot_id, 256, 'cpu')
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    # only the response's tokens (and its end-of-text) are summed, not the prompt's
+    prompt, response, _ = batch[0]
+    x, y = fi.collate([(prompt + response, len(prompt))], tok.eot_id, mask_inputs=True)
+    logp = torch.log_softmax(model(x)[0], -1)[0]
+    targets = prompt[1:] + response + [tok.eot_id]
+    expected = sum(logp[t, targets[t]] for t in range(len(prompt) - 1, len(targets)))
+    assert fi.response_logprob(model, x, y).item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_dpo_makes_chosen_responses_more_likely(tmp_path):
+    base = base_checkpoint(tmp_path)
+    data = synthetic_preferences(tmp_path / 'p.json')
+    out = tmp_path / 'dpo'
+    proc = run_script('finetune_instruct.py', '--method=dpo', f'--data={data}', f'--init_from={tmp_path}',
+                      f'--out_dir={out}', '--dpo_learning_rate=1e-3', '--num_epochs=3', '--eval_interval=5',
+                      '--eval_iters=2', '--eval_limit=2', '--max_new_tokens=10', '--judge=none')
+    assert proc.returncode == 0, proc.stderr
+    assert 'reward_accuracy' in proc.stdout and 'reward_margin' in proc.stdout
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['method'] == 'dpo' and m['reward_accuracy_before'] <= 0.5 < m['reward_accuracy'], m
+    assert m['reward_margin'] > m['reward_margin_before'] + 1.0, m
+    from prepare_data import ByteTokenizer
+    from model import load_pretrained
+    policy, _ = load_pretrained(str(out))
+    entry = json.loads(data.read_text())[-1]
+    prompt, chosen, rejected = fi.encode_pair(entry, ByteTokenizer(), 'alpaca')
+    x, y = fi.collate([(prompt + chosen, len(prompt))], 256, mask_inputs=True)
+    with torch.no_grad():
+        assert fi.response_logprob(policy.eval(), x, y) > fi.response_logprob(base.eval(), x, y) + 1.0
