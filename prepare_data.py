@@ -116,6 +116,20 @@ def format_prompt(entry, style='alpaca'):
     return format_input(entry, style) + {'alpaca': "\n\n### Response:\n", 'phi3': "\n<|assistant|>:\n"}[style]
 
 
+# -------------------------------------------------------------------- HellaSwag (the benchmark GPT-2 runs are compared on)
+
+HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
+
+
+def hellaswag_examples(folder):
+    """HellaSwag's 10,042 validation examples [{ctx, endings (4), label}], downloaded once into
+    folder (or read from it when hellaswag_val.jsonl is already there)."""
+    path = download(HELLASWAG_URL, Path(folder) / 'hellaswag_val.jsonl')
+    with open(path, encoding='utf-8') as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{'ctx': r['ctx'], 'endings': r['endings'], 'label': int(r['label'])} for r in rows]
+
+
 # -------------------------------------------------------------------- shards
 
 def write_shard(path, tokens):

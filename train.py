@@ -15,10 +15,11 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from configurator import configure, config_keys, setup, die, init_distributed, maybe_compile
 from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare_data import find_shards, get_tokenizer, prepare, read_meta, read_shard
+from prepare_data import find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard
 
 # I/O
 out_dir = 'out'
@@ -29,6 +30,9 @@ eval_iters = 20  # batches per loss estimate
 log_interval = 25
 sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
 sample_tokens = 64
+eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (GPT-2 124M: ~29.5%)
+hellaswag_dir = 'data/hellaswag'  # where its validation set is downloaded to (or already is)
+hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 # data
 batch_size = 16  # sequences per micro-batch
 block_size = 128  # context length
@@ -116,6 +120,31 @@ def estimate_loss(model, splits, T, dev, ctx):
     return out
 
 
+@torch.no_grad()
+def hellaswag_accuracy(model, examples, tokenizer, dev, ctx):
+    """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the
+    lowest mean loss after the context is the model's choice."""
+    model.eval()
+    correct = 0
+    for ex in examples:
+        ctx_ids = tokenizer.encode(ex['ctx'])
+        endings = [tokenizer.encode(' ' + e) for e in ex['endings']]
+        rows = [(ctx_ids + e)[-model.config.block_size - 1:] for e in endings]  # 4 candidates, one per row
+        T = max(map(len, rows))
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T - 1)  # 1 where the next token belongs to the ending
+        for i, (r, e) in enumerate(zip(rows, endings)):
+            x[i, :len(r)] = torch.tensor(r)
+            mask[i, max(len(r) - len(e) - 1, 0):len(r) - 1] = 1
+        x, mask = x.to(dev), mask.to(dev)
+        with ctx:
+            logits, _ = model(x[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction='none')  # (4, T-1)
+        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'])
+    model.train()
+    return correct / max(len(examples), 1)
+
+
 def save_loss_plot(log_path, png_path):
     """The book's loss plot (train and val loss against tokens seen), if matplotlib is installed."""
     try:
@@ -189,7 +218,13 @@ def main():
         if not shards:
             die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
-    tokenizer = get_tokenizer(meta['tokenizer']) if master and sample_prompt else None
+    tokenizer = get_tokenizer(meta['tokenizer']) if master and (sample_prompt or eval_hellaswag) else None
+    hellaswag = None
+    if eval_hellaswag and master:
+        try:
+            hellaswag = hellaswag_examples(hellaswag_dir)[:hellaswag_limit or None]
+        except (OSError, ValueError, KeyError) as e:
+            die(f"HellaSwag: {e}")
     model.to(dev)
     try:
         optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr)
@@ -268,8 +303,10 @@ def main():
             if master:
                 with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
                     losses = estimate_loss(raw_model, splits, T, dev, ctx)
+                    if hellaswag:
+                        losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx)
                     sample = ''
-                    if tokenizer is not None:
+                    if tokenizer is not None and sample_prompt:
                         prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
                         with ctx:
                             out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
@@ -278,11 +315,13 @@ def main():
                 if not all(math.isfinite(v) for v in losses.values()):
                     die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f})")
+                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f})"
+                      + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
                 if sample:
                     print(f"  sample: {sample_prompt + sample!r}")
                 log_json(step=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
-                         tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None)
+                         tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None,
+                         **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
                 best_val_loss = min(best_val_loss, losses['val'])
             ck = checkpoint() if ddp or master else None  # all ranks join the RNG gather
             if master:

@@ -114,3 +114,39 @@ def test_no_arguments_prepares_the_default_data_first(tmp_path):
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / 'data' / 'pydoc' / 'meta.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+class PrefersA(torch.nn.Module):
+    """A stand-in model whose next token is always most likely 'a' (byte 97)."""
+    config = type('C', (), {'block_size': 64})()
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 257)
+        logits[..., 97] = 5.0
+        return logits, None
+
+
+def test_hellaswag_scoring_picks_the_most_likely_ending():
+    import importlib
+    from contextlib import nullcontext
+    from prepare_data import ByteTokenizer
+    train = importlib.import_module('train')
+    examples = [{'ctx': 'x', 'endings': ['aaaa', 'bbbb', 'cccc', 'dddd'], 'label': 0},
+                {'ctx': 'yy', 'endings': ['bbbb', 'cccc', 'aaa', 'dddd'], 'label': 2},
+                {'ctx': 'z', 'endings': ['aaaa', 'bbbb', 'cccc', 'dddd'], 'label': 3}]
+    # length-normalised: 'aaa' wins over longer endings; the third example's label is wrong on purpose
+    assert train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext()) == 2 / 3
+
+
+def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, monkeypatch):
+    import prepare_data
+    rows = [{'ctx': f'The {w} is', 'endings': [' red.', ' blue.', ' a dog.', ' seven.'], 'label': i % 4,
+             'activity_label': 'x'} for i, w in enumerate(['sky', 'sea', 'cat', 'car', 'sun'])]
+    server.routes['/hellaswag_val.jsonl'] = '\n'.join(json.dumps(r) for r in rows).encode()
+    monkeypatch.setattr(prepare_data, 'HELLASWAG_URL', server.url + '/hellaswag_val.jsonl')
+    assert len(prepare_data.hellaswag_examples(tmp_path / 'hs')) == 5  # downloaded and parsed
+    proc = run_script('train.py', *tiny(data, tmp_path / 'out', '--max_iters=10', '--eval_hellaswag=True',
+                                        f'--hellaswag_dir={tmp_path}/hs', '--hellaswag_limit=4'))
+    assert proc.returncode == 0, proc.stderr
+    assert 'HellaSwag acc_norm' in proc.stdout and 'of 4' in proc.stdout
+    assert 'hellaswag' in log_rows(tmp_path / 'out')[-1]
