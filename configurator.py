@@ -135,6 +135,18 @@ def setup(device='auto', dtype='auto', seed=1337):
     return device, device_type, dtype, ctx
 
 
+def optimizer_step(loss, optimizer, scaler, params, grad_clip=0.0):
+    """Backward and one optimizer step, as the fine-tuning loops do it: the loss scaled for
+    float16 (a no-op otherwise), gradients clipped to grad_clip (0 = not), then zeroed."""
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def init_distributed(device='auto'):
     """Under torchrun (RANK set): join the process group, nccl on GPUs and gloo on CPU.
     Returns (ddp, rank, local_rank, world_size, device)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, setup, die, maybe_compile
+from configurator import configure, setup, die, maybe_compile, optimizer_step
 from model import (GPT, GPTConfig, apply_lora, download, load_checkpoint, load_pretrained, load_state_dict_checked,
                    merged_state_dict, save_checkpoint)
 from prepare_data import get_tokenizer
@@ -317,13 +317,7 @@ def main():
             x, lengths, y = x.to(dev), lengths.to(dev), y.to(dev)
             with ctx:
                 loss = F.cross_entropy(fwd(model, x, lengths, pool).float(), y)
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, optimizer, scaler, params, grad_clip)
             step += 1
             if step % eval_interval == 0:
                 tl, _ = evaluate(model, enc['train'], dev, ctx, eval_iters)

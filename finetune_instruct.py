@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, config_keys, setup, die, maybe_compile
+from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
 from model import (GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict, save_checkpoint,
                    set_lora_enabled)
 from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer
@@ -351,13 +351,7 @@ def main():
         for batch in batches(enc['train'], shuffle):
             with ctx:
                 loss = batch_loss(batch)
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, optimizer, scaler, params, grad_clip)
             step += 1
             if step % eval_interval == 0:
                 print(f"epoch {epoch + 1} step {step}: train {fmt(measure('train', eval_iters))} | "
