@@ -37,6 +37,7 @@ hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 batch_size = 16  # sequences per micro-batch
 block_size = 128  # context length
 gradient_accumulation_steps = 1  # micro-batches per step, in total (divided among torchrun processes)
+ddp = 'ddp'  # under torchrun: ddp (each process holds the whole model) or fsdp (weights, gradients, optimizer state sharded)
 # model
 n_layer = 4
 n_head = 4
@@ -168,7 +169,11 @@ def save_loss_plot(log_path, png_path):
 
 def main():
     config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
-    ddp, rank, local_rank, world_size, dev = init_distributed(device)
+    distributed, rank, local_rank, world_size, dev = init_distributed(device)
+    if ddp not in ('ddp', 'fsdp'):
+        die(f"--ddp={ddp}: use ddp or fsdp")
+    fsdp = distributed and ddp == 'fsdp'
+    evaluating = rank == 0 or fsdp  # under FSDP every process takes part in each forward, evals too
     master = rank == 0
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
     if gradient_accumulation_steps % world_size:
@@ -181,12 +186,13 @@ def main():
             die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
         if master:
             prepare('pydoc', data_dir=data_dir)
-        if ddp:
+        if distributed:
             torch.distributed.barrier()
     meta = read_meta(data_dir)
 
-    # model
+    # model: initialised alike in every process (FSDP shards it as it is), dropout then differs per rank
     iter_num, best_val_loss, ckpt = 0, float('inf'), None
+    torch.manual_seed(seed)
     try:
         if init_from == 'scratch':
             model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -206,6 +212,7 @@ def main():
             die(f"--init_from={init_from}: use scratch, resume, or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
     except (OSError, ValueError) as e:
         die(e)
+    torch.manual_seed(seed + rank)
     if meta['vocab_size'] > model.config.vocab_size:
         die(f"{data_dir} holds {meta['tokenizer']} tokens ({meta['vocab_size']} ids) but the model knows {model.config.vocab_size}")
     model_args = asdict(model.config)
@@ -218,14 +225,21 @@ def main():
         if not shards:
             die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
-    tokenizer = get_tokenizer(meta['tokenizer']) if master and (sample_prompt or eval_hellaswag) else None
+    tokenizer = get_tokenizer(meta['tokenizer']) if evaluating and (sample_prompt or eval_hellaswag) else None
     hellaswag = None
-    if eval_hellaswag and master:
+    if eval_hellaswag and evaluating:
         try:
             hellaswag = hellaswag_examples(hellaswag_dir)[:hellaswag_limit or None]
         except (OSError, ValueError, KeyError) as e:
             die(f"HellaSwag: {e}")
     model.to(dev)
+    if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
+        if optimizer == 'muon':
+            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp")
+        from torch.distributed.fsdp import fully_shard
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
     try:
         optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr)
     except ValueError as e:
@@ -233,7 +247,11 @@ def main():
     model.grad_checkpoint = grad_checkpoint
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     if ckpt is not None:  # the exact state the run was in
-        optim.load_state_dict(ckpt['optimizer'])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+            set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
+        else:
+            optim.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         torch.set_rng_state(ckpt['rng']['torch'][rank] if rank < len(ckpt['rng']['torch']) else ckpt['rng']['torch'][0])
         if device_type == 'cuda' and ckpt['rng']['cuda']:
@@ -241,7 +259,7 @@ def main():
         ckpt = None  # free the memory
     raw_model = model
     model = maybe_compile(model, compile, device_type)
-    if ddp:
+    if distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
     peak = peak_flops or gpu_peak_flops(dev)
@@ -268,12 +286,17 @@ def main():
     def checkpoint():
         cuda_rng = torch.cuda.get_rng_state_all() if device_type == 'cuda' else []
         rng = [torch.get_rng_state()]
-        if ddp:  # every rank's dropout RNG, so that a resumed DDP run continues exactly too
+        if distributed:  # every rank's dropout RNG, so that a resumed DDP run continues exactly too
             rng = [torch.empty_like(rng[0]) for _ in range(world_size)]
             torch.distributed.all_gather_object(rng, torch.get_rng_state())
-        return {'model': raw_model.state_dict(), 'model_args': model_args, 'tokenizer': meta['tokenizer'],
+        if fsdp:  # gathered whole onto rank 0's CPU, so that the checkpoint loads anywhere
+            from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+            model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
+        return {'model': model_sd, 'model_args': model_args, 'tokenizer': meta['tokenizer'],
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
+                'optimizer': optim_sd, 'scaler': scaler.state_dict(),
                 'rng': {'torch': rng, 'cuda': cuda_rng}, 'data': {'seed': seed, 'step': iter_num}}
 
     stop = {'signal': False}
@@ -281,8 +304,8 @@ def main():
 
     def stop_requested(local_flag):
         """True if this or (under torchrun) any process asks to stop."""
-        flag = torch.tensor(float(local_flag), device=dev if ddp and device_type == 'cuda' else 'cpu')
-        if ddp:
+        flag = torch.tensor(float(local_flag), device=dev if distributed and device_type == 'cuda' else 'cpu')
+        if distributed:
             torch.distributed.all_reduce(flag)  # every rank stops at the same step
         return flag.item() > 0
 
@@ -296,11 +319,11 @@ def main():
         lr = get_lr(iter_num)
         for group in optim.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
-        interrupted = stop_requested(stop['signal']) if (not ddp or iter_num % log_interval == 0) else False
+        interrupted = stop_requested(stop['signal']) if (not distributed or iter_num % log_interval == 0) else False
         at_end = iter_num >= max_iters or interrupted
         if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
             dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
-            if master:
+            if evaluating:
                 with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
                     losses = estimate_loss(raw_model, splits, T, dev, ctx)
                     if hellaswag:
@@ -308,12 +331,17 @@ def main():
                     sample = ''
                     if tokenizer is not None and sample_prompt:
                         prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
+                        if fsdp:
+                            raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
                         with ctx:
                             out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
+                        if fsdp:
+                            raw_model.reshard()
                         raw_model.train()
                         sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
                 if not all(math.isfinite(v) for v in losses.values()):
                     die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
+            if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(perplexity {math.exp(min(losses['val'], 50)):.1f})"
                       + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
@@ -323,15 +351,19 @@ def main():
                          tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None,
                          **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
                 best_val_loss = min(best_val_loss, losses['val'])
-            ck = checkpoint() if ddp or master else None  # all ranks join the RNG gather
-            if master:
+            # all ranks join the gathers; under FSDP not before the first step, as gathering an optimizer
+            # without state would make one (a zero-gradient step that advances Adam's step count)
+            ck = checkpoint() if (distributed or master) and not (fsdp and not optim.state) else None
+            if master and ck is not None:
                 save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
             if at_end:
                 break
             t_log = time.time() - (iter_num - it_log) * dt_est  # eval time is not step time
         # one optimizer step: gas micro-batches, gradients averaged (and synced across ranks once)
         for micro in range(gas):
-            if ddp:
+            if fsdp:
+                raw_model.set_requires_gradient_sync(micro == gas - 1)
+            elif distributed:
                 model.require_backward_grad_sync = micro == gas - 1  # all-reduce only after the last micro-batch
             with ctx:
                 _, loss = model(X, Y)
@@ -355,7 +387,7 @@ def main():
                 t_log, it_log = time.time(), iter_num
                 tok_s = tokens_per_step / dt
                 mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
-                gn = f" | grad norm {norm.item():.2f}" if grad_clip else ""
+                gn = f" | grad norm {float(norm.full_tensor() if fsdp else norm):.2f}" if grad_clip else ""
                 print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{gn} | {dt * 1000:.0f} ms/step | "
                       f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
                 log_json(step=iter_num, train_loss=lossf, val_loss=None, lr=lr, tokens_seen=iter_num * tokens_per_step,
@@ -367,7 +399,7 @@ def main():
         else:
             save_loss_plot(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
             print(f"done: {out_dir}/ckpt.pt (step {iter_num}); try python sample.py --out_dir={out_dir}")
-    if ddp:
+    if distributed:
         torch.distributed.destroy_process_group()
     if interrupted:
         sys.exit(130)

@@ -150,3 +150,22 @@ def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, mon
     assert proc.returncode == 0, proc.stderr
     assert 'HellaSwag acc_norm' in proc.stdout and 'of 4' in proc.stdout
     assert 'hellaswag' in log_rows(tmp_path / 'out')[-1]
+
+
+def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_path):
+    args = tiny(data, tmp_path / 'fsdp', '--max_iters=10', '--gradient_accumulation_steps=2', '--ddp=fsdp')
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          str(ROOT / 'train.py'), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'sample:' in run.stdout and run.stdout.count('step 10:') == 1
+    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--max_iters=10', '--gradient_accumulation_steps=2'))
+    assert single.returncode == 0, single.stderr
+    a, b = load_checkpoint(tmp_path / 'fsdp'), load_checkpoint(tmp_path / 'one')
+    assert set(a['model']) == set(b['model'])
+    for k in a['model']:  # sharded weights, gathered whole into the checkpoint
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
+    resumed = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                              str(ROOT / 'train.py'), *args[:-3], '--max_iters=12', '--gradient_accumulation_steps=2',
+                              '--ddp=fsdp', '--init_from=resume'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / 'fsdp')['iter_num'] == 12
