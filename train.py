@@ -247,6 +247,9 @@ def main():
     model.grad_checkpoint = grad_checkpoint
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     if ckpt is not None:  # the exact state the run was in
+        if ckpt.get('fsdp', False) != fsdp:  # the two keep optimizer state in different layouts
+            die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
+                "resume it the same way")
         if fsdp:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
             set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
@@ -296,7 +299,7 @@ def main():
             model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
         return {'model': model_sd, 'model_args': model_args, 'tokenizer': meta['tokenizer'],
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                'optimizer': optim_sd, 'scaler': scaler.state_dict(),
+                'optimizer': optim_sd, 'fsdp': fsdp, 'scaler': scaler.state_dict(),
                 'rng': {'torch': rng, 'cuda': cuda_rng}, 'data': {'seed': seed, 'step': iter_num}}
 
     stop = {'signal': False}
