@@ -13,10 +13,9 @@ import types
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
 from configurator import configure, setup, die, maybe_compile
-from model import GPT, GPTConfig, CausalSelfAttention, gpu_peak_flops
+from model import GPT, GPTConfig, gpu_peak_flops
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)

@@ -1,7 +1,7 @@
 """sample.py as a user runs it: from a checkpoint, streaming, long prompts, bad input."""
 import torch
 
-from conftest import FIXTURES, assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script
 from model import GPT, GPTConfig, save_checkpoint
 from prepare_data import ByteTokenizer
 
