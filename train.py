@@ -403,6 +403,7 @@ def main():
             save_loss_plot(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
             print(f"done: {out_dir}/ckpt.pt (step {iter_num}); try python sample.py --out_dir={out_dir}")
     if distributed:
+        torch.distributed.barrier()  # no process tears gloo/nccl down while another still talks to it
         torch.distributed.destroy_process_group()
     if interrupted:
         sys.exit(130)
