@@ -126,8 +126,7 @@ def collate(batch, pad_id, allowed_max_length=None, mask_inputs=False, device='c
 
 
 def batches(encoded, shuffle_gen=None):
-    order = torch.randperm(len(encoded), generator=shuffle_gen).tolist() if shuffle_gen else range(len(encoded))
-    order = list(order)
+    order = torch.randperm(len(encoded), generator=shuffle_gen).tolist() if shuffle_gen else list(range(len(encoded)))
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
         if shuffle_gen is not None and len(chunk) < batch_size and i:

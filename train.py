@@ -173,8 +173,8 @@ def main():
     if ddp not in ('ddp', 'fsdp'):
         die(f"--ddp={ddp}: use ddp or fsdp")
     fsdp = distributed and ddp == 'fsdp'
-    evaluating = rank == 0 or fsdp  # under FSDP every process takes part in each forward, evals too
     master = rank == 0
+    evaluating = master or fsdp  # under FSDP every process takes part in each forward, evals too
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
@@ -356,7 +356,7 @@ def main():
                 best_val_loss = min(best_val_loss, losses['val'])
             # all ranks join the gathers; under FSDP not before the first step, as gathering an optimizer
             # without state would make one (a zero-gradient step that advances Adam's step count)
-            ck = checkpoint() if (distributed or master) and not (fsdp and not optim.state) else None
+            ck = None if fsdp and not optim.state else checkpoint()
             if master and ck is not None:
                 save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
             if at_end:
