@@ -29,6 +29,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
+    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64)
+    # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off,
+    # never sampled or scored
 
 
 PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
@@ -122,14 +125,15 @@ class GPT(nn.Module):  # ch04: the GPT model
     def __init__(self, config):
         super().__init__()
         self.config = config
+        V = max(config.padded_vocab_size, config.vocab_size)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
+            wte=nn.Embedding(V, config.n_embd),                   # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),   # position embedding
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
         self.grad_checkpoint = False  # True: activation checkpointing per block (less memory, ~1/3 more compute)
         self.apply(self._init_weights)
@@ -165,10 +169,10 @@ class GPT(nn.Module):  # ch04: the GPT model
     def forward(self, idx, targets=None):
         """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets
         (B, T) where -100 marks positions to ignore, None without targets."""
-        logits = self.lm_head(self.hidden_states(idx))
+        logits = self.lm_head(self.hidden_states(idx))[..., :self.config.vocab_size]  # padded rows cut off
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def crop_block_size(self, block_size):
@@ -234,7 +238,7 @@ class GPT(nn.Module):  # ch04: the GPT model
                 x = self.hidden_states(idx[:, -keep:], cache)
             else:
                 x = self.hidden_states(idx[:, -1:], cache)
-            logits = self.lm_head(x[:, -1, :])  # (B, vocab): only the last position is needed
+            logits = self.lm_head(x[:, -1, :])[:, :self.config.vocab_size]  # (B, vocab): only the last position
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
@@ -567,6 +571,8 @@ def _save_pretrained(self, folder):
     cfg = self.config
     tensors = {}
     for name, t in merged_state_dict(self).items():
+        if name == 'transformer.wte.weight':
+            t = t[:cfg.vocab_size].contiguous()  # without the padding rows: the real vocabulary
         if name != 'lm_head.weight':  # tied to wte
             tensors[name] = t.t() if name.endswith(_CONV1D) else t
     if not cfg.bias:  # the layout has biases everywhere; zeros are the same model

@@ -44,6 +44,8 @@ n_head = 4
 n_embd = 128
 dropout = 0.0
 bias = True
+pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -> 50304), faster; 1 = none
+# (the extra logits are cut off in model.py: never sampled or scored)
 # optimizer
 optimizer = 'adamw'  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
@@ -172,6 +174,8 @@ def main():
     distributed, rank, local_rank, world_size, dev = init_distributed(device)
     if ddp not in ('ddp', 'fsdp'):
         die(f"--ddp={ddp}: use ddp or fsdp")
+    if pad_vocab < 1:
+        die(f"--pad_vocab={pad_vocab}: use 1 (no padding) or a multiple such as 64")
     fsdp = distributed and ddp == 'fsdp'
     master = rank == 0
     evaluating = master or fsdp  # under FSDP every process takes part in each forward, evals too
@@ -195,8 +199,9 @@ def main():
     torch.manual_seed(seed)
     try:
         if init_from == 'scratch':
+            padded = math.ceil(meta['vocab_size'] / pad_vocab) * pad_vocab
             model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                                  vocab_size=meta['vocab_size'], dropout=dropout))
+                                  vocab_size=meta['vocab_size'], padded_vocab_size=padded, dropout=dropout))
         elif init_from == 'resume':
             ckpt = load_checkpoint(out_dir, map_location='cpu')
             model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")

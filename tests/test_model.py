@@ -140,6 +140,35 @@ def test_from_pretrained_overrides_and_errors(tmp_path):
         GPT.from_pretrained(tmp_path / 'm')
 
 
+def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
+    """padded_vocab_size=128 for 96 real tokens: the same model as without padding, whatever
+    the 32 extra rows hold; they are cut off before the loss and before sampling."""
+    plain, padded = tiny(), tiny(padded_vocab_size=128)
+    assert padded.lm_head.weight.shape == (128, 32) and padded.lm_head.weight is padded.transformer.wte.weight
+    sd = plain.state_dict()
+    with torch.no_grad():
+        for name, t in padded.state_dict().items():
+            t[:len(sd[name])] = sd[name]
+        prompt = torch.randint(0, 96, (3, 5))
+        h = padded.hidden_states(prompt)[:, -1].mean(0)
+        padded.transformer.wte.weight[96:] = 100 * h / h.norm()  # would win every argmax if it were scored
+    idx, targets = torch.randint(0, 96, (2, 10)), torch.randint(0, 96, (2, 10))
+    (lp, loss_p), (l0, loss_0) = padded(idx, targets), plain(idx, targets)
+    assert lp.shape == (2, 10, 96) and torch.allclose(lp, l0, atol=1e-5) and torch.allclose(loss_p, loss_0, atol=1e-6)
+    loss_p.backward()
+    assert padded.lm_head.weight.grad[96:].abs().sum() == 0 and padded.lm_head.weight.grad[:96].abs().sum() > 0
+    assert torch.equal(padded.generate(prompt, 20, temperature=0), plain.generate(prompt, 20, temperature=0))
+    torch.manual_seed(5)
+    sampled = padded.generate(prompt, 50, temperature=2.0)
+    assert sampled.max() < 96
+    padded.save_pretrained(tmp_path / 'hf')  # the Hugging Face layout has only the real rows
+    assert load_safetensors(tmp_path / 'hf' / 'model.safetensors')['transformer.wte.weight'].shape == (96, 32)
+    assert torch.allclose(GPT.from_pretrained(tmp_path / 'hf').eval()(idx)[0], l0, atol=1e-5)
+    save_checkpoint({'model': padded.state_dict(), 'model_args': vars(padded.config).copy()}, tmp_path / 'ckpt.pt')
+    back = model_from_checkpoint(load_checkpoint(tmp_path))
+    assert back.config.padded_vocab_size == 128 and torch.equal(back.eval()(idx)[0], lp.detach())
+
+
 @pytest.mark.parametrize('batch', [1, 3])
 def test_kv_cache_equals_no_cache(batch):
     model = tiny()

@@ -42,6 +42,7 @@ def test_loss_falls_and_everything_is_logged(data, tmp_path):
     ckpt = load_checkpoint(tmp_path / 'out')
     assert ckpt['iter_num'] == 60 and ckpt['tokenizer'] == 'bytes' and ckpt['config']['max_iters'] == 60
     assert {'optimizer', 'scaler', 'rng', 'data', 'model_args'} <= set(ckpt)
+    assert ckpt['model_args']['padded_vocab_size'] == 320 and ckpt['model']['lm_head.weight'].shape[0] == 320
     sample = run_script('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=20', '--num_samples=1')
     assert sample.returncode == 0 and len(sample.stdout) > 20
 
