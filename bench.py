@@ -226,7 +226,7 @@ if __name__ == '__main__':
         print(f"{'change (cumulative)':52s} {'ms/step':>9s} {'tokens/s':>10s} {'speed-up':>9s} {'MFU':>6s}")
         base = None
         for name, change in rows:
-            if not cuda and any(k in change for k in ('tf32', 'fused', 'pin')):
+            if not cuda and any(k in change for k in ('tf32', 'pin')):
                 print(f"{name:52s} {'n/a on ' + device_type:>9s}")
                 continue
             cfg.update(change)
@@ -239,7 +239,7 @@ if __name__ == '__main__':
             trace = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace'),
                                            schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(3, steps - 1)))
         ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, pad_vocab, tf32=device_type == 'cuda',
-                                          fused=device_type == 'cuda', pin=device_type == 'cuda', native_norms=True,
+                                          fused=device_type in ('cuda', 'cpu'), pin=device_type == 'cuda', native_norms=True,
                                           sdpa=True, compiled=compile, dtype_name=dtype_name, trace=trace)
         print(f"GPT {n_layer}x{n_embd}, context {block_size}, batch {batch_size}, {dev} {dtype_name}"
               f"{', compiled' if compile else ''}{', grad checkpointing' if grad_checkpoint else ''}, {optimizer}")

@@ -306,7 +306,7 @@ def main():
           f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable ({trainable}); {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type == 'cuda')
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     fwd = maybe_compile(classify_logits, compile, device_type)
     shuffle = torch.Generator().manual_seed(seed)

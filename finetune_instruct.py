@@ -339,7 +339,7 @@ def main():
           f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}; {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type == 'cuda')
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     shuffle = torch.Generator().manual_seed(seed)
     show = splits['val'][0]  # the book prints the response to the first val entry as it trains
