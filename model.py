@@ -171,8 +171,9 @@ class GPT(nn.Module):  # ch04: the GPT model
         (B, T) where -100 marks positions to ignore, None without targets."""
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab_size)
         V = self.config.vocab_size
-        if logits.size(-1) > V:  # padding: -inf never wins a softmax, so it is never scored. In place,
-            logits[..., V:] = float('-inf')  # as copying out the real columns would cost more than padding saves
+        if logits.size(-1) > V:  # padding: -inf gets softmax 0, so it is never scored and gets no gradient.
+            with torch.no_grad():  # in place and outside autograd, so the (B, T, V) logits are never copied
+                logits[..., V:] = float('-inf')
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
