@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure, setup, die, maybe_compile
-from model import GPT, GPTConfig, gpu_peak_flops
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, gpu_peak_flops
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
@@ -239,7 +239,7 @@ if __name__ == '__main__':
             trace = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace'),
                                            schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(3, steps - 1)))
         ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, pad_vocab, tf32=device_type == 'cuda',
-                                          fused=device_type in ('cuda', 'cpu'), pin=device_type == 'cuda', native_norms=True,
+                                          fused=device_type in FUSED_ADAMW_DEVICES, pin=device_type == 'cuda', native_norms=True,
                                           sdpa=True, compiled=compile, dtype_name=dtype_name, trace=trace)
         print(f"GPT {n_layer}x{n_embd}, context {block_size}, batch {batch_size}, {dev} {dtype_name}"
               f"{', compiled' if compile else ''}{', grad checkpointing' if grad_checkpoint else ''}, {optimizer}")

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure, setup, die, maybe_compile, optimizer_step
-from model import (GPT, GPTConfig, apply_lora, download, load_checkpoint, load_pretrained, load_state_dict_checked,
-                   merged_state_dict, save_checkpoint)
+from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, download, load_checkpoint, load_pretrained,
+                   load_state_dict_checked, merged_state_dict, save_checkpoint)
 from prepare_data import get_tokenizer
 
 # data
@@ -306,7 +306,7 @@ def main():
           f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable ({trainable}); {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type in ('cuda', 'cpu'))
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type in FUSED_ADAMW_DEVICES)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     fwd = maybe_compile(classify_logits, compile, device_type)
     shuffle = torch.Generator().manual_seed(seed)

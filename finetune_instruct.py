@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
-from model import (GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict, save_checkpoint,
-                   set_lora_enabled)
+from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict,
+                   save_checkpoint, set_lora_enabled)
 from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer
 
 method = 'sft'  # sft: supervised instruction tuning (7.2-7.6); dpo: preference tuning of an SFT model (the bonus)
@@ -339,7 +339,7 @@ def main():
           f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}; {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in ('cuda', 'cpu'))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in FUSED_ADAMW_DEVICES)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     shuffle = torch.Generator().manual_seed(seed)
     show = splits['val'][0]  # the book prints the response to the first val entry as it trains

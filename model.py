@@ -34,6 +34,8 @@ class GPTConfig:
     # never sampled or scored
 
 
+FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
+
 PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
     'gpt2': dict(n_layer=12, n_head=12, n_embd=768),          # 124M
     'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
@@ -196,7 +198,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
                       {'params': [p for _, p in named if p.dim() < 2], 'weight_decay': 0.0}]
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in FUSED_ADAMW_DEVICES)
         if optimizer != 'muon':
             raise ValueError(f"unknown optimizer {optimizer!r}; use adamw or muon")
         hidden = [p for n, p in named if p.dim() == 2 and '.h.' in n]  # embeddings (wte = head) stay with AdamW
