@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from configurator import configure, setup, die, maybe_compile
+from configurator import configure, setup, die, maybe_compile, synchronize
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, gpu_peak_flops
 from prepare_data import find_shards, read_shard
 
@@ -115,7 +115,7 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
             xy = xy.pin_memory()
         xy = xy.to(dev, non_blocking=pin)
         return xy[:, :-1], xy[:, 1:]
-    sync = torch.cuda.synchronize if device_type == 'cuda' else (lambda: None)
+    sync = lambda: synchronize(device_type)  # noqa: E731
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup_steps + steps):
@@ -137,7 +137,7 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
     if trace is not None:
         trace.stop()
     tok_s = bs * block_size / dt
-    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev))
+    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name))
     return dt * 1000, tok_s, mfu, peak_memory(device_type)
 
 
@@ -162,7 +162,7 @@ def generate_speed(dev, dtype_name):
         except (OSError, ValueError) as e:
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
-    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+    sync = lambda: synchronize(dev.split(':')[0])  # noqa: E731
 
     def best_time(fn):
         fn()  # warm-up: allocations, kernels, caches

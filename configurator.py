@@ -109,10 +109,11 @@ def pick_device(device='auto'):
 
 
 def pick_dtype(dtype, device_type):
-    """'auto': bfloat16 where the GPU supports it, float16 (+GradScaler) on older GPUs, float32 elsewhere."""
+    """'auto': bfloat16 where the GPU computes it natively (Ampere and newer), float16 (+GradScaler)
+    on older GPUs, float32 elsewhere."""
     if dtype == 'auto':
-        if device_type == 'cuda':
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        if device_type == 'cuda':  # V100 and T4 *emulate* bfloat16 (slowly): ask for native support
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
         else:
             dtype = 'float32'
     if dtype not in ('float32', 'bfloat16', 'float16'):
@@ -125,6 +126,8 @@ def setup(device='auto', dtype='auto', seed=1337):
     Returns (device, device_type, dtype_name, ctx)."""
     device = pick_device(device)
     device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    if device.startswith('cuda:'):  # cuda:1 must be the current device, or synchronize, memory stats,
+        torch.cuda.set_device(device)  # the bf16 query and the RNG state all act on cuda:0
     dtype = pick_dtype(dtype, device_type)
     torch.manual_seed(seed)
     if device_type == 'cuda':
@@ -157,6 +160,9 @@ def init_distributed(device='auto'):
     world_size = int(os.environ['WORLD_SIZE'])
     use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda') or device.startswith('cuda')
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            die(f"torchrun started process {local_rank} of this machine but only {torch.cuda.device_count()} GPU(s) "
+                "are visible; use --nproc_per_node=<number of GPUs>, or --device=cpu")
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     backend = 'nccl' if use_cuda and dist.is_nccl_available() else 'gloo'
@@ -164,18 +170,50 @@ def init_distributed(device='auto'):
     return True, rank, local_rank, world_size, (device if use_cuda else 'cpu')
 
 
-def maybe_compile(model, enabled, device_type, **kwargs):
-    """torch.compile where the platform can run it; otherwise say so and run eagerly."""
-    if not enabled:
-        return model
+def local_rank0_first(fn, distributed, local_rank):
+    """fn() on each machine's first process while the others wait, then on the others, which find
+    its files ready: a download into a shared cache or the preparation of a data set, which two
+    processes writing the same file at once would corrupt. An error there ends every process with
+    the same line, instead of leaving the others waiting in a collective."""
+    result, error = None, None
+    if local_rank == 0:
+        try:
+            result = fn()
+        except (OSError, ValueError) as e:
+            error = str(e)
+    if distributed:
+        import torch.distributed as dist
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        die(error)
+    return result if local_rank == 0 else fn()
+
+
+def compile_available(device_type):
+    """Whether torch.compile can run here; if not, say so (the script then runs eagerly)."""
     import shutil
     if device_type == 'cpu' and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'cl')):
         print("notice: --compile needs a C compiler for the CPU backend; running without it")
-        return model
+        return False
     if device_type == 'mps' or (sys.platform == 'win32' and device_type == 'cuda'):
         try:
             import triton  # noqa: F401
         except ImportError:
             print(f"notice: torch.compile is not supported for {device_type} here; running without it")
-            return model
-    return torch.compile(model, **kwargs)
+            return False
+    return True
+
+
+def maybe_compile(model, enabled, device_type, **kwargs):
+    """torch.compile where the platform can run it; otherwise say so and run eagerly."""
+    return torch.compile(model, **kwargs) if enabled and compile_available(device_type) else model
+
+
+def synchronize(device_type):
+    """Wait for the GPU's queued work, so that a timer measures it (CUDA and MPS run asynchronously)."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()

@@ -153,8 +153,11 @@ def respond(model, entry, tokenizer, style, dev, ctx, max_new):
     """The model's response to an entry: greedy, KV cache, stops at end-of-text (7.7)."""
     ids = tokenizer.encode(format_prompt(entry, style))[-model.config.block_size:]
     x = torch.tensor([ids], device=dev)
+    was_training = model.training
+    model.eval()  # no dropout while answering (evaluate() leaves the model in training mode)
     with ctx:
         out = model.generate(x, max_new, temperature=0, eos_id=tokenizer.eot_id)[0, len(ids):].tolist()
+    model.train(was_training)
     if tokenizer.eot_id in out:
         out = out[:out.index(tokenizer.eot_id)]
     return tokenizer.decode(out).strip()

@@ -10,8 +10,10 @@ import json
 import math
 import mmap
 import os
+import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,21 +335,27 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 # -------------------------------------------------------------------- GPU peak for MFU
 
-_PEAK_BF16 = [  # dense bf16/fp16 tensor-core FLOP/s from the vendors' data sheets; first match wins
-    ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('GH200', 989e12),
-    ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12), ('A10G', 125e12),
-    ('A10', 125e12), ('L4', 121e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12),
-    ('4090', 165e12), ('4080', 97e12), ('4070', 58e12), ('3090', 71e12), ('3080', 60e12),
+_PEAK_FLOPS = [  # dense tensor-core FLOP/s from the vendors' data sheets: (name, bf16/fp16, float32 as TF32);
+    # first match wins, so 'H100 NVL' and 'H100 PCIe' come before 'H100' (the SXM part). V100 and T4
+    # have no TF32: their float32 figure is the plain FP32 peak.
+    ('H200', 989e12, 494e12), ('H100 NVL', 835e12, 418e12), ('H100 PCIe', 756e12, 378e12),
+    ('H100', 989e12, 494e12), ('H800', 989e12, 494e12), ('GH200', 989e12, 494e12),
+    ('A100', 312e12, 156e12), ('A800', 312e12, 156e12), ('L40S', 362e12, 183e12), ('L40', 181e12, 90.5e12),
+    ('A10G', 125e12, 62.5e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12), ('A6000', 155e12, 77.4e12),
+    ('V100', 125e12, 15.7e12), ('T4', 65e12, 8.1e12), ('4090', 165e12, 82.6e12), ('4080', 97.5e12, 48.7e12),
+    ('4070', 58e12, 29e12), ('3090', 71e12, 35.6e12), ('3080', 59.5e12, 29.8e12),
 ]
 
 
-def gpu_peak_flops(device):
-    """Peak FLOP/s of the CUDA device from its name, or None (CPU, MPS, a GPU not listed:
-    give train.py --peak_flops then)."""
+def gpu_peak_flops(device, dtype='bfloat16'):
+    """Peak FLOP/s of the CUDA device from its name for the dtype the matmuls run in (float32 runs
+    as TF32, about half the bf16 rate), or None (CPU, MPS, a GPU not listed: give train.py
+    --peak_flops then)."""
     if not str(device).startswith('cuda') or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in _PEAK_BF16 if key in name), None)
+    row = next((row for row in _PEAK_FLOPS if row[0] in name), None)
+    return None if row is None else row[2] if dtype == 'float32' else row[1]
 
 
 # -------------------------------------------------------------------- downloads
@@ -623,10 +631,18 @@ def load_checkpoint(path, map_location='cpu'):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (python train.py) or use --init_from=gpt2")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle may warn about its protocol: the error below says it all
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):  # e.g. a truncated legacy pickle
+            raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); it may be truncated") from None
+        # PyTorch's own message advises weights_only=False here: exactly what must not be done with such a file
+        raise ValueError(f"{path} holds Python objects beyond tensors and plain data, so it was refused unread: "
+                         "it is not a checkpoint of this project; load only files you made or trust") from None
     except Exception as e:
         raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); "
-                         "it may be truncated, from another program, or unsafe to unpickle") from None
+                         "it may be truncated or written by another program; re-save or re-train it") from None
     if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= set(ckpt):
         raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'model_args')")
     return ckpt

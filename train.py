@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, config_keys, setup, die, init_distributed, maybe_compile
+from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
+                          compile_available)
 from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
 from prepare_data import find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard
 
@@ -108,28 +109,49 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def my_share(n, rank, world_size):
+    """This process's share of n evaluation items (every world_size-th), padded with None to the same
+    count on every rank: under FSDP each forward gathers the weights with all the others."""
+    per_rank = -(-n // world_size)
+    return [i if i < n else None for i in range(rank, per_rank * world_size, world_size)]
+
+
+def sum_across_ranks(values, dev):
+    """Element-wise sum of a list of numbers over all processes (each one measured its share)."""
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 @torch.no_grad()
-def estimate_loss(model, splits, T, dev, ctx):
-    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader)."""
+def estimate_loss(model, splits, T, dev, ctx, rank=0, world_size=1):
+    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader),
+    the batches shared out among the processes."""
     model.eval()
     out = {}
     for name, shards in splits.items():
-        losses = []
-        for k in range(eval_iters):
+        total, count = 0.0, 0
+        for k in my_share(eval_iters, rank, world_size):
             with ctx:
-                losses.append(model(*get_batch(shards, 10**9 + k, T, dev))[1].item())
-        out[name] = sum(losses) / len(losses)
+                loss = model(*get_batch(shards, 10**9 + (k or 0), T, dev))[1]
+            if k is not None:
+                total, count = total + loss.item(), count + 1
+        total, count = sum_across_ranks([total, count], dev)
+        out[name] = total / count
     model.train()
     return out
 
 
 @torch.no_grad()
-def hellaswag_accuracy(model, examples, tokenizer, dev, ctx):
+def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1):
     """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the
-    lowest mean loss after the context is the model's choice."""
+    lowest mean loss after the context is the model's choice. The examples are shared out among
+    the processes and the counts summed."""
     model.eval()
     correct = 0
-    for ex in examples:
+    for i in my_share(len(examples), rank, world_size):
+        ex = examples[i or 0]
         ctx_ids = tokenizer.encode(ex['ctx'])
         endings = [tokenizer.encode(' ' + e) for e in ex['endings']]
         rows = [(ctx_ids + e)[-model.config.block_size - 1:] for e in endings]  # 4 candidates, one per row
@@ -143,9 +165,9 @@ def hellaswag_accuracy(model, examples, tokenizer, dev, ctx):
         with ctx:
             logits, _ = model(x[:, :-1])
         losses = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction='none')  # (4, T-1)
-        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'])
+        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'] and i is not None)
     model.train()
-    return correct / max(len(examples), 1)
+    return sum_across_ranks([correct], dev)[0] / max(len(examples), 1)
 
 
 def save_loss_plot(log_path, png_path):
@@ -178,8 +200,9 @@ def main():
         die(f"--pad_vocab={pad_vocab}: use 1 (no padding) or a multiple such as 64")
     fsdp = distributed and ddp == 'fsdp'
     master = rank == 0
-    evaluating = master or fsdp  # under FSDP every process takes part in each forward, evals too
+    sampling = master or fsdp  # under FSDP every process takes part in each forward, the sample's too
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
+    comm_dev = dev if distributed and device_type == 'cuda' else 'cpu'  # where small tensors meet for all_reduce
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
     gas = gradient_accumulation_steps // world_size  # micro-batches per process
@@ -188,14 +211,11 @@ def main():
     if not find_shards(data_dir, 'train'):
         if data_dir != 'data/pydoc':
             die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
-        if master:
-            prepare('pydoc', data_dir=data_dir)
-        if distributed:
-            torch.distributed.barrier()
+        local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=local_rank > 0), distributed, local_rank)
     meta = read_meta(data_dir)
 
     # model: initialised alike in every process (FSDP shards it as it is), dropout then differs per rank
-    iter_num, best_val_loss, ckpt = 0, float('inf'), None
+    iter_num, best_val_loss, ckpt, data_seed = 0, float('inf'), None, seed
     torch.manual_seed(seed)
     try:
         if init_from == 'scratch':
@@ -206,13 +226,18 @@ def main():
             ckpt = load_checkpoint(out_dir, map_location='cpu')
             model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
             iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+            data_seed = ckpt['data']['seed']  # the run's data order, whatever --seed says now
+            if data_seed != seed and master:
+                print(f"notice: resuming the run of --seed={data_seed}; its data order and generators continue (--seed={seed} ignored)")
             if ckpt.get('tokenizer') != meta['tokenizer']:
                 die(f"{out_dir}/ckpt.pt was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds {meta['tokenizer']} tokens")
         elif init_from.startswith('gpt2'):
             if meta['tokenizer'] != 'gpt2':
                 die(f"GPT-2 continues on GPT-2 tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
                     "prepare it with --tokenizer=gpt2")
-            model = GPT.from_pretrained(init_from, block_size=block_size, dropout=dropout)
+            # one process per machine downloads; the others then load from its cache
+            model = local_rank0_first(lambda: GPT.from_pretrained(init_from, block_size=block_size, dropout=dropout),
+                                      distributed, local_rank)
         else:
             die(f"--init_from={init_from}: use scratch, resume, or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
     except (OSError, ValueError) as e:
@@ -230,21 +255,28 @@ def main():
         if not shards:
             die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
-    tokenizer = get_tokenizer(meta['tokenizer']) if evaluating and (sample_prompt or eval_hellaswag) else None
+    tokenizer = get_tokenizer(meta['tokenizer']) if (sampling and sample_prompt) or eval_hellaswag else None
     hellaswag = None
-    if eval_hellaswag and evaluating:
+    if eval_hellaswag:  # every process scores its share of the examples
         try:
-            hellaswag = hellaswag_examples(hellaswag_dir)[:hellaswag_limit or None]
-        except (OSError, ValueError, KeyError) as e:
-            die(f"HellaSwag: {e}")
+            hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
+        except KeyError as e:
+            die(f"HellaSwag: {hellaswag_dir}/hellaswag_val.jsonl lacks the field {e}; delete it to download it again")
+        hellaswag = hellaswag[:hellaswag_limit or None]
     model.to(dev)
     if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
         if optimizer == 'muon':
             die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp_dtype == 'bfloat16' \
+            else MixedPrecisionPolicy()
+        compile_blocks = compile and compile_available(device_type)
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            if compile_blocks:  # each block on its own: compiling the root would break the graph at every block
+                block.compile()
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     try:
         optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr)
     except ValueError as e:
@@ -260,17 +292,21 @@ def main():
             set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
         else:
             optim.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        torch.set_rng_state(ckpt['rng']['torch'][rank] if rank < len(ckpt['rng']['torch']) else ckpt['rng']['torch'][0])
-        if device_type == 'cuda' and ckpt['rng']['cuda']:
-            torch.cuda.set_rng_state(ckpt['rng']['cuda'][min(rank, len(ckpt['rng']['cuda']) - 1)], dev)
+        if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler then
+            scaler.load_state_dict(ckpt['scaler'])
+        rng = ckpt['rng']  # each rank's own generators (a rank beyond those saved keeps its seed + rank)
+        if rank < len(rng['torch']):
+            torch.set_rng_state(rng['torch'][rank])
+        if device_type == 'cuda' and rank < len(rng['cuda']) and rng['cuda'][rank] is not None:
+            torch.cuda.set_rng_state(rng['cuda'][rank], dev)
         ckpt = None  # free the memory
     raw_model = model
-    model = maybe_compile(model, compile, device_type)
+    if not fsdp:  # (under FSDP the blocks were compiled before sharding)
+        model = maybe_compile(model, compile, device_type)
     if distributed and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    peak = peak_flops or gpu_peak_flops(dev)
+    peak = peak_flops or gpu_peak_flops(dev, amp_dtype)
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     start_iter = iter_num
     if master:
@@ -292,11 +328,12 @@ def main():
         log_file.flush()
 
     def checkpoint():
-        cuda_rng = torch.cuda.get_rng_state_all() if device_type == 'cuda' else []
-        rng = [torch.get_rng_state()]
-        if distributed:  # every rank's dropout RNG, so that a resumed DDP run continues exactly too
-            rng = [torch.empty_like(rng[0]) for _ in range(world_size)]
-            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        # every rank's own generators (CPU, and its GPU's for dropout there), so that a resumed run continues exactly
+        mine = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if device_type == 'cuda' else None)
+        rngs = [mine]
+        if distributed:
+            rngs = [None] * world_size
+            torch.distributed.all_gather_object(rngs, mine)
         if fsdp:  # gathered whole onto rank 0's CPU, so that the checkpoint loads anywhere
             from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
             model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -305,20 +342,18 @@ def main():
         return {'model': model_sd, 'model_args': model_args, 'tokenizer': meta['tokenizer'],
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                 'optimizer': optim_sd, 'fsdp': fsdp, 'scaler': scaler.state_dict(),
-                'rng': {'torch': rng, 'cuda': cuda_rng}, 'data': {'seed': seed, 'step': iter_num}}
+                'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
+                'data': {'seed': data_seed, 'step': iter_num}}
 
     stop = {'signal': False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # finish the step, save, exit
 
     def stop_requested(local_flag):
-        """True if this or (under torchrun) any process asks to stop."""
-        flag = torch.tensor(float(local_flag), device=dev if distributed and device_type == 'cuda' else 'cpu')
-        if distributed:
-            torch.distributed.all_reduce(flag)  # every rank stops at the same step
-        return flag.item() > 0
+        """True if this or (under torchrun) any process asks to stop: every rank stops at the same step."""
+        return sum_across_ranks([float(local_flag)], comm_dev)[0] > 0
 
     def batch_key(it, micro):  # unique per (step, micro-batch across all ranks)
-        return (seed * 1_000_003 + it) * 4096 + rank * gas + micro
+        return (data_seed * 1_000_003 + it) * 4096 + rank * gas + micro
 
     X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev)
     t_log, it_log = time.time(), iter_num
@@ -331,24 +366,23 @@ def main():
         at_end = iter_num >= max_iters or interrupted
         if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
             dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
-            if evaluating:
-                with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
-                    losses = estimate_loss(raw_model, splits, T, dev, ctx)
-                    if hellaswag:
-                        losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx)
-                    sample = ''
-                    if tokenizer is not None and sample_prompt:
-                        prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
-                        if fsdp:
-                            raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
-                        with ctx:
-                            out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
-                        if fsdp:
-                            raw_model.reshard()
-                        raw_model.train()
-                        sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
-                if not all(math.isfinite(v) for v in losses.values()):
-                    die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
+            with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
+                losses = estimate_loss(raw_model, splits, T, dev, ctx, rank, world_size)
+                if hellaswag:
+                    losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx, rank, world_size)
+                sample = ''
+                if sampling and sample_prompt:
+                    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
+                    if fsdp:
+                        raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
+                    with ctx:
+                        out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
+                    if fsdp:
+                        raw_model.reshard()
+                    raw_model.train()
+                    sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
+            if not all(math.isfinite(v) for v in losses.values()):  # the same sums on every rank: all stop
+                die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(perplexity {math.exp(min(losses['val'], 50)):.1f})"
@@ -386,16 +420,20 @@ def main():
         scaler.update()
         optim.zero_grad(set_to_none=True)
         iter_num += 1
+        if iter_num == start_iter + 1 and log_interval > 1:  # the first step compiles and warms up: not timed
+            t_log, it_log = time.time(), iter_num
         if iter_num % log_interval == 0:
             lossf = loss.item() * gas  # .item() waits for the GPU: only here, at log steps
             if stop_requested(not math.isfinite(lossf)):
                 die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
+            if grad_clip:  # under FSDP the norm is a sharded tensor: gathering it is a collective, on every rank
+                grad_norm = float(norm.full_tensor() if fsdp else norm)
             if master:
                 dt = (time.time() - t_log) / (iter_num - it_log)
                 t_log, it_log = time.time(), iter_num
                 tok_s = tokens_per_step / dt
                 mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
-                gn = f" | grad norm {float(norm.full_tensor() if fsdp else norm):.2f}" if grad_clip else ""
+                gn = f" | grad norm {grad_norm:.2f}" if grad_clip else ""
                 print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{gn} | {dt * 1000:.0f} ms/step | "
                       f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
                 log_json(step=iter_num, train_loss=lossf, val_loss=None, lr=lr, tokens_seen=iter_num * tokens_per_step,

@@ -62,3 +62,94 @@ def test_dtype_choice():
     assert pick_dtype('bfloat16', 'cpu') == 'bfloat16'
     with pytest.raises(SystemExit, match='--dtype=fp8'):
         pick_dtype('fp8', 'cpu')
+
+
+# ------------------------------------------------------------------ device logic, with the GPU queries mocked
+
+def test_auto_dtype_asks_for_native_bfloat16(monkeypatch):
+    import torch
+    # a V100/T4 "supports" bfloat16 only by emulation: auto must then pick float16 + GradScaler
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: including_emulation)
+    assert pick_dtype('auto', 'cuda') == 'float16'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # Ampere and newer
+    assert pick_dtype('auto', 'cuda') == 'bfloat16'
+    assert pick_dtype('auto', 'mps') == 'float32' and pick_dtype('bfloat16', 'cuda') == 'bfloat16'
+
+
+def test_setup_makes_the_named_gpu_current(monkeypatch):
+    import torch
+    import configurator
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device', calls.append)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    dev, device_type, dtype, _ = configurator.setup('cuda:1', 'float32')
+    assert (dev, device_type, calls) == ('cuda:1', 'cuda', ['cuda:1'])  # before anything asks "the" GPU
+    configurator.setup('cuda', 'float32')  # no index: whatever is current (torchrun's local rank) stays
+    assert calls == ['cuda:1']
+
+
+def test_gpu_peak_flops_follows_the_dtype_and_the_exact_part(monkeypatch):
+    import torch
+    from model import gpu_peak_flops
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for name, bf16, fp32 in [('NVIDIA H100 80GB HBM3', 989e12, 494e12), ('NVIDIA H100 NVL', 835e12, 418e12),
+                             ('NVIDIA H100 PCIe', 756e12, 378e12), ('Tesla V100-SXM2-16GB', 125e12, 15.7e12)]:
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, n=name: n)
+        assert gpu_peak_flops('cuda:0', 'bfloat16') == gpu_peak_flops('cuda', 'float16') == bf16, name
+        assert gpu_peak_flops('cuda', 'float32') == fp32, name
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'Some Future GPU')
+    assert gpu_peak_flops('cuda', 'bfloat16') is None and gpu_peak_flops('cpu', 'float32') is None
+
+
+def test_mps_and_cuda_timers_wait_for_the_device(monkeypatch):
+    import torch
+    import configurator
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda: calls.append('cuda'))
+    monkeypatch.setattr(torch.mps, 'synchronize', lambda: calls.append('mps'))
+    for device_type in ('cuda', 'mps', 'cpu'):
+        configurator.synchronize(device_type)
+    assert calls == ['cuda', 'mps']
+
+
+RANK0_FIRST = '''
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from configurator import init_distributed, local_rank0_first
+distributed, rank, local_rank, world_size, dev = init_distributed('cpu')
+log = Path(sys.argv[1])
+def fetch():  # stands for a download into a shared cache: two writers at once would corrupt it
+    with open(log, 'a') as f:
+        f.write(f'start {rank}\\n')
+    time.sleep(0.5)
+    if sys.argv[2] == 'fail':
+        raise OSError('download of http://x/y failed: HTTP 404 Not Found; check the URL')
+    with open(log, 'a') as f:
+        f.write(f'end {rank}\\n')
+    return rank
+print('got', local_rank0_first(fetch, distributed, local_rank), flush=True)
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize('mode', ['ok', 'fail'])
+def test_rank0_downloads_first_and_an_error_ends_every_process(tmp_path, mode):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / 'fetch.py'
+    script.write_text(RANK0_FIRST)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script), str(tmp_path / 'log'), mode, str(ROOT)], capture_output=True, text=True, timeout=120)
+    log = (tmp_path / 'log').read_text().split('\n')[:-1]
+    if mode == 'ok':
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert log == ['start 0', 'end 0', 'start 1', 'end 1']  # never two at once
+        assert 'got 0' in proc.stdout and 'got 1' in proc.stdout
+    else:
+        assert proc.returncode != 0 and log == ['start 0']  # rank 1 neither fetched nor hung
+        assert proc.stderr.count('error: download of http://x/y failed') == 2, proc.stderr[-2000:]

@@ -189,3 +189,16 @@ def test_dpo_makes_chosen_responses_more_likely(tmp_path):
     x, y = fi.collate([(prompt + chosen, len(prompt))], 256, mask_inputs=True)
     with torch.no_grad():
         assert fi.response_logprob(policy.eval(), x, y) > fi.response_logprob(base.eval(), x, y) + 1.0
+
+
+def test_responses_are_generated_without_dropout():
+    from contextlib import nullcontext
+    from prepare_data import ByteTokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, dropout=0.5))
+    entry = {'instruction': 'Name a color.', 'input': ''}
+    model.eval()
+    expected = fi.respond(model, entry, ByteTokenizer(), 'alpaca', 'cpu', nullcontext(), 12)
+    model.train()  # as evaluate() leaves it
+    answers = {fi.respond(model, entry, ByteTokenizer(), 'alpaca', 'cpu', nullcontext(), 12) for _ in range(3)}
+    assert answers == {expected} and model.training  # greedy and deterministic; the mode is restored

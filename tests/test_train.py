@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 def tiny(data, out, *extra):
     return [f'--data_dir={data}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
             '--batch_size=8', '--eval_interval=10', '--eval_iters=2', '--log_interval=5', '--sample_tokens=8',
-            '--warmup_iters=5', '--learning_rate=3e-3', *extra]
+            '--warmup_iters=5', '--learning_rate=3e-3', '--device=cpu', *extra]  # CPU even where a GPU is
 
 
 def log_rows(out):
@@ -51,10 +51,11 @@ def test_resume_continues_exactly(data, tmp_path):
     args = ('--dropout=0.1', '--lr_decay_iters=30', '--eval_interval=15')
     one = run_script('train.py', *tiny(data, tmp_path / 'a', '--max_iters=30', *args))
     first = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=15', *args))
-    second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', *args))
+    # the run is what the checkpoint says: another --seed now must not change its data order
+    second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', '--seed=7', *args))
     assert one.returncode == first.returncode == second.returncode == 0, second.stderr
     a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
-    assert a['iter_num'] == b['iter_num'] == 30
+    assert a['iter_num'] == b['iter_num'] == 30 and 'resuming the run of --seed=1337' in second.stdout
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
     # the log of the resumed run continues where the checkpoint was, without duplicates
@@ -72,6 +73,36 @@ def test_torchrun_two_processes_equal_one_with_accumulation(data, tmp_path):
     a, b = load_checkpoint(tmp_path / 'ddp'), load_checkpoint(tmp_path / 'one')
     for k in a['model']:  # the same micro-batches, averaged across processes instead of accumulated
         assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
+    # the evaluation batches shared out among the two processes: the same mean as one process alone
+    evals = [[r['val_loss'] for r in log_rows(tmp_path / d) if r['val_loss'] is not None] for d in ('ddp', 'one')]
+    assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-4)
+
+
+def torchrun(*args):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(ROOT / 'train.py'), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_resume_restores_each_ranks_generators(data, tmp_path):
+    # dropout draws from each rank's own generator: resuming must give every rank back its own state
+    args = ('--dropout=0.2', '--lr_decay_iters=10', '--eval_interval=5', '--gradient_accumulation_steps=2')
+    whole = torchrun(*tiny(data, tmp_path / 'a', '--max_iters=10', *args))
+    first = torchrun(*tiny(data, tmp_path / 'b', '--max_iters=5', *args))
+    second = torchrun(*tiny(data, tmp_path / 'b', '--max_iters=10', '--init_from=resume', *args))
+    assert whole.returncode == first.returncode == second.returncode == 0, second.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
+    assert len(a['rng']['torch']) == 2 and not torch.equal(a['rng']['torch'][0], a['rng']['torch'][1])
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-6), k
+
+
+def test_resume_in_float16_from_a_float32_run(data, tmp_path):
+    # a float32 (or bfloat16, or CPU) run saves an empty GradScaler state; float16 then starts a fresh scaler
+    assert run_script('train.py', *tiny(data, tmp_path / 'o', '--max_iters=5', '--dtype=float32')).returncode == 0
+    proc = run_script('train.py', *tiny(data, tmp_path / 'o', '--max_iters=10', '--dtype=float16', '--init_from=resume'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(tmp_path / 'o')
+    assert ckpt['iter_num'] == 10 and ckpt['scaler']['scale'] > 0
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT delivery to a child differs on Windows')
