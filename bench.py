@@ -64,9 +64,9 @@ class BookGELU(nn.Module):  # ch04's GELU, the tanh approximation written out
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def manual_attention(self, x, kv_cache=None):  # ch03's attention: scores, mask, softmax, weighted sum
+def manual_attention(self, x, rope=None, kv_cache=None):  # ch03's attention: scores, mask, softmax, weighted sum
     B, T, C = x.size()
-    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(self.n_embd, 2))
+    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
     att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
     att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float('-inf'))
     y = att.softmax(dim=-1) @ v
@@ -137,7 +137,7 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
     if trace is not None:
         trace.stop()
     tok_s = bs * block_size / dt
-    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name))
+    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name) if tf32 or dtype_name != 'float32' else None)  # plain FP32: no peak listed
     return dt * 1000, tok_s, mfu, peak_memory(device_type)
 
 

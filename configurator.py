@@ -129,6 +129,8 @@ def setup(device='auto', dtype='auto', seed=1337):
     if device.startswith('cuda:'):  # cuda:1 must be the current device, or synchronize, memory stats,
         torch.cuda.set_device(device)  # the bf16 query and the RNG state all act on cuda:0
     dtype = pick_dtype(dtype, device_type)
+    if device_type == 'mps' and dtype == 'float16' and tuple(map(int, re.findall(r'\d+', torch.__version__)[:2])) < (2, 8):
+        die("--dtype=float16 on MPS needs torch 2.8 or newer (its GradScaler uses float64 before); use --dtype=bfloat16")
     torch.manual_seed(seed)
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for any float32 matmul left
@@ -166,29 +168,35 @@ def init_distributed(device='auto'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     backend = 'nccl' if use_cuda and dist.is_nccl_available() else 'gloo'
-    dist.init_process_group(backend=backend)
+    from datetime import timedelta  # the others wait in a collective while rank 0 downloads GPT-2 XL's 6 GB:
+    dist.init_process_group(backend=backend, timeout=timedelta(hours=1))  # more than NCCL's default 10 minutes
     return True, rank, local_rank, world_size, (device if use_cuda else 'cpu')
 
 
 def local_rank0_first(fn, distributed, local_rank):
-    """fn() on each machine's first process while the others wait, then on the others, which find
-    its files ready: a download into a shared cache or the preparation of a data set, which two
-    processes writing the same file at once would corrupt. An error there ends every process with
-    the same line, instead of leaving the others waiting in a collective."""
-    result, error = None, None
-    if local_rank == 0:
-        try:
-            result = fn()
-        except (OSError, ValueError) as e:
-            error = str(e)
-    if distributed:
-        import torch.distributed as dist
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        die(error)
-    return result if local_rank == 0 else fn()
+    """fn(), a download into a shared cache or the preparation of a data set (which two processes
+    writing the same file at once would corrupt), in three waves: rank 0; then the first process of
+    every other machine (which finds the files ready if the machines share a disk); then the rest,
+    which find them ready. An error in any wave ends every process with the same line, instead of
+    leaving the others waiting in a collective. Returns fn()'s result."""
+    rank = int(os.environ.get('RANK', 0))
+    waves = (rank == 0, rank != 0 and local_rank == 0, local_rank != 0)
+    result = None
+    for mine in waves if distributed else (True,):
+        error = None
+        if mine:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 -- whatever it is, every rank must hear of it
+                error = str(e) or type(e).__name__
+        if distributed:
+            import torch.distributed as dist
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            die(error)
+    return result
 
 
 def compile_available(device_type):

@@ -116,16 +116,18 @@ def my_share(n, rank, world_size):
     return [i if i < n else None for i in range(rank, per_rank * world_size, world_size)]
 
 
-def sum_across_ranks(values, dev):
-    """Element-wise sum of a list of numbers over all processes (each one measured its share)."""
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
+def sum_across_ranks(values, comm_dev='cpu'):
+    """Element-wise sum of a list of numbers over all processes (each one measured its share).
+    comm_dev: where the process group meets (the GPU under nccl, else the CPU; never MPS, which
+    has no float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm_dev)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, T, dev, ctx, rank=0, world_size=1):
+def estimate_loss(model, splits, T, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
     """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader),
     the batches shared out among the processes."""
     model.eval()
@@ -137,21 +139,21 @@ def estimate_loss(model, splits, T, dev, ctx, rank=0, world_size=1):
                 loss = model(*get_batch(shards, 10**9 + (k or 0), T, dev))[1]
             if k is not None:
                 total, count = total + loss.item(), count + 1
-        total, count = sum_across_ranks([total, count], dev)
+        total, count = sum_across_ranks([total, count], comm_dev)
         out[name] = total / count
     model.train()
     return out
 
 
 @torch.no_grad()
-def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1):
+def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
     """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the
     lowest mean loss after the context is the model's choice. The examples are shared out among
     the processes and the counts summed."""
     model.eval()
     correct = 0
-    for i in my_share(len(examples), rank, world_size):
-        ex = examples[i or 0]
+    for index in my_share(len(examples), rank, world_size):
+        ex = examples[index or 0]  # (a padding slot, None, scores example 0 and does not count)
         ctx_ids = tokenizer.encode(ex['ctx'])
         endings = [tokenizer.encode(' ' + e) for e in ex['endings']]
         rows = [(ctx_ids + e)[-model.config.block_size - 1:] for e in endings]  # 4 candidates, one per row
@@ -165,9 +167,9 @@ def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=
         with ctx:
             logits, _ = model(x[:, :-1])
         losses = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction='none')  # (4, T-1)
-        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'] and i is not None)
+        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'] and index is not None)
     model.train()
-    return sum_across_ranks([correct], dev)[0] / max(len(examples), 1)
+    return sum_across_ranks([correct], comm_dev)[0] / max(len(examples), 1)
 
 
 def save_loss_plot(log_path, png_path):
@@ -208,10 +210,10 @@ def main():
     gas = gradient_accumulation_steps // world_size  # micro-batches per process
 
     # data: prepare the default data set on first use, otherwise insist on shards
-    if not find_shards(data_dir, 'train'):
-        if data_dir != 'data/pydoc':
-            die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
+    if data_dir == 'data/pydoc':  # every rank takes part (the first finds what to do, the others find it done)
         local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=local_rank > 0), distributed, local_rank)
+    if not find_shards(data_dir, 'train'):
+        die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
     meta = read_meta(data_dir)
 
     # model: initialised alike in every process (FSDP shards it as it is), dropout then differs per rank
@@ -258,10 +260,7 @@ def main():
     tokenizer = get_tokenizer(meta['tokenizer']) if (sampling and sample_prompt) or eval_hellaswag else None
     hellaswag = None
     if eval_hellaswag:  # every process scores its share of the examples
-        try:
-            hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
-        except KeyError as e:
-            die(f"HellaSwag: {hellaswag_dir}/hellaswag_val.jsonl lacks the field {e}; delete it to download it again")
+        hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
         hellaswag = hellaswag[:hellaswag_limit or None]
     model.to(dev)
     if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
@@ -367,9 +366,10 @@ def main():
         if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
             dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
             with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
-                losses = estimate_loss(raw_model, splits, T, dev, ctx, rank, world_size)
+                losses = estimate_loss(raw_model, splits, T, dev, ctx, rank, world_size, comm_dev)
                 if hellaswag:
-                    losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx, rank, world_size)
+                    losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx, rank, world_size,
+                                                             comm_dev)
                 sample = ''
                 if sampling and sample_prompt:
                     prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
@@ -420,7 +420,7 @@ def main():
         scaler.update()
         optim.zero_grad(set_to_none=True)
         iter_num += 1
-        if iter_num == start_iter + 1 and log_interval > 1:  # the first step compiles and warms up: not timed
+        if iter_num == start_iter + 1 and iter_num % log_interval:  # the first step compiles and warms up: not timed
             t_log, it_log = time.time(), iter_num
         if iter_num % log_interval == 0:
             lossf = loss.item() * gas  # .item() waits for the GPU: only here, at log steps

@@ -129,7 +129,8 @@ def fetch():  # stands for a download into a shared cache: two writers at once w
     with open(log, 'a') as f:
         f.write(f'end {rank}\\n')
     return rank
-print('got', local_rank0_first(fetch, distributed, local_rank), flush=True)
+sys.stdout.write(f'got {local_rank0_first(fetch, distributed, local_rank)}\\n')
+sys.stdout.flush()
 import torch.distributed as dist
 dist.barrier()
 dist.destroy_process_group()
