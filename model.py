@@ -34,6 +34,25 @@ class GPTConfig:
     padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64)
     # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off,
     # never sampled or scored
+    # --- what turns GPT-2 into the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2); the defaults are GPT-2's
+    norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias)
+    norm_eps: float = 1e-5
+    pos_emb: str = 'learned'  # learned (GPT-2's wpe table) | rope (rotary: positions rotate queries and keys)
+    rope_theta: float = 10000.0  # RoPE's base wavelength (Llama 3: 500,000; Qwen: 1,000,000)
+    rope_scaling: dict = None  # Llama 3's frequency scaling {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}, None = plain RoPE
+    mlp: str = 'gelu'  # gelu (GPT-2: 4x wide, tanh GELU) | swiglu (Llama: silu(gate) * up)
+    mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 * n_embd
+    n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0 = n_head
+    head_dim: int = 0  # 0 = n_embd // n_head (Qwen3's differs)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the q/k/v projection even without `bias` (Qwen2.5)
+    tie_embeddings: bool = True  # the head shares the token embedding's weights (GPT-2, Llama 3.2 1B, Qwen3-0.6B)
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
 
 
 FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
@@ -46,76 +65,128 @@ PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
 }
 
 
-class CausalSelfAttention(nn.Module):  # ch03: multi-head attention
+def make_norm(config, dim):
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_frequencies(config):
+    """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i].
+    Llama 3 stretches the long wavelengths by `factor` (so the model reaches past the context it
+    was pretrained with), keeps the short ones, and blends those in between."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    sc = config.rope_scaling
+    if sc:
+        old_context = sc['original_max_position_embeddings']
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen, high_freq_wavelen = old_context / sc['low_freq_factor'], old_context / sc['high_freq_factor']
+        smooth = (old_context / wavelen - sc['low_freq_factor']) / (sc['high_freq_factor'] - sc['low_freq_factor'])
+        blended = (1 - smooth) * inv_freq / sc['factor'] + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_freq_wavelen, inv_freq / sc['factor'],
+                               torch.where(wavelen < high_freq_wavelen, inv_freq, blended))
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) turns by the angle of its
+    position (the Hugging Face "half split" layout, which the published weights expect)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-query attention, RoPE)
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps), nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
+        # (B, T, heads * hs) -> (B, heads, T, hs): each head attends on its own; k and v have n_kv_head heads
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hs), S = cached + T
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
         if S == T or T == 1:  # whole sequence (causal), or one new token that may see every cached one
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:  # a chunk after a cached prefix: query i sees keys 0 .. S-T+i
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):  # ch04: feed forward with GELU
+class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU)
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == 'swiglu'
+        width = config.mlp_hidden * (2 if self.swiglu else 1)  # SwiGLU: gate and up in one matmul
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
-class Block(nn.Module):  # ch04: the transformer block, pre-LayerNorm
+class Block(nn.Module):  # ch04: the transformer block, pre-norm
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, so that each new token
-    costs one position of work instead of the whole sequence. Allocated once, for
-    block_size positions, in the dtype the attention computes in."""
+    costs one position of work instead of the whole sequence. Allocated once, for `length`
+    positions, in the dtype the attention computes in. Under grouped-query attention it holds
+    the n_kv_head shared heads, not copies per query head (Llama 3.2 1B: 4x smaller)."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+    def __init__(self, config, batch_size, device, dtype, length=None):
+        shape = (config.n_layer, batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0  # how many positions are filled
 
     def update(self, layer_idx, k, v):
-        """Store (B, nh, T, hs) new keys/values of one layer; return all of its so far (B, nh, pos+T, hs)."""
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer; return all of its so far (B, n_kv_head, pos+T, hs)."""
         end = self.pos + k.size(2)
         self.k[layer_idx, :, :, self.pos:end] = k
         self.v[layer_idx, :, :, self.pos:end] = v
@@ -130,15 +201,17 @@ class GPT(nn.Module):  # ch04: the GPT model
         super().__init__()
         self.config = config
         V = max(config.padded_vocab_size, config.vocab_size)
+        learned_positions = config.pos_emb == 'learned'  # GPT-2: a vector per position; RoPE rotates q and k instead
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(V, config.n_embd),                   # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),   # position embedding
+            **({'wpe': nn.Embedding(config.block_size, config.n_embd)} if learned_positions else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
         self.grad_checkpoint = False  # True: activation checkpointing per block (less memory, ~1/3 more compute)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -162,12 +235,20 @@ class GPT(nn.Module):  # ch04: the GPT model
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(pos)
+        else:  # cos and sin of every (position, frequency) angle, (T, hs), in float32 whatever the weights' dtype
+            angles = pos.float()[:, None] * rope_frequencies(self.config).to(idx.device)[None, :]
+            angles = torch.cat((angles, angles), dim=-1)
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
+                x = block(x, rope, kv_cache)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -187,7 +268,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         """Use a shorter context than the weights were trained with (e.g. GPT-2's 1024 -> 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.pos_emb == 'learned':
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02):
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
@@ -215,8 +297,8 @@ class GPT(nn.Module):  # ch04: the GPT model
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward): 6N + attention (PaLM appendix B)."""
         cfg = self.config
-        N = self.get_num_params() - self.transformer.wpe.weight.numel()
-        return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        N = self.get_num_params() - (self.transformer.wpe.weight.numel() if cfg.pos_emb == 'learned' else 0)
+        return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
@@ -238,12 +320,14 @@ class GPT(nn.Module):  # ch04: the GPT model
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, dev = None, idx.device.type
         cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+        cache_len = min(bs, idx.size(1) + max_new_tokens)  # no bigger than this call needs (Llama 3.2: 131,072)
         for _ in range(max_new_tokens):
             if not use_cache:
                 x = self.hidden_states(idx[:, -bs:])
-            elif cache is None or cache.pos == bs:  # prefill: the prompt, or once full, the window's last half
+            elif cache is None or cache.pos == cache_len:  # prefill: the prompt, or once full, the window's last half
                 keep = bs if cache is None else bs // 2
-                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
+                cache_len = bs if cache is not None else cache_len
+                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype, cache_len)
                 x = self.hidden_states(idx[:, -keep:], cache)
             else:
                 x = self.hidden_states(idx[:, -1:], cache)
@@ -360,7 +444,7 @@ def gpu_peak_flops(device, dtype='bfloat16'):
 
 # -------------------------------------------------------------------- downloads
 
-def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0):
+def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0, headers=None):
     """Fetch url to path with requests, for real: streamed with a progress display, resumed
     and retried with backoff after a dropped connection or a 5xx, size-checked against
     Content-Length and sha256-checked where known. The bytes go to path.part and are renamed
@@ -377,13 +461,15 @@ def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1
     for attempt in range(retries):
         try:
             have = part.stat().st_size if part.exists() else 0
-            headers = {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+            ask = {'Accept-Encoding': 'identity', **(headers or {}), **({'Range': f'bytes={have}-'} if have else {})}
+            with requests.get(url, stream=True, timeout=timeout, headers=ask) as r:
                 if r.status_code == 416:  # our .part already holds everything (or is bogus): start over
                     part.unlink()
                     raise requests.ConnectionError("range not satisfiable")
                 if r.status_code >= 500 or r.status_code == 429:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
+                if r.status_code == 404:
+                    raise FileNotFoundError(f"download of {url} failed: HTTP 404 Not Found; check the URL")
                 if r.status_code >= 400:
                     raise OSError(f"download of {url} failed: HTTP {r.status_code} {r.reason}; check the URL")
                 if r.status_code != 206:
@@ -536,29 +622,208 @@ def _gpt2_config(path, tensors):
     return GPTConfig(**preset, vocab_size=wte.shape[0], block_size=wpe.shape[0])
 
 
-def _from_pretrained(cls, name_or_path, **overrides):
+# Published models by short name (any other hub id works too, e.g. meta-llama/Llama-3.2-3B-Instruct)
+ALIASES = {
+    'llama-3.2-1b': 'meta-llama/Llama-3.2-1B', 'llama-3.2-1b-instruct': 'meta-llama/Llama-3.2-1B-Instruct',
+    'llama-3.2-3b': 'meta-llama/Llama-3.2-3B', 'llama-3.2-3b-instruct': 'meta-llama/Llama-3.2-3B-Instruct',
+    'qwen3-0.6b': 'Qwen/Qwen3-0.6B', 'qwen3-0.6b-base': 'Qwen/Qwen3-0.6B-Base', 'qwen3-1.7b': 'Qwen/Qwen3-1.7B',
+    'qwen2.5-0.5b': 'Qwen/Qwen2.5-0.5B', 'qwen2.5-0.5b-instruct': 'Qwen/Qwen2.5-0.5B-Instruct',
+    'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M', 'smollm2-135m-instruct': 'HuggingFaceTB/SmolLM2-135M-Instruct',
+    'smollm2-360m': 'HuggingFaceTB/SmolLM2-360M', 'smollm2-360m-instruct': 'HuggingFaceTB/SmolLM2-360M-Instruct',
+}
+
+
+def fetch_hub(repo):
+    """Download a hub model's config.json, tokenizer.json and weights (one model.safetensors, or
+    the shards its model.safetensors.index.json names) once into CACHE_DIR/<repo>. Gated repos
+    (Llama) need the license accepted on the hub and HF_TOKEN set. Returns the folder."""
+    folder = CACHE_DIR / repo.replace('/', '--')
+    token = os.environ.get('HF_TOKEN')
+    headers = {'Authorization': f'Bearer {token}'} if token else None
+
+    def get(file, optional=False):
+        try:
+            return download(f"{HF_ENDPOINT}/{repo}/resolve/main/{file}", folder / file, desc=f"{repo}/{file}", headers=headers)
+        except FileNotFoundError:
+            if optional:
+                return None
+            raise
+        except OSError as e:
+            if 'HTTP 401' in str(e) or 'HTTP 403' in str(e):
+                raise OSError(f"{repo} is gated: accept its license on the hub, then set HF_TOKEN to an access token "
+                              f"({'yours was refused' if token else 'none is set'})") from None
+            raise
+    get('config.json')
+    get('tokenizer.json', optional=True)
+    index = get('model.safetensors.index.json', optional=True)
+    if index is None:
+        get('model.safetensors')
+    else:
+        for shard in sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values())):
+            get(shard)
+    return folder
+
+
+# The Llama family's tensor names for ours (block i: `transformer.h.{i}.X` <-> `model.layers.{i}.Y`).
+# Ours fuse q, k, v into c_attn and gate, up into c_fc: their tensors are stacked along dim 0.
+HF_NAMES = {
+    'transformer.wte.weight': ['model.embed_tokens.weight'],
+    'transformer.ln_f.weight': ['model.norm.weight'],
+    'lm_head.weight': ['lm_head.weight'],
+    'ln_1.weight': ['input_layernorm.weight'],
+    'ln_2.weight': ['post_attention_layernorm.weight'],
+    'attn.c_attn.weight': ['self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'],
+    'attn.c_attn.bias': ['self_attn.q_proj.bias', 'self_attn.k_proj.bias', 'self_attn.v_proj.bias'],
+    'attn.c_proj.weight': ['self_attn.o_proj.weight'],
+    'attn.c_proj.bias': ['self_attn.o_proj.bias'],
+    'attn.q_norm.weight': ['self_attn.q_norm.weight'],
+    'attn.k_norm.weight': ['self_attn.k_norm.weight'],
+    'mlp.c_fc.weight': ['mlp.gate_proj.weight', 'mlp.up_proj.weight'],
+    'mlp.c_fc.bias': ['mlp.gate_proj.bias', 'mlp.up_proj.bias'],
+    'mlp.c_proj.weight': ['mlp.down_proj.weight'],
+    'mlp.c_proj.bias': ['mlp.down_proj.bias'],
+}
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+
+
+def hf_names(name):
+    """Our parameter name -> the hub's tensor names that make it up."""
+    if name.startswith('transformer.h.'):
+        i, rest = name.removeprefix('transformer.h.').split('.', 1)
+        return [f'model.layers.{i}.{n}' for n in HF_NAMES[rest]]
+    return HF_NAMES[name]
+
+
+def llama_config(hf):
+    """GPTConfig from a Llama / Qwen2 / Qwen3 config.json (the hub's rope_theta + rope_scaling, or
+    transformers 5's rope_parameters)."""
+    family = hf['model_type']
+    rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    if rope_type not in ('default', 'llama3'):
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only Llama 3's and none)")
+    scaling = None
+    if rope_type == 'llama3':
+        scaling = {k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor')}
+        scaling['original_max_position_embeddings'] = rope.get('original_max_position_embeddings', hf['max_position_embeddings'])
+    if hf.get('use_sliding_window'):
+        raise ValueError("sliding-window attention (use_sliding_window) is not supported")
+    n_head = hf['num_attention_heads']
+    return GPTConfig(
+        block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'],
+        n_head=n_head, n_embd=hf['hidden_size'], n_kv_head=hf.get('num_key_value_heads') or n_head,
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head, bias=bool(hf.get('attention_bias') and hf.get('mlp_bias')),
+        qkv_bias=family == 'qwen2' or bool(hf.get('attention_bias')), qk_norm=family == 'qwen3',
+        norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), pos_emb='rope',
+        rope_theta=hf.get('rope_theta', rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
+        mlp='swiglu', mlp_hidden=hf['intermediate_size'], tie_embeddings=hf.get('tie_word_embeddings', False))
+
+
+class SafetensorsFiles:
+    """The tensors of one or more .safetensors files, read on demand: the header of each file is
+    parsed up front, the bytes of a tensor only when it is copied into the model. So loading
+    holds the weights once, in the model (the book's memory-efficient loading bonus)."""
+
+    def __init__(self, paths):
+        self.where = {}  # name -> (path, dtype, shape, byte offset)
+        for path in paths:
+            with open(path, 'rb') as f:
+                n = int.from_bytes(f.read(8), 'little')
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError:
+                    raise ValueError(f"{path} is not a valid safetensors file (bad header); re-download it") from None
+            for name, info in header.items():
+                if name != '__metadata__':
+                    self.where[name] = (path, _ST_DTYPES[info['dtype']], info['shape'], 8 + n + info['data_offsets'][0])
+
+    def copy_into(self, name, out):
+        """Read tensor `name` into the tensor `out` (its shape; its dtype, converting if they differ)."""
+        path, dtype, shape, offset = self.where[name]
+        if list(out.shape) != list(shape):
+            raise ValueError(f"{name} has shape {tuple(shape)} in {path.name}, the model expects {tuple(out.shape)}")
+        target = out if out.dtype == dtype else torch.empty(shape, dtype=dtype)
+        with open(path, 'rb') as f:
+            f.seek(offset)
+            if f.readinto(target.view(torch.uint8).numpy() if target.numel() else bytearray()) != target.numel() * dtype.itemsize:
+                raise ValueError(f"{path} is truncated at {name}; re-download it")
+        if target is not out:
+            out.copy_(target)
+
+
+def weight_files(folder):
+    index = folder / 'model.safetensors.index.json'
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values()))
+        return [folder / s for s in shards]
+    return [folder / 'model.safetensors']
+
+
+def load_llama(cls, folder, hf, dtype=None, **overrides):
+    """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder. Built on the meta device
+    (no memory, no random init), then each parameter is filled straight from the files."""
+    config = llama_config(hf)
+    config.dropout = overrides.get('dropout', 0.0)
+    files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
+    file_dtype = next(iter(files.where.values()))[1]
+    with torch.device('meta'):
+        model = cls(config)
+    model = model.to(dtype or file_dtype).to_empty(device='cpu')
+    if config.tie_embeddings:  # to_empty gives every parameter new storage: tie again
+        model.transformer.wte.weight = model.lm_head.weight
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # the tied head is not listed twice
+            parts = hf_names(name)
+            missing = [p for p in parts if p not in files.where]
+            if missing:
+                raise ValueError(f"{folder} lacks {missing[0]}; is it a complete {hf['model_type']} checkpoint?")
+            row = 0
+            for part in parts:  # q, k, v (or gate, up) one after the other down the rows
+                rows = files.where[part][2][0]
+                files.copy_into(part, param[row:row + rows])
+                row += rows
+    return model
+
+
+def _from_pretrained(cls, name_or_path, dtype=None, **overrides):
+    """GPT-2 sizes, hub ids or short names of the Llama family, or a local folder / .safetensors
+    file in the Hugging Face layout. dtype: the weights' dtype (None: as the files hold them)."""
     bad = set(overrides) - {'block_size', 'dropout'}
     if bad:
         raise ValueError(f"from_pretrained can only override block_size and dropout, not {sorted(bad)}")
+    name_or_path = str(name_or_path)
     if name_or_path in PRESETS:
         path = fetch_gpt2(name_or_path)
+    elif name_or_path.lower() in ALIASES or (name_or_path.count('/') == 1 and not Path(name_or_path).exists()):
+        path = fetch_hub(ALIASES.get(name_or_path.lower(), name_or_path))
     else:
         path = Path(name_or_path)
         if not (path.is_dir() or (path.is_file() and path.suffix == '.safetensors')):
-            raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a folder with "
+            raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a model name "
+                                    f"({', '.join(list(ALIASES)[:3])}, ...), a hub id, a folder with "
                                     "model.safetensors + config.json, or a .safetensors file")
-    weights = path / 'model.safetensors' if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
-    tensors = load_safetensors(weights)
-    config = _gpt2_config(path, tensors)
-    block_size = overrides.get('block_size', config.block_size)
-    if block_size > config.block_size:
-        raise ValueError(f"block_size {block_size} is longer than the {config.block_size} positions the weights have")
-    config.dropout = overrides.get('dropout', 0.0)
-    model = cls(config)
-    load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))
-    if block_size < config.block_size:
+    cfg_file = path / 'config.json' if path.is_dir() else path.parent / 'config.json'
+    hf = json.loads(cfg_file.read_text(encoding='utf-8')) if cfg_file.is_file() else {'model_type': 'gpt2'}
+    if hf.get('model_type') in ARCHITECTURES:
+        model = load_llama(cls, path if path.is_dir() else path.parent, hf, dtype, **overrides)
+    elif hf.get('model_type') != 'gpt2':
+        raise ValueError(f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported "
+                         f"(gpt2, {', '.join(ARCHITECTURES)})")
+    else:
+        weights = path / 'model.safetensors' if path.is_dir() else path
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
+        tensors = load_safetensors(weights)
+        config = _gpt2_config(path, tensors)
+        config.dropout = overrides.get('dropout', 0.0)
+        model = cls(config)
+        load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))
+        if dtype is not None:
+            model.to(dtype)
+    block_size = overrides.get('block_size', model.config.block_size)
+    if block_size > model.config.block_size:
+        raise ValueError(f"block_size {block_size} is longer than the {model.config.block_size} positions the weights have")
+    if block_size < model.config.block_size:
         model.crop_block_size(block_size)
     return model
 
@@ -577,13 +842,18 @@ def load_state_dict_checked(model, sd, source):
         model.load_state_dict(sd)
 
 
-def _save_pretrained(self, folder):
-    """Write config.json + model.safetensors as transformers' GPT2LMHeadModel does (Conv1D
-    weights transposed back; zero biases where this model has none), so the folder loads
-    here, in transformers and anywhere else GPT-2 checkpoints are read."""
+def _save_pretrained(self, folder, tokenizer_json=None):
+    """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel:
+    Conv1D weights transposed back, zero biases where this model has none; Llama/Qwen: the hub's
+    names, q/k/v and gate/up split apart again), plus tokenizer.json when given its text, so the
+    folder loads here, in transformers and anywhere else such checkpoints are read."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json is not None:
+        (folder / 'tokenizer.json').write_text(tokenizer_json, encoding='utf-8')
     cfg = self.config
+    if cfg.pos_emb == 'rope':
+        return save_llama(self, folder)
     tensors = {}
     for name, t in merged_state_dict(self).items():
         if name == 'transformer.wte.weight':
@@ -604,6 +874,37 @@ def _save_pretrained(self, folder):
                      tie_word_embeddings=True)
     tmp = folder / 'config.json.tmp'
     tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
+    os.replace(tmp, folder / 'config.json')
+
+
+def save_llama(model, folder):
+    cfg = model.config
+    if cfg.norm != 'rmsnorm' or cfg.mlp != 'swiglu':
+        raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU) or the Llama family (RoPE, RMSNorm, "
+                         "SwiGLU) can be saved in a Hugging Face layout")
+    family = 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+    sd = merged_state_dict(model)
+    tensors = {}
+    for name, t in sd.items():
+        if name == 'lm_head.weight' and cfg.tie_embeddings:
+            continue
+        if name in ('transformer.wte.weight', 'lm_head.weight'):
+            t = t[:cfg.vocab_size]  # without the padding rows
+        parts = hf_names(name)
+        sizes = model.transformer.h[0].attn.sizes if len(parts) == 3 else [t.size(0) // len(parts)] * len(parts)
+        for part, piece in zip(parts, t.split(sizes)):
+            tensors[part] = piece.contiguous()
+    save_safetensors(tensors, folder / 'model.safetensors')
+    dtype = str(sd['transformer.wte.weight'].dtype).removeprefix('torch.')
+    hf = dict(architectures=[ARCHITECTURES[family]], model_type=family, vocab_size=cfg.vocab_size,
+              hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+              num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+              max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act='silu',
+              rope_theta=cfg.rope_theta, rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
+              tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+              attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
+    tmp = folder / 'config.json.tmp'
+    tmp.write_text(json.dumps(hf, indent=2), encoding='utf-8')
     os.replace(tmp, folder / 'config.json')
 
 

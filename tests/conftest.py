@@ -37,7 +37,7 @@ class FakeServer:
 
     def __init__(self):
         self.routes, self.truncate_once, self.truncate_always, self.fail_once, self.no_range = {}, set(), set(), set(), set()
-        self.requests = []
+        self.requests, self.authorizations, self.status = [], [], {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,6 +46,10 @@ class FakeServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get('Range')))
+                server.authorizations.append(self.headers.get('Authorization'))
+                if self.path in server.status:  # e.g. 401 for a gated repo
+                    self.send_error(server.status[self.path])
+                    return
                 body = server.routes.get(self.path)
                 if body is None:
                     self.send_error(404)

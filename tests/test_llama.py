@@ -1,0 +1,180 @@
+"""The Llama family in model.py (Llama 3.2, Qwen2.5, Qwen3, SmolLM2): parity with transformers on
+random weights (fixtures made by tests/fixtures/make_llama_fixtures.py), export, hub download,
+memory while loading."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model as model_module
+from conftest import FIXTURES, ROOT
+from model import GPT, GPTConfig, KVCache, apply_lora, merge_lora
+
+FAMILIES = ['tiny-llama3', 'tiny-qwen2', 'tiny-qwen3', 'tiny-smollm2', 'tiny-llama3-untied-bf16-sharded']
+
+
+def fixture(name):
+    folder = FIXTURES / name
+    return folder, torch.from_numpy(np.load(folder / 'input_ids.npy')), torch.from_numpy(np.load(folder / 'expected_logits.npy'))
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_logits_and_greedy_tokens_equal_transformers(name):
+    folder, ids, expected = fixture(name)
+    model = GPT.from_pretrained(str(folder), dtype=torch.float32).eval()
+    logits, _ = model(ids)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    greedy = np.load(folder / 'expected_greedy.npy')
+    out = model.generate(ids[:1, :5], 20, temperature=0)
+    assert out.tolist() == greedy.tolist()
+    assert torch.equal(out, model.generate(ids[:1, :5], 20, temperature=0, use_cache=False))  # cache == no cache
+
+
+def test_what_each_family_is_made_of():
+    cfg = {n: GPT.from_pretrained(str(FIXTURES / n)).config for n in FAMILIES}
+    assert cfg['tiny-llama3'].rope_scaling['factor'] == 32.0 and cfg['tiny-llama3'].rope_theta == 500000.0
+    assert cfg['tiny-llama3'].n_kv_head == 2 and cfg['tiny-llama3'].tie_embeddings
+    assert cfg['tiny-qwen2'].qkv_bias and not cfg['tiny-qwen2'].bias and not cfg['tiny-qwen2'].qk_norm
+    assert cfg['tiny-qwen3'].qk_norm and cfg['tiny-qwen3'].head_dim == 32 != 64 // 4
+    assert not cfg['tiny-llama3-untied-bf16-sharded'].tie_embeddings
+    m = GPT.from_pretrained(str(FIXTURES / 'tiny-llama3-untied-bf16-sharded'))
+    assert m.lm_head.weight.dtype == torch.bfloat16  # the files' dtype is kept unless asked otherwise
+    assert m.lm_head.weight.data_ptr() != m.transformer.wte.weight.data_ptr()
+    tied = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen3'))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+
+
+def test_both_rope_config_styles_load_the_same_model(tmp_path):
+    folder, ids, expected = fixture('tiny-llama3')
+    shutil.copytree(folder, tmp_path / 'm')
+    shutil.copy(folder / 'config.hub-style.json', tmp_path / 'm' / 'config.json')  # rope_theta + rope_scaling
+    assert 'rope_parameters' in json.loads((folder / 'config.json').read_text())  # transformers 5's style
+    logits, _ = GPT.from_pretrained(str(tmp_path / 'm')).eval()(ids)
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_holds_the_shared_heads_only():
+    model = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen3'))
+    cache = KVCache(model.config, 1, 'cpu', torch.float32, length=16)
+    assert cache.k.shape == (2, 1, 2, 16, 32)  # layers, batch, n_kv_head (not n_head=4), positions, head_dim
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_export_loads_back_here_and_in_transformers(name, tmp_path):
+    folder, ids, expected = fixture(name)
+    model = GPT.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / 'out', tokenizer_json='{"version": "1.0"}')
+    hf = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    src = json.loads((folder / 'config.json').read_text())
+    assert hf['model_type'] == src['model_type'] and hf['architectures'] == src['architectures']
+    assert (tmp_path / 'out' / 'tokenizer.json').is_file()
+    back = GPT.from_pretrained(str(tmp_path / 'out')).eval()
+    assert torch.equal(back(ids)[0], model(ids)[0])
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        pytest.skip('transformers is not installed: the export was checked against it when the fixtures were made')
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out', dtype=torch.float32).eval()
+    assert (hf_model(ids).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_lora_finds_the_llama_projections():
+    model = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen2'), dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    before = model(ids)[0]
+    apply_lora(model, rank=4, alpha=8)
+    # A and B for c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj (the same names as GPT-2's) in each of 2 blocks
+    assert sum(1 for n, p in model.named_parameters() if p.requires_grad) == 2 * 4 * 2
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith('lora_B'):
+                p.normal_()
+    changed = model(ids)[0]
+    assert not torch.allclose(before, changed)
+    merge_lora(model)
+    assert torch.allclose(model(ids)[0], changed, atol=1e-4)
+
+
+def test_a_llama_shaped_model_from_scratch_trains_and_saves(tmp_path):
+    cfg = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, norm='rmsnorm',
+                    pos_emb='rope', mlp='swiglu', mlp_hidden=96, bias=False, tie_embeddings=False, rope_theta=500000.0)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    assert not hasattr(model.transformer, 'wpe') and model.lm_head.weight is not model.transformer.wte.weight
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
+    x = torch.randint(0, 100, (4, 32))
+    losses = []
+    for _ in range(30):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 2
+    model.save_pretrained(tmp_path / 'm')
+    assert json.loads((tmp_path / 'm' / 'config.json').read_text())['model_type'] == 'llama'
+    back = GPT.from_pretrained(str(tmp_path / 'm'))
+    assert torch.equal(back.eval()(x)[0], model.eval()(x)[0])
+
+
+def serve(server, folder, repo):
+    for f in folder.iterdir():
+        server.routes[f'/{repo}/resolve/main/{f.name}'] = f.read_bytes()
+
+
+def test_hub_download_sharded_with_token_then_offline(server, tmp_path, monkeypatch):
+    folder, ids, expected = fixture('tiny-llama3-untied-bf16-sharded')
+    serve(server, folder, 'org/tiny')
+    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.setenv('HF_TOKEN', 'hf_secret')
+    model = GPT.from_pretrained('org/tiny', dtype=torch.float32).eval()
+    assert (model(ids)[0] - expected).abs().max().item() <= 1e-4
+    assert set(server.authorizations) == {'Bearer hf_secret'}
+    fetched = {p for p, _ in server.requests}
+    assert sum('model-0000' in p for p in fetched) == 3  # the shards the index names
+    server.routes.clear()  # offline: the cache is enough
+    GPT.from_pretrained('org/tiny')
+
+
+def test_gated_repo_says_what_to_do(server, tmp_path, monkeypatch):
+    server.status['/meta-llama/Llama-3.2-1B/resolve/main/config.json'] = 401
+    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    with pytest.raises(OSError, match='accept its license on the hub, then set HF_TOKEN'):
+        GPT.from_pretrained('llama-3.2-1b')
+
+
+MEASURE = '''
+import resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+from model import GPT
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = GPT.from_pretrained(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before * 1024, after * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='ru_maxrss in KiB is Linux')
+def test_loading_holds_the_weights_once(tmp_path):
+    # a 110 MB bfloat16 Qwen3-shaped model (fewer layers): the peak while loading stays below 1.5x its bytes
+    cfg = GPTConfig(block_size=512, vocab_size=151936, n_layer=2, n_head=16, n_kv_head=8, head_dim=128, n_embd=320,
+                    qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1024, bias=False)
+    with torch.device('meta'):
+        model = GPT(cfg)
+    model = model.to(torch.bfloat16).to_empty(device='cpu')
+    model.transformer.wte.weight = model.lm_head.weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path / 'm')
+    del model
+    out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT)], capture_output=True, text=True)
+    before, after, weights = map(int, out.stdout.split())
+    assert weights > 100e6 and after - before <= 1.5 * weights, (before, after, weights)
