@@ -633,7 +633,7 @@ ALIASES = {
 }
 
 
-def fetch_hub(repo):
+def fetch_hub(repo, weights=True):
     """Download a hub model's config.json, tokenizer.json and weights (one model.safetensors, or
     the shards its model.safetensors.index.json names) once into CACHE_DIR/<repo>. Gated repos
     (Llama) need the license accepted on the hub and HF_TOKEN set. Returns the folder."""
@@ -655,6 +655,8 @@ def fetch_hub(repo):
             raise
     get('config.json')
     get('tokenizer.json', optional=True)
+    if not weights:
+        return folder
     index = get('model.safetensors.index.json', optional=True)
     if index is None:
         get('model.safetensors')
@@ -785,23 +787,33 @@ def load_llama(cls, folder, hf, dtype=None, **overrides):
     return model
 
 
+def is_hub_name(name):
+    """A short name (qwen3-0.6b) or a hub id (Qwen/Qwen3-0.6B) rather than a local path."""
+    return str(name).lower() in ALIASES or (str(name).count('/') == 1 and not Path(name).exists())
+
+
+def pretrained_path(name_or_path, weights=True):
+    """The local folder (or .safetensors file) of a GPT-2 size, hub name or path, downloaded first if need be."""
+    name_or_path = str(name_or_path)
+    if name_or_path in PRESETS:
+        return fetch_gpt2(name_or_path)
+    if is_hub_name(name_or_path):
+        return fetch_hub(ALIASES.get(name_or_path.lower(), name_or_path), weights)
+    path = Path(name_or_path)
+    if not (path.is_dir() or (path.is_file() and path.suffix == '.safetensors')):
+        raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a model name "
+                                f"({', '.join(list(ALIASES)[:3])}, ...), a hub id, a folder with "
+                                "model.safetensors + config.json, or a .safetensors file")
+    return path
+
+
 def _from_pretrained(cls, name_or_path, dtype=None, **overrides):
     """GPT-2 sizes, hub ids or short names of the Llama family, or a local folder / .safetensors
     file in the Hugging Face layout. dtype: the weights' dtype (None: as the files hold them)."""
     bad = set(overrides) - {'block_size', 'dropout'}
     if bad:
         raise ValueError(f"from_pretrained can only override block_size and dropout, not {sorted(bad)}")
-    name_or_path = str(name_or_path)
-    if name_or_path in PRESETS:
-        path = fetch_gpt2(name_or_path)
-    elif name_or_path.lower() in ALIASES or (name_or_path.count('/') == 1 and not Path(name_or_path).exists()):
-        path = fetch_hub(ALIASES.get(name_or_path.lower(), name_or_path))
-    else:
-        path = Path(name_or_path)
-        if not (path.is_dir() or (path.is_file() and path.suffix == '.safetensors')):
-            raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a model name "
-                                    f"({', '.join(list(ALIASES)[:3])}, ...), a hub id, a folder with "
-                                    "model.safetensors + config.json, or a .safetensors file")
+    path = pretrained_path(name_or_path)
     cfg_file = path / 'config.json' if path.is_dir() else path.parent / 'config.json'
     hf = json.loads(cfg_file.read_text(encoding='utf-8')) if cfg_file.is_file() else {'model_type': 'gpt2'}
     if hf.get('model_type') in ARCHITECTURES:
@@ -960,20 +972,28 @@ def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
     return model
 
 
-def load_pretrained(init_from, **overrides):
+def load_pretrained(init_from, dtype=None, **overrides):
     """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
-    it) or Hugging Face-layout weights (a folder or .safetensors file): the starting point every
-    fine-tuning script and sample.py accept. info: {'tokenizer': name, 'prompt_style': the
-    instruction template a fine-tuned checkpoint was trained with, or None}."""
+    it), a Llama-family name or hub id, or Hugging Face-layout weights (a folder or .safetensors
+    file): the starting point every script accepts. info: {'tokenizer': what
+    prepare_data.get_tokenizer takes (a name, the model's folder, or the spec a checkpoint
+    carries), 'prompt_style': the instruction template a fine-tuned checkpoint was trained with,
+    or None}."""
     path = Path(init_from)
-    if init_from not in PRESETS and (path.suffix == '.pt' or (path / 'ckpt.pt').is_file()):
+    if init_from not in PRESETS and not is_hub_name(init_from) and (path.suffix == '.pt' or (path / 'ckpt.pt').is_file()):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, str(path), **{k: v for k, v in overrides.items() if k == 'dropout'})
         if overrides.get('block_size', model.config.block_size) < model.config.block_size:
             model.crop_block_size(overrides['block_size'])
         return model, {'tokenizer': ckpt.get('tokenizer', 'gpt2'), 'prompt_style': ckpt.get('prompt_style')}
-    model = GPT.from_pretrained(init_from, **overrides)
-    return model, {'tokenizer': 'bytes' if model.config.vocab_size == 257 else 'gpt2', 'prompt_style': None}
+    model = GPT.from_pretrained(init_from, dtype=dtype, **overrides)
+    folder = pretrained_path(init_from)
+    folder = folder if folder.is_dir() else folder.parent
+    if (folder / 'tokenizer.json').is_file():
+        tokenizer = str(folder)
+    else:
+        tokenizer = 'bytes' if model.config.vocab_size == 257 else 'gpt2'
+    return model, {'tokenizer': tokenizer, 'prompt_style': None}
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)
