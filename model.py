@@ -308,29 +308,33 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True, on_token=None, generator=None):
+                 use_cache=True, on_token=None, generator=None, kv_cache=None):
         """Append up to max_new_tokens to idx (B, T) and return it (B, T + n). One prefill of
         the prompt, then one token per step through the KV cache. temperature=0 is greedy.
         With eos_id, a row that has emitted it is padded with eos_id and generation stops
-        once every row has. Past block_size the window slides: the cache is refilled with
-        the last block_size // 2 tokens. Within the window the tokens equal those of
+        once every row has. Past the cache's length (block_size at most) the window slides: the
+        cache is refilled with the last half of it. Within the window the tokens equal those of
         use_cache=False (which recomputes the whole cropped sequence every step, as nanoGPT).
-        on_token(next_ids (B,)) is called after each step, e.g. to stream text."""
+        on_token(next_ids (B,)) is called after each step, e.g. to stream text.
+        kv_cache: a KVCache that already holds idx's first kv_cache.pos tokens (a chat's earlier
+        turns): only the rest is prefilled, and it is left holding the text for the next call."""
         bs = self.config.block_size
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache, dev = None, idx.device.type
-        cache_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
-        cache_len = min(bs, idx.size(1) + max_new_tokens)  # no bigger than this call needs (Llama 3.2: 131,072)
+        cache, dev = kv_cache, idx.device.type
+        if use_cache and cache is None:  # no bigger than this call needs (Llama 3.2's block_size is 131,072)
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+            cache = KVCache(self.config, idx.size(0), idx.device, dtype, min(bs, idx.size(1) + max_new_tokens))
+        offset = 0  # the cache holds idx[:, offset:offset + cache.pos]
+        if cache is not None:
+            cache.pos = min(cache.pos, idx.size(1) - 1)  # at least the last token is fed again
         for _ in range(max_new_tokens):
             if not use_cache:
                 x = self.hidden_states(idx[:, -bs:])
-            elif cache is None or cache.pos == cache_len:  # prefill: the prompt, or once full, the window's last half
-                keep = bs if cache is None else bs // 2
-                cache_len = bs if cache is not None else cache_len
-                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype, cache_len)
-                x = self.hidden_states(idx[:, -keep:], cache)
             else:
-                x = self.hidden_states(idx[:, -1:], cache)
+                if idx.size(1) - offset > cache.k.size(3):  # the window is full: start it again from the end
+                    keep = cache.k.size(3) if cache.pos == 0 else cache.k.size(3) // 2  # (a long prompt: its end)
+                    offset, cache.pos = idx.size(1) - keep, 0
+                x = self.hidden_states(idx[:, offset + cache.pos:], cache)  # the prompt, then one token per step
             logits = self.lm_head(x[:, -1, :])[:, :self.config.vocab_size]  # (B, vocab): only the last position
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
@@ -341,6 +345,8 @@ class GPT(nn.Module):  # ch04: the GPT model
                 on_token(next_id)
             if eos_id is not None and bool(done.all()):
                 break
+        if cache is not None and offset:  # the window slid: what it holds no longer starts at idx's start
+            cache.pos = 0
         return idx
 
 

@@ -3,6 +3,8 @@ Sample text from a trained model or from GPT-2 (book chapter 5.3; nanoGPT's samp
     python sample.py                                   # the checkpoint train.py wrote to out/
     python sample.py --init_from=gpt2 --start="Every effort moves you"
     python sample.py --start=FILE:prompt.txt --num_samples=1 --temperature=0
+    python sample.py --init_from=qwen3-0.6b --start="The capital of France"    # the Llama family too
+    python sample.py --init_from=smollm2-135m-instruct --chat=True            # a terminal chat
 """
 import codecs
 import os
@@ -11,10 +13,10 @@ import sys
 import torch
 
 from configurator import configure, setup, die, maybe_compile
-from model import load_pretrained
-from prepare_data import format_prompt, get_tokenizer
+from model import KVCache, load_pretrained
+from prepare_data import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
 
-init_from = 'resume'  # 'resume' (out_dir/ckpt.pt), a GPT-2 size (gpt2, gpt2-medium, ...), a ckpt.pt, or a HF-layout folder
+init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
 start = '\n'  # the prompt, or FILE:path to read it from a file
 num_samples = 3
@@ -27,13 +29,73 @@ device = 'auto'
 dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes per token (2.8x faster on our CPU)
 compile = False  # torch.compile the model's trunk (dynamic shapes; meant for GPUs)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
+chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
+chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
+system = ''  # chat: a system message to open the conversation with
+chat_context = 8192  # chat: the longest conversation kept, in tokens (at most the model's block_size)
 
 
 def load_model(init_from, out_dir):
-    """(model, tokenizer, prompt style or None) from out_dir's checkpoint, a GPT-2 size, or a
+    """(model, tokenizer, prompt style or None) from out_dir's checkpoint, a published model, or a
     checkpoint / HF-layout path."""
     model, info = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
     return model, get_tokenizer(info['tokenizer']), info['prompt_style']
+
+
+def guess_style(tokenizer, prompt_style):
+    """The chat format: the one the checkpoint was fine-tuned with, else the one its tokenizer has tokens for."""
+    specials = getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set', set())
+    return prompt_style or ('llama3' if '<|start_header_id|>' in specials else 'chatml' if '<|im_start|>' in specials
+                            else 'alpaca')
+
+
+def chat_loop(model, tokenizer, style, device, read=input):
+    """A terminal chat (returns its replies): each turn renders the whole conversation in the model's chat format, and
+    only what the KV cache does not hold yet (the new user turn) is computed; the cache is kept
+    across turns. A conversation too long for chat_context loses its oldest turns, with a notice."""
+    capacity = min(model.config.block_size, chat_context)
+    cache = KVCache(model.config, 1, device, model.lm_head.weight.dtype, capacity)
+    cached = []  # the token ids the cache holds
+    opening = [{'role': 'system', 'content': system}] if system else []
+    messages = list(opening)
+    end_id = response_end_id(tokenizer, style)
+    print(f"chat ({style} format, up to {capacity} tokens); /reset forgets the conversation, /exit ends it")
+    replies = []
+    while True:
+        try:
+            line = read('> ')
+        except EOFError:
+            break
+        if line.strip() == '/exit':
+            break
+        if line.strip() == '/reset':
+            messages, cached, cache.pos = list(opening), [], 0
+            print('(conversation forgotten)')
+            continue
+        if not line.strip():
+            continue
+        messages.append({'role': 'user', 'content': line})
+        ids = tokenizer.encode(format_chat(messages, style))
+        while len(ids) + max_new_tokens > capacity and len(messages) > len(opening) + 1:
+            del messages[len(opening):len(opening) + 2]  # the oldest exchange (a user turn and its answer)
+            ids = tokenizer.encode(format_chat(messages, style))
+            print(f"notice: the conversation is longer than {capacity} tokens; dropped its oldest exchange",
+                  file=sys.stderr)
+        if len(ids) + max_new_tokens > capacity:
+            ids = ids[-(capacity - max_new_tokens):]
+            print("notice: the message alone is too long; keeping its end", file=sys.stderr)
+        common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), min(len(cached), len(ids)))
+        cache.pos = common  # what the cache holds beyond the shared start is overwritten
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                                 top_k=top_k or None, top_p=top_p, eos_id=end_id, kv_cache=cache,
+                                 on_token=stream_to(sys.stdout, tokenizer, end_id))[0].tolist()
+        print()
+        cached = out[:cache.pos]
+        reply = out[len(ids):]
+        replies.append(tokenizer.decode(reply[:reply.index(end_id)] if end_id in reply else reply))
+        messages.append({'role': 'assistant', 'content': replies[-1]})
+    return replies
 
 
 def encode_prompt(text, tokenizer, config):
@@ -73,6 +135,11 @@ if __name__ == '__main__':
     device, device_type, dtype, _ = setup(device, dtype, seed)
     try:
         model, tokenizer, prompt_style = load_model(init_from, out_dir)
+        style = guess_style(tokenizer, prompt_style) if chat_style == 'auto' else chat_style
+        if chat and style not in PROMPT_STYLES:
+            raise ValueError(f"--chat_style={style}: use auto, {', '.join(PROMPT_STYLES)}")
+        if chat:
+            response_end_id(tokenizer, style)  # the tokenizer must know how a reply ends
     except (OSError, ValueError) as e:
         die(e)
     eos_id = None
@@ -84,6 +151,9 @@ if __name__ == '__main__':
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if compile:
         model.hidden_states = maybe_compile(model.hidden_states, True, device_type, dynamic=True)
+    if chat:
+        chat_loop(model, tokenizer, style, device)
+        sys.exit(0)
     try:
         x = encode_prompt(start, tokenizer, model.config).to(device)
     except ValueError as e:

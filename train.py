@@ -3,6 +3,7 @@ Pretrain a GPT (book chapter 5 and appendix D; nanoGPT's train.py).
     python train.py                                     # a small GPT on Python's docs, ~5 min on 2 CPU cores
     python train.py config/train_verdict.py             # the book's chapter-5 run
     python train.py --init_from=resume                  # continue the run in out_dir exactly
+    python train.py config/train_llama_style.py         # the same run with RoPE, RMSNorm, SwiGLU, GQA
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_fineweb.py
 """
 import json
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
                           compile_available)
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare_data import find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard,
+                          token_bytes)
 
 # I/O
 out_dir = 'out'
 data_dir = 'data/pydoc'  # token shards from prepare_data.py (this default one is prepared on first use)
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), or gpt2 / gpt2-medium / ... to continue pretraining
+init_from = 'scratch'  # scratch, resume (out_dir/ckpt.pt), or published weights to continue: gpt2, qwen3-0.6b, a folder...
 eval_interval = 250  # evaluate, print a sample and save the checkpoint every this many steps
 eval_iters = 20  # batches per loss estimate
 log_interval = 25
@@ -44,7 +46,18 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0
-bias = True
+bias = True  # biases in every Linear and LayerNorm (GPT-2)
+# the fields that turn GPT-2 into the Llama family (model.GPTConfig explains each; config/train_llama_style.py)
+norm = 'layernorm'  # layernorm | rmsnorm
+pos_emb = 'learned'  # learned | rope
+rope_theta = 10000.0
+mlp = 'gelu'  # gelu | swiglu
+mlp_hidden = 0  # 0 = 4 * n_embd
+n_kv_head = 0  # 0 = n_head; fewer: grouped-query attention
+head_dim = 0  # 0 = n_embd // n_head
+qk_norm = False
+qkv_bias = False
+tie_embeddings = True  # the head shares the token embedding's weights
 pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -> 50304), faster; 1 = none
 # (the extra logits are cut off in model.py: never sampled or scored)
 # optimizer
@@ -109,6 +122,11 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def tokenizer_name(spec):
+    """The name in a tokenizer's spec as checkpoints carry it: 'bytes', 'gpt2' or {'name', 'json'}."""
+    return spec['name'] if isinstance(spec, dict) else spec
+
+
 def my_share(n, rank, world_size):
     """This process's share of n evaluation items (every world_size-th), padded with None to the same
     count on every rank: under FSDP each forward gathers the weights with all the others."""
@@ -127,20 +145,28 @@ def sum_across_ranks(values, comm_dev='cpu'):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, T, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
+def estimate_loss(model, splits, T, dev, ctx, byte_counts, rank=0, world_size=1, comm_dev='cpu'):
     """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader),
-    the batches shared out among the processes."""
+    the batches shared out among the processes; and val_bpb, the validation loss in bits per UTF-8
+    byte of text (summed over tokens, divided by the bytes they stand for), which compares across
+    tokenizers. byte_counts: (vocab,) bytes per token id, 0 for special tokens (not counted)."""
     model.eval()
     out = {}
     for name, shards in splits.items():
-        total, count = 0.0, 0
+        loss_sum, tokens, text_loss, text_bytes = 0.0, 0, 0.0, 0
         for k in my_share(eval_iters, rank, world_size):
+            x, y = get_batch(shards, 10**9 + (k or 0), T, dev)
             with ctx:
-                loss = model(*get_batch(shards, 10**9 + (k or 0), T, dev))[1]
+                logits, _ = model(x)
+            losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction='none')
+            nbytes = byte_counts[y.reshape(-1)]
             if k is not None:
-                total, count = total + loss.item(), count + 1
-        total, count = sum_across_ranks([total, count], comm_dev)
-        out[name] = total / count
+                loss_sum, tokens = loss_sum + losses.sum().item(), tokens + losses.numel()
+                text_loss, text_bytes = text_loss + losses[nbytes > 0].sum().item(), text_bytes + nbytes.sum().item()
+        loss_sum, tokens, text_loss, text_bytes = sum_across_ranks([loss_sum, tokens, text_loss, text_bytes], comm_dev)
+        out[name] = loss_sum / tokens
+        if name == 'val':
+            out['val_bpb'] = text_loss / math.log(2) / max(text_bytes, 1)
     model.train()
     return out
 
@@ -223,7 +249,10 @@ def main():
         if init_from == 'scratch':
             padded = math.ceil(meta['vocab_size'] / pad_vocab) * pad_vocab
             model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                                  vocab_size=meta['vocab_size'], padded_vocab_size=padded, dropout=dropout))
+                                  vocab_size=meta['vocab_size'], padded_vocab_size=padded, dropout=dropout,
+                                  norm=norm, pos_emb=pos_emb, rope_theta=rope_theta, mlp=mlp, mlp_hidden=mlp_hidden,
+                                  n_kv_head=n_kv_head, head_dim=head_dim, qk_norm=qk_norm, qkv_bias=qkv_bias,
+                                  tie_embeddings=tie_embeddings))
         elif init_from == 'resume':
             ckpt = load_checkpoint(out_dir, map_location='cpu')
             model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
@@ -231,17 +260,15 @@ def main():
             data_seed = ckpt['data']['seed']  # the run's data order, whatever --seed says now
             if data_seed != seed and master:
                 print(f"notice: resuming the run of --seed={data_seed}; its data order and generators continue (--seed={seed} ignored)")
-            if ckpt.get('tokenizer') != meta['tokenizer']:
-                die(f"{out_dir}/ckpt.pt was trained on {ckpt.get('tokenizer')} tokens but {data_dir} holds {meta['tokenizer']} tokens")
-        elif init_from.startswith('gpt2'):
-            if meta['tokenizer'] != 'gpt2':
-                die(f"GPT-2 continues on GPT-2 tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
-                    "prepare it with --tokenizer=gpt2")
-            # one process per machine downloads; the others then load from its cache
-            model = local_rank0_first(lambda: GPT.from_pretrained(init_from, block_size=block_size, dropout=dropout),
-                                      distributed, local_rank)
-        else:
-            die(f"--init_from={init_from}: use scratch, resume, or a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
+            if tokenizer_name(ckpt.get('tokenizer')) != meta['tokenizer']:
+                die(f"{out_dir}/ckpt.pt was trained on {tokenizer_name(ckpt.get('tokenizer'))} tokens but {data_dir} "
+                    f"holds {meta['tokenizer']} tokens")
+        else:  # published weights: one process per machine downloads, the others then load from its cache
+            model, info = local_rank0_first(lambda: load_pretrained(init_from, dtype=torch.float32, block_size=block_size,
+                                                                    dropout=dropout), distributed, local_rank)
+            if tokenizer_name(get_tokenizer(info['tokenizer']).spec) != meta['tokenizer']:
+                die(f"{init_from} continues on its own tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
+                    f"prepare it with --tokenizer={info['tokenizer']}")
     except (OSError, ValueError) as e:
         die(e)
     torch.manual_seed(seed + rank)
@@ -257,7 +284,11 @@ def main():
         if not shards:
             die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
-    tokenizer = get_tokenizer(meta['tokenizer']) if (sampling and sample_prompt) or eval_hellaswag else None
+    try:
+        tokenizer = data_tokenizer(data_dir)  # travels in the checkpoint, so sample.py decodes on any machine
+    except (OSError, ValueError) as e:
+        die(e)
+    byte_counts = torch.from_numpy(token_bytes(tokenizer)).to(dev)
     hellaswag = None
     if eval_hellaswag:  # every process scores its share of the examples
         hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
@@ -338,7 +369,7 @@ def main():
             model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
-        return {'model': model_sd, 'model_args': model_args, 'tokenizer': meta['tokenizer'],
+        return {'model': model_sd, 'model_args': model_args, 'tokenizer': tokenizer.spec,
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                 'optimizer': optim_sd, 'fsdp': fsdp, 'scaler': scaler.state_dict(),
                 'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
@@ -366,7 +397,7 @@ def main():
         if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
             dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
             with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
-                losses = estimate_loss(raw_model, splits, T, dev, ctx, rank, world_size, comm_dev)
+                losses = estimate_loss(raw_model, splits, T, dev, ctx, byte_counts, rank, world_size, comm_dev)
                 if hellaswag:
                     losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx, rank, world_size,
                                                              comm_dev)
@@ -385,11 +416,11 @@ def main():
                 die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f})"
+                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f}, {losses['val_bpb']:.4f} bits per byte)"
                       + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
                 if sample:
                     print(f"  sample: {sample_prompt + sample!r}")
-                log_json(step=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
+                log_json(step=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=losses['val_bpb'], lr=lr,
                          tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None,
                          **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
                 best_val_loss = min(best_val_loss, losses['val'])
@@ -415,7 +446,7 @@ def main():
             scaler.scale(loss).backward()
         if grad_clip:
             scaler.unscale_(optim)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
@@ -427,7 +458,7 @@ def main():
             if stop_requested(not math.isfinite(lossf)):
                 die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
             if grad_clip:  # under FSDP the norm is a sharded tensor: gathering it is a collective, on every rank
-                grad_norm = float(norm.full_tensor() if fsdp else norm)
+                grad_norm = float(total_norm.full_tensor() if fsdp else total_norm)
             if master:
                 dt = (time.time() - t_log) / (iter_num - it_log)
                 t_log, it_log = time.time(), iter_num
@@ -436,7 +467,7 @@ def main():
                 gn = f" | grad norm {grad_norm:.2f}" if grad_clip else ""
                 print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{gn} | {dt * 1000:.0f} ms/step | "
                       f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
-                log_json(step=iter_num, train_loss=lossf, val_loss=None, lr=lr, tokens_seen=iter_num * tokens_per_step,
+                log_json(step=iter_num, train_loss=lossf, val_loss=None, val_bpb=None, lr=lr, tokens_seen=iter_num * tokens_per_step,
                          ms_per_step=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
     if master:
         log_file.close()

@@ -54,3 +54,63 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_help_lists_keys_with_defaults():
     proc = run_script('sample.py', '--help')
     assert proc.returncode == 0 and '--temperature=0.8' in proc.stdout and "--init_from='resume'" in proc.stdout
+
+
+def make_llama_folder(folder, family):
+    """A random Qwen- or Llama-3-shaped model saved in the Hugging Face layout with a tokenizer.json from
+    tests/fixtures/tokenizers (small vocabularies with the families' own special tokens)."""
+    from conftest import FIXTURES
+    tokenizer_json = (FIXTURES / 'tokenizers' / family / 'tokenizer.json').read_text(encoding='utf-8')
+    tok = __import__('prepare_data').get_tokenizer({'name': family, 'json': tokenizer_json})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=96, bias=False,
+                          qkv_bias=family == 'qwen2')).eval()
+    with torch.no_grad():  # larger weights than the init's: a random model that does not just repeat one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    model.save_pretrained(folder, tokenizer_json=tokenizer_json)
+    return model, tok
+
+
+def test_sample_from_a_llama_family_folder(tmp_path):
+    model, tok = make_llama_folder(tmp_path / 'm', 'llama3')
+    expected = model.generate(torch.tensor([tok.encode('Hello there')]), 10, temperature=0)[0].tolist()
+    proc = run_script('sample.py', f'--init_from={tmp_path / "m"}', '--start=Hello there', '--temperature=0',
+                      '--max_new_tokens=10', '--num_samples=1')
+    assert proc.returncode == 0, proc.stderr
+    printed, whole = proc.stdout.split('\n---')[0], 'Hello there' + tok.decode(expected[len(tok.encode('Hello there')):])
+    # (a character whose bytes the last token leaves incomplete is never printed by the streaming decoder)
+    assert whole.startswith(printed) and len(whole) - len(printed) <= 1 and len(printed) > len('Hello there') + 5
+
+
+def test_chat_keeps_the_cache_across_turns_and_equals_uncached_generation(tmp_path, capsys, monkeypatch):
+    import sample
+    from prepare_data import format_chat
+    model, tok = make_llama_folder(tmp_path / 'm', 'qwen2')
+    for key, value in dict(max_new_tokens=12, temperature=0, top_k=0, top_p=1.0, system='Be brief.',
+                           chat_context=256).items():
+        monkeypatch.setattr(sample, key, value)
+    assert sample.guess_style(tok, None) == 'chatml'
+    lines = iter(['hello', 'and again?', '/reset', 'hello', '/exit', 'never read'])
+    prefilled = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, 'hidden_states', lambda idx, kv_cache=None: prefilled.append(idx.size(1)) or real(idx, kv_cache))
+    replies = sample.chat_loop(model, tok, 'chatml', 'cpu', read=lambda prompt: next(lines))
+    out = capsys.readouterr().out
+    # turn 2, uncached: the whole conversation rendered and generated from scratch
+    turn1 = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'hello'}]
+    ids1 = tok.encode(format_chat(turn1, 'chatml'))
+    end = tok.encode('<|im_end|>')[0]
+    gen1 = model.generate(torch.tensor([ids1]), 12, temperature=0, eos_id=end, use_cache=False)[0, len(ids1):].tolist()
+    reply1 = tok.decode(gen1[:gen1.index(end)] if end in gen1 else gen1)
+    turn2 = turn1 + [{'role': 'assistant', 'content': reply1}, {'role': 'user', 'content': 'and again?'}]
+    ids2 = tok.encode(format_chat(turn2, 'chatml'))
+    gen2 = model.generate(torch.tensor([ids2]), 12, temperature=0, eos_id=end, use_cache=False)[0, len(ids2):].tolist()
+    reply2 = tok.decode(gen2[:gen2.index(end)] if end in gen2 else gen2)
+    assert len(set(gen1)) > 3 and replies == [reply1, reply2, reply1]  # after /reset, the first answer again
+    assert reply1 in out and reply2 in out  # streamed as it came
+    # the second turn's prefill fed only what the cache lacked, not the whole conversation again
+    prefills = [n for n in prefilled if n > 1]
+    assert prefills[0] == len(ids1) and prefills[1] < len(ids2) - len(ids1) + 5

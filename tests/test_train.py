@@ -37,7 +37,10 @@ def test_loss_falls_and_everything_is_logged(data, tmp_path):
     assert [r['step'] for r in evals] == [0, 10, 20, 30, 40, 50, 60]
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.5  # from ~5.5 (uniform over 257) to well below
     steps = [r for r in rows if r['val_loss'] is None]
-    assert set(steps[0]) == {'step', 'train_loss', 'val_loss', 'lr', 'tokens_seen', 'ms_per_step', 'tokens_per_s', 'mfu'}
+    assert set(steps[0]) == {'step', 'train_loss', 'val_loss', 'val_bpb', 'lr', 'tokens_seen', 'ms_per_step',
+                             'tokens_per_s', 'mfu'}
+    # bytes tokens: one token is one byte (end-of-text counts none), so bits per byte = nats per token / ln 2
+    assert evals[-1]['val_bpb'] == pytest.approx(evals[-1]['val_loss'] / np.log(2), rel=0.01)
     assert steps[0]['tokens_seen'] == 5 * 8 * 32 and steps[0]['tokens_per_s'] > 0
     ckpt = load_checkpoint(tmp_path / 'out')
     assert ckpt['iter_num'] == 60 and ckpt['tokenizer'] == 'bytes' and ckpt['config']['max_iters'] == 60
