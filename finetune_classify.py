@@ -288,7 +288,7 @@ def main():
                 model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                       vocab_size=tokenizer.vocab_size, dropout=dropout))
             else:
-                model, info = load_pretrained(init_from, dropout=dropout)
+                model, info = load_pretrained(init_from, dtype=torch.float32, dropout=dropout)
                 tokenizer = get_tokenizer(info['tokenizer'])
             torch.manual_seed(seed)
             model.lm_head = nn.Linear(model.config.n_embd, len(labels))  # the classification head (6.5)
@@ -344,7 +344,7 @@ def main():
     with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:
         json.dump({**metrics, 'labels': labels, 'init_from': init_from, 'trainable': trainable, 'pool': pool}, f, indent=2)
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
-                     'tokenizer': tokenizer.name, 'labels': labels, 'max_length': length, 'pool': pool,
+                     'tokenizer': tokenizer.spec, 'labels': labels, 'max_length': length, 'pool': pool,
                      'metrics': metrics}, Path(out_dir) / 'classifier.pt')
     save_plot(history, Path(out_dir) / 'accuracy-loss.png')
     print(f"saved {out_dir}/classifier.pt; try --init_from=resume --classify=\"Congratulations, you won!\"")

@@ -3,6 +3,7 @@ Fine-tune a GPT to follow instructions, generate its test responses and have the
     python finetune_instruct.py                                    # gpt2-medium on the book's 1,100 instructions
     python finetune_instruct.py --init_from=out --judge=none       # your own pretrained checkpoint
     python finetune_instruct.py --lora_rank=16 --prompt_style=phi3
+    python finetune_instruct.py --init_from=qwen3-0.6b-base --prompt_style=chatml --lora_rank=16   # the Llama family
     python sample.py --out_dir=out-instruct --start="Rewrite the sentence using a simile: The car is fast."
 """
 import copy
@@ -19,17 +20,17 @@ import torch.nn.functional as F
 from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
 from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, download, load_pretrained, merged_state_dict,
                    save_checkpoint, set_lora_enabled)
-from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer
+from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
 
 method = 'sft'  # sft: supervised instruction tuning (7.2-7.6); dpo: preference tuning of an SFT model (the bonus)
 # data
 data = ''  # a JSON list (or JSONL) of {instruction, input, output} (+ chosen, rejected for dpo); '' = the book's file
 data_dir = 'data/instruct'  # where the book's file is downloaded to
-prompt_style = 'alpaca'  # alpaca (the book's) or phi3 (exercise 7.1)
+prompt_style = 'alpaca'  # alpaca (the book's), phi3 (exercise 7.1), llama3 or chatml (Qwen, SmolLM2: their chat formats)
 allowed_max_length = 1024  # truncate longer examples (tokens)
 mask_inputs = False  # also mask the prompt from the loss: learn only the responses (exercise 7.2)
 # model
-init_from = 'gpt2-medium'  # a GPT-2 size, resume (out_dir/ckpt.pt), scratch, or a ckpt.pt / HF folder
+init_from = 'gpt2-medium'  # a GPT-2 size, qwen3-0.6b / smollm2-135m / a hub id, resume (out_dir/ckpt.pt), scratch, a ckpt.pt / HF folder
 n_layer = 4  # for init_from=scratch
 n_head = 4
 n_embd = 128
@@ -150,16 +151,16 @@ def evaluate(model, encoded, pad_id, max_len, dev, ctx, num_batches=None):
 
 @torch.no_grad()
 def respond(model, entry, tokenizer, style, dev, ctx, max_new):
-    """The model's response to an entry: greedy, KV cache, stops at end-of-text (7.7)."""
+    """The model's response to an entry: greedy, KV cache, stops at the style's end of a response (7.7)."""
     ids = tokenizer.encode(format_prompt(entry, style))[-model.config.block_size:]
     x = torch.tensor([ids], device=dev)
     was_training = model.training
     model.eval()  # no dropout while answering (evaluate() leaves the model in training mode)
     with ctx:
-        out = model.generate(x, max_new, temperature=0, eos_id=tokenizer.eot_id)[0, len(ids):].tolist()
+        out = model.generate(x, max_new, temperature=0, eos_id=response_end_id(tokenizer, style))[0, len(ids):].tolist()
     model.train(was_training)
-    if tokenizer.eot_id in out:
-        out = out[:out.index(tokenizer.eot_id)]
+    if response_end_id(tokenizer, style) in out:
+        out = out[:out.index(response_end_id(tokenizer, style))]
     return tokenizer.decode(out).strip()
 
 
@@ -282,7 +283,7 @@ def main():
     config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
     dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
     if prompt_style not in PROMPT_STYLES:
-        die(f"--prompt_style={prompt_style}: use {' or '.join(PROMPT_STYLES)}")
+        die(f"--prompt_style={prompt_style}: use {', '.join(PROMPT_STYLES)}")
     if judge not in ('ollama', 'none'):
         die(f"--judge={judge}: use ollama or none")
     if method not in DATA:
@@ -304,8 +305,11 @@ def main():
                                   vocab_size=tokenizer.vocab_size, dropout=dropout))
         else:
             model, info = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from,
-                                          dropout=dropout)
+                                          dtype=torch.float32, dropout=dropout)
             tokenizer = get_tokenizer(info['tokenizer'])
+        # padding, and the first pad the target the model learns to stop with: end-of-text (alpaca, phi3),
+        # or the chat format's end of a turn (<|eot_id|>, <|im_end|>)
+        pad_id = response_end_id(tokenizer, prompt_style)
     except (OSError, ValueError) as e:
         die(e)
     reference = None  # dpo: the frozen model the policy is measured against
@@ -314,7 +318,6 @@ def main():
     if lora_rank > 0:
         apply_lora(model, lora_rank, lora_alpha)  # only the adapters train
     model.to(dev)
-    pad_id = tokenizer.eot_id
     max_len = min(allowed_max_length, model.config.block_size)  # longer examples are truncated
     train_model = maybe_compile(model, compile, device_type)
     if method == 'sft':
@@ -367,7 +370,7 @@ def main():
     print(f"trained {step} steps in {(time.time() - t0) / 60:.1f} min; val {fmt(after)}")
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
-                     'tokenizer': tokenizer.name, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
+                     'tokenizer': tokenizer.spec, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
                      'config': config}, Path(out_dir) / 'ckpt.pt')
 
     # responses for the test split (7.7), kept even if the judge fails

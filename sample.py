@@ -145,7 +145,7 @@ if __name__ == '__main__':
     eos_id = None
     if prompt_style:  # an instruction-tuned checkpoint (finetune_instruct.py): --start is the instruction
         start = format_prompt({'instruction': start.strip(), 'input': ''}, prompt_style)
-        eos_id = tokenizer.eot_id  # the response ends with end-of-text
+        eos_id = response_end_id(tokenizer, prompt_style)  # end-of-text, or the chat format's end of a turn
     # Generation reads every weight once per token, so we store them in the chosen dtype rather
     # than autocast (which would re-read the float32 weights and convert them at every step).
     model.eval().to(device=device, dtype=getattr(torch, dtype))

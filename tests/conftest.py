@@ -119,3 +119,24 @@ def assert_one_line_error(proc, *needles):
     assert lines and lines[-1].startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr
     for needle in needles:
         assert needle in lines[-1], lines[-1]
+
+
+def make_llama_folder(folder, family, spread=8.0):
+    """A random Qwen- or Llama-3-shaped model saved in the Hugging Face layout with a tokenizer.json from
+    tests/fixtures/tokenizers (small vocabularies with the families' own special tokens). spread: the
+    matrices times this, so that an untrained model does not just repeat one token."""
+    tokenizer_json = (FIXTURES / 'tokenizers' / family / 'tokenizer.json').read_text(encoding='utf-8')
+    from model import GPT, GPTConfig
+    from prepare_data import get_tokenizer
+    tok = get_tokenizer({'name': family, 'json': tokenizer_json})
+    import torch
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=96, bias=False,
+                          qkv_bias=family == 'qwen2')).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(spread)
+    model.save_pretrained(folder, tokenizer_json=tokenizer_json)
+    return model, tok

@@ -150,3 +150,18 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={tmp_path}/none',
                                      '--classify=hi'), 'no checkpoint')
     assert not (tmp_path / 'o' / 'classifier.pt').exists()
+
+
+def test_a_llama_family_model_classifies(tmp_path):
+    from conftest import make_llama_folder
+    make_llama_folder(tmp_path / 'llama', 'llama3', spread=1.0)
+    data = synthetic(tmp_path / 'syn.tsv', n=400)
+    out = tmp_path / 'out'
+    proc = run_script('finetune_classify.py', f'--data={data}', f'--init_from={tmp_path / "llama"}', f'--out_dir={out}',
+                      '--trainable=all', '--learning_rate=3e-3', '--num_epochs=6', '--batch_size=16',
+                      '--eval_interval=50', '--eval_iters=2')
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['train_accuracy'] > 0.9 and metrics['test_accuracy'] > 0.75, metrics
+    spam = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}', '--classify=free cash prize now')
+    assert spam.stdout.startswith('spam ('), spam.stdout + spam.stderr

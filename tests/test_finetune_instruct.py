@@ -202,3 +202,30 @@ def test_responses_are_generated_without_dropout():
     model.train()  # as evaluate() leaves it
     answers = {fi.respond(model, entry, ByteTokenizer(), 'alpaca', 'cpu', nullcontext(), 12) for _ in range(3)}
     assert answers == {expected} and model.training  # greedy and deterministic; the mode is restored
+
+
+def test_a_llama_family_model_learns_the_chatml_format_and_carries_its_tokenizer(tmp_path):
+    from conftest import make_llama_folder
+    from prepare_data import get_tokenizer
+    make_llama_folder(tmp_path / 'qwen', 'qwen2', spread=1.0)
+    data = synthetic_entries(tmp_path / 'd.json', n=40)
+    out = tmp_path / 'out'
+    proc = run_script('finetune_instruct.py', f'--data={data}', f'--init_from={tmp_path / "qwen"}', f'--out_dir={out}',
+                      '--prompt_style=chatml', '--learning_rate=3e-3', '--num_epochs=10',
+                      '--eval_interval=100', '--max_new_tokens=8', '--judge=none', '--mask_inputs=True')
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert metrics['val_loss'] < 0.5 * metrics['val_loss_before'], metrics
+    ckpt = load_checkpoint(out)
+    assert ckpt['prompt_style'] == 'chatml' and ckpt['model_args']['pos_emb'] == 'rope'
+    tok = get_tokenizer(ckpt['tokenizer'])  # the whole tokenizer.json travels in the checkpoint
+    assert '<|im_end|>' in tok.enc.special_tokens_set
+    # the answers stop at <|im_end|> (the padding the collate made the target), not at <|endoftext|>
+    responses = json.loads((out / 'test_responses.json').read_text())
+    assert sum(r['model_response'] == r['output'] for r in responses) >= len(responses) // 2, responses
+    import shutil
+    shutil.rmtree(tmp_path / 'qwen')  # sample.py needs nothing but the checkpoint
+    proc = run_script('sample.py', f'--out_dir={out}', '--start=Say yes.', '--temperature=0', '--num_samples=1',
+                      '--max_new_tokens=8')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\nyes'), proc.stdout

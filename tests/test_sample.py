@@ -1,7 +1,7 @@
 """sample.py as a user runs it: from a checkpoint, streaming, long prompts, bad input."""
 import torch
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, make_llama_folder, run_script
 from model import GPT, GPTConfig, save_checkpoint
 from prepare_data import ByteTokenizer
 
@@ -54,24 +54,6 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_help_lists_keys_with_defaults():
     proc = run_script('sample.py', '--help')
     assert proc.returncode == 0 and '--temperature=0.8' in proc.stdout and "--init_from='resume'" in proc.stdout
-
-
-def make_llama_folder(folder, family):
-    """A random Qwen- or Llama-3-shaped model saved in the Hugging Face layout with a tokenizer.json from
-    tests/fixtures/tokenizers (small vocabularies with the families' own special tokens)."""
-    from conftest import FIXTURES
-    tokenizer_json = (FIXTURES / 'tokenizers' / family / 'tokenizer.json').read_text(encoding='utf-8')
-    tok = __import__('prepare_data').get_tokenizer({'name': family, 'json': tokenizer_json})
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                          norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=96, bias=False,
-                          qkv_bias=family == 'qwen2')).eval()
-    with torch.no_grad():  # larger weights than the init's: a random model that does not just repeat one token
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    model.save_pretrained(folder, tokenizer_json=tokenizer_json)
-    return model, tok
 
 
 def test_sample_from_a_llama_family_folder(tmp_path):
