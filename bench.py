@@ -3,6 +3,7 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py                                  # training steps, GPT-2 124M shape, synthetic tokens
     python bench.py --ablate=True                    # the book's speed-ups one at a time
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
+    python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
 """
 import math
 import sys
@@ -20,6 +21,7 @@ from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
 init_from = 'scratch'  # 'scratch' (random weights in the shape below) or a GPT-2 size / HF-layout folder
+shape = ''  # generate: a published model's shape with random weights instead (qwen3-0.6b, llama-3.2-1b, smollm2-135m)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -38,7 +40,8 @@ profile = False  # train: write a torch.profiler trace (open in chrome://tracing
 prompt_tokens = 64  # generate
 max_new_tokens = 200  # generate
 repeats = 3  # generate: timed runs per variant; the best is reported
-compare_hf = False  # generate: also time transformers' GPT2LMHeadModel.generate (pip install transformers)
+uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
+compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -153,8 +156,39 @@ def peak_memory(device_type):
     return rss if sys.platform == 'darwin' else rss * 1024  # macOS counts bytes, Linux KiB
 
 
+LLAMA = dict(norm='rmsnorm', pos_emb='rope', mlp='swiglu', bias=False)
+SHAPES = {  # the published configs (random weights here): what a token costs at their real size
+    'qwen3-0.6b': GPTConfig(vocab_size=151936, block_size=40960, n_layer=28, n_head=16, n_kv_head=8, head_dim=128,
+                            n_embd=1024, mlp_hidden=3072, qk_norm=True, norm_eps=1e-6, rope_theta=1e6, **LLAMA),
+    'llama-3.2-1b': GPTConfig(vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_kv_head=8, head_dim=64,
+                              n_embd=2048, mlp_hidden=8192, rope_theta=500000.0, rope_scaling=dict(
+                                  factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192), **LLAMA),
+    'smollm2-135m': GPTConfig(vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                              mlp_hidden=1536, rope_theta=100000.0, **LLAMA),
+}
+
+
+def random_model(config, dtype):
+    """A GPT of this shape with N(0, 0.02) weights made directly in dtype (no float32 copy first)."""
+    with torch.device('meta'):
+        model = GPT(config)
+    model = model.to(dtype).to_empty(device='cpu')
+    if config.tie_embeddings:
+        model.transformer.wte.weight = model.lm_head.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight')) \
+                else p.normal_(0, 0.02)
+    return model
+
+
 def generate_speed(dev, dtype_name):
-    if init_from == 'scratch':
+    if shape:
+        if shape not in SHAPES:
+            die(f"--shape={shape}: use one of {', '.join(SHAPES)}")
+        model = random_model(SHAPES[shape], getattr(torch, dtype_name))
+    elif init_from == 'scratch':
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
     else:
         try:
@@ -181,17 +215,17 @@ def generate_speed(dev, dtype_name):
     with torch.no_grad():
         t_cache, out_cache = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0))
         rows.append(('ours, KV cache', t_cache))
-        t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False))
-        rows.append(('ours, no cache (recompute the context)', t_full))
+        if uncached:
+            t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False))
+            rows.append(('ours, no cache (recompute the context)', t_full))
         if compare_hf:
             try:
-                from transformers import GPT2LMHeadModel
+                from transformers import AutoModelForCausalLM
             except ImportError:
                 die("--compare_hf=True needs transformers: pip install transformers")
             with tempfile.TemporaryDirectory() as tmp:
-                model.float().save_pretrained(tmp)
-                model.to(dtype=getattr(torch, dtype_name))
-                hf = GPT2LMHeadModel.from_pretrained(tmp).eval().to(device=dev, dtype=getattr(torch, dtype_name))
+                model.save_pretrained(tmp)  # the same weights, in the same dtype
+                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
             mask = torch.ones_like(idx)
             t_hf, out_hf = best_time(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,
                                                          min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0))
@@ -200,7 +234,7 @@ def generate_speed(dev, dtype_name):
     for name, t in rows:
         rel = f"{rows[-1][1] / t:.2f}x" if compare_hf else '-'
         print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
-    print(f"KV cache == no cache: {torch.equal(out_cache, out_full)}"
+    print(f"KV cache == no cache: {torch.equal(out_cache, out_full) if uncached else 'not run'}"
           + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else ''))
 
 

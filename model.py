@@ -103,10 +103,12 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)  # q, k, v in one matmul
+        # q, k and v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps), nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         self.qk_norm = config.qk_norm
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -186,7 +188,8 @@ class KVCache:
         self.pos = 0  # how many positions are filled
 
     def update(self, layer_idx, k, v):
-        """Store (B, n_kv_head, T, hs) new keys/values of one layer; return all of its so far (B, n_kv_head, pos+T, hs)."""
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer; return all of its so far
+        (B, n_kv_head, pos+T, hs)."""
         end = self.pos + k.size(2)
         self.k[layer_idx, :, :, self.pos:end] = k
         self.v[layer_idx, :, :, self.pos:end] = v
@@ -271,13 +274,16 @@ class GPT(nn.Module):  # ch04: the GPT model
         if self.config.pos_emb == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
+                             muon_dtype=torch.bfloat16):
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
         LayerNorm gains; the fused kernel on CUDA and CPU (one pass over all params: on 2 CPU cores
         4x faster than the default per-tensor loop).
         optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
         head, biases, gains), as modded-nanogpt and nanochat. Each group's 'lr_scale' is its
-        learning rate relative to learning_rate, for the schedule."""
+        learning rate relative to learning_rate, for the schedule. muon_dtype: what its
+        Newton-Schulz iteration computes in: bfloat16 where that is native (GPUs, recent CPUs),
+        float32 where bfloat16 is emulated (AVX2 CPUs: 10x slower in bfloat16)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -290,7 +296,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         rest = [p for _, p in named if p.dim() < 2]
         return MuonWithAdamW([
             {'params': hidden, 'use_muon': True, 'lr': muon_lr, 'lr_scale': muon_lr / learning_rate,
-             'momentum': 0.95, 'weight_decay': 0.0},
+             'momentum': 0.95, 'weight_decay': 0.0, 'ns_dtype': muon_dtype},
             {'params': embed, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
             {'params': rest, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0}])
 
@@ -375,11 +381,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 # -------------------------------------------------------------------- Muon
 
-def orthogonalize(G, steps=5):
+def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a
-    quintic Newton-Schulz iteration in bfloat16 (coefficients from Keller Jordan's Muon)."""
+    quintic Newton-Schulz iteration (coefficients from Keller Jordan's Muon), in bfloat16 as
+    Muon does where that is fast, else float32."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(0) > G.size(1)
     if tall:
         X = X.mT
@@ -409,7 +416,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 if group['use_muon']:
                     buf = state.setdefault('momentum_buffer', torch.zeros_like(p))
                     buf.lerp_(p.grad, 1 - group['momentum'])
-                    update = orthogonalize(p.grad.lerp(buf, group['momentum']))  # Nesterov
+                    nesterov = p.grad.lerp(buf, group['momentum'])
+                    update = orthogonalize(nesterov, dtype=group.get('ns_dtype', torch.bfloat16))
                     p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                 else:
                     if not state:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model import download
+from model import download, is_hub_name, pretrained_path
 
 dataset = 'pydoc'  # pydoc | verdict | shakespeare | fineweb10B (ignored when --input is given)
 input = ''  # a UTF-8 text file, or a folder of .txt files (one document each)
-tokenizer = 'bytes'  # bytes (256 byte values + end-of-text) | gpt2 | bpe (trained here) | a folder or tokenizer.json
+tokenizer = 'bytes'  # bytes (256 byte values + end-of-text) | gpt2 | bpe (trained here) | qwen3-0.6b, a hub id, a folder or tokenizer.json
 vocab_size = 4096  # --tokenizer=bpe: 256 bytes + merges + end-of-text
 tokenizer_max_chars = 20_000_000  # --tokenizer=bpe: learn from at most this many characters of the training split
 data_dir = ''  # where the shards go; default data/<dataset> (or data/<input name>)
@@ -299,7 +299,8 @@ def llama3_tokenizer_json(path):
 
 
 def get_tokenizer(spec):
-    """bytes | gpt2 | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model), or such a file |
+    """bytes | gpt2 | a published model's name or hub id (qwen3-0.6b, Qwen/Qwen3-0.6B: its tokenizer.json is
+    downloaded once, without the weights) | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model), or such a file |
     {'name', 'json': tokenizer.json text}, what a tokenizer's .spec gives (so checkpoints and meta.json carry it)."""
     if isinstance(spec, dict):
         if not isinstance(spec.get('name'), str) or not isinstance(spec.get('json'), str):
@@ -312,7 +313,7 @@ def get_tokenizer(spec):
     if spec == 'bpe':
         raise ValueError("the bpe tokenizer is trained per data set: prepare_data.py --tokenizer=bpe makes it, and "
                          "data_tokenizer(data_dir) or its data_dir/tokenizer.json loads it")
-    path = Path(spec)
+    path = pretrained_path(spec, weights=False) if is_hub_name(spec) else Path(spec)  # qwen3-0.6b: its tokenizer.json
     if path.is_dir():
         found = [p for p in (path / 'tokenizer.json', path / 'original' / 'tokenizer.model') if p.is_file()]
         if not found:

@@ -3,6 +3,7 @@ Pretrain a GPT (book chapter 5 and appendix D; nanoGPT's train.py).
     python train.py                                     # a small GPT on Python's docs, ~5 min on 2 CPU cores
     python train.py config/train_verdict.py             # the book's chapter-5 run
     python train.py --init_from=resume                  # continue the run in out_dir exactly
+    python train.py --init_from=gpt2 --eval_only=True --data_dir=data/verdict   # compare models on the same tokens
     python train.py config/train_llama_style.py         # the same run with RoPE, RMSNorm, SwiGLU, GQA
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_fineweb.py
 """
@@ -34,6 +35,7 @@ log_interval = 25
 sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
 sample_tokens = 64
 eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (GPT-2 124M: ~29.5%)
+eval_only = False  # measure the model (val loss and bits per byte, HellaSwag if asked) on the fixed eval batches and exit
 hellaswag_dir = 'data/hellaswag'  # where its validation set is downloaded to (or already is)
 hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 # data
@@ -294,6 +296,17 @@ def main():
         hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
         hellaswag = hellaswag[:hellaswag_limit or None]
     model.to(dev)
+    if eval_only:  # the same eval_iters batches of the validation split as every eval: models compare on equal tokens
+        losses = estimate_loss(model, {'val': splits['val']}, T, dev, ctx, byte_counts, rank, world_size, comm_dev)
+        if hellaswag:
+            losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, dev, ctx, rank, world_size, comm_dev)
+        if master:
+            print(f"{init_from}: val loss {losses['val']:.4f}, {losses['val_bpb']:.4f} bits per byte on "
+                  f"{eval_iters} x {batch_size} x {T} tokens of {data_dir}"
+                  + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
+        if distributed:
+            torch.distributed.destroy_process_group()
+        return
     if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
         if optimizer == 'muon':
             die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp")
@@ -308,7 +321,8 @@ def main():
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     try:
-        optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr)
+        optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
+                                           torch.bfloat16 if amp_dtype == 'bfloat16' else torch.float32)
     except ValueError as e:
         die(e)
     model.grad_checkpoint = grad_checkpoint

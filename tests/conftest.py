@@ -105,10 +105,17 @@ def server():
     s.close()
 
 
+DEVICE_SCRIPTS = ('train.py', 'sample.py', 'finetune_classify.py', 'finetune_instruct.py', 'bench.py')
+
+
 def run_script(script, *args, cwd=None, timeout=300):
-    """Run one of our scripts as a user would; returns the CompletedProcess (text)."""
+    """Run one of our scripts as a user would; returns the CompletedProcess (text). The tests mean
+    CPU and float32 (exact comparisons), also on a machine with a GPU or a bfloat16 CPU: the
+    scripts that choose a device get --device=cpu --dtype=float32 first, which a test's own
+    arguments override."""
     import subprocess
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+    first = ['--device=cpu', '--dtype=float32'] if script in DEVICE_SCRIPTS else []
+    return subprocess.run([sys.executable, str(ROOT / script), *first, *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -154,3 +154,13 @@ def test_rank0_downloads_first_and_an_error_ends_every_process(tmp_path, mode):
     else:
         assert proc.returncode != 0 and log == ['start 0']  # rank 1 neither fetched nor hung
         assert proc.stderr.count('error: download of http://x/y failed') == 2, proc.stderr[-2000:]
+
+
+def test_auto_dtype_on_cpu_follows_native_bfloat16(monkeypatch):
+    import torch
+    import configurator
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    assert not configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'float32'  # AVX2: 10-15x slower in bf16
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True)  # e.g. AMD Zen 4, Xeon Cooper Lake+
+    assert configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'bfloat16'

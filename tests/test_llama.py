@@ -178,3 +178,16 @@ def test_loading_holds_the_weights_once(tmp_path):
     out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT)], capture_output=True, text=True)
     before, after, weights = map(int, out.stdout.split())
     assert weights > 100e6 and after - before <= 1.5 * weights, (before, after, weights)
+
+
+def test_a_published_models_tokenizer_alone_by_name(server, tmp_path, monkeypatch):
+    from prepare_data import get_tokenizer
+    server.routes['/org/tiny/resolve/main/config.json'] = (FIXTURES / 'tiny-qwen2' / 'config.json').read_bytes()
+    server.routes['/org/tiny/resolve/main/tokenizer.json'] = (FIXTURES / 'tokenizers' / 'qwen2' / 'tokenizer.json').read_bytes()
+    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    tok = get_tokenizer('org/tiny')
+    assert tok.decode(tok.encode('Hello <|im_end|> world')) == 'Hello <|im_end|> world'
+    assert not any('safetensors' in p for p, _ in server.requests)  # the tokenizer only, no weights
+    # the same folder the model loads from: train.py and the fine-tuning scripts see the same tokenizer name
+    assert tok.name == get_tokenizer(str(tmp_path / 'cache' / 'org--tiny')).name

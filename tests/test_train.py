@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 def tiny(data, out, *extra):
     return [f'--data_dir={data}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
             '--batch_size=8', '--eval_interval=10', '--eval_iters=2', '--log_interval=5', '--sample_tokens=8',
-            '--warmup_iters=5', '--learning_rate=3e-3', '--device=cpu', *extra]  # CPU even where a GPU is
+            '--warmup_iters=5', '--learning_rate=3e-3', '--device=cpu', '--dtype=float32', *extra]  # as run_script
 
 
 def log_rows(out):
@@ -208,3 +208,38 @@ def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_pat
                               '--ddp=fsdp', '--init_from=resume'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(tmp_path / 'fsdp')['iter_num'] == 12
+
+
+def test_continue_a_llama_family_model_on_its_own_tokens_and_eval_only(tmp_path):
+    from conftest import make_llama_folder
+    make_llama_folder(tmp_path / 'qwen', 'qwen2', spread=1.0)
+    data = prepare('verdict', input=str(ROOT.parent / 'shared' / 'data' / 'the-verdict.txt'),
+                   tokenizer=str(tmp_path / 'qwen'), data_dir=tmp_path / 'data', quiet=True) \
+        if (ROOT.parent / 'shared' / 'data' / 'the-verdict.txt').is_file() else \
+        prepare('pydoc', tokenizer=str(tmp_path / 'qwen'), data_dir=tmp_path / 'data', quiet=True)
+    # the same tokens the model's tokenizer makes; eval_only writes nothing
+    before = run_script('train.py', *tiny(data, tmp_path / 'o', f'--init_from={tmp_path / "qwen"}', '--eval_only=True'))
+    assert before.returncode == 0, before.stderr
+    assert 'bits per byte' in before.stdout and not (tmp_path / 'o').exists()
+    proc = run_script('train.py', *tiny(data, tmp_path / 'o', f'--init_from={tmp_path / "qwen"}', '--max_iters=20'))
+    assert proc.returncode == 0, proc.stderr
+    evals = [r for r in log_rows(tmp_path / 'o') if r['val_loss'] is not None]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5
+    ckpt = load_checkpoint(tmp_path / 'o')
+    assert ckpt['model_args']['pos_emb'] == 'rope' and ckpt['tokenizer']['name'].startswith('qwen-')
+    after = run_script('train.py', *tiny(data, tmp_path / 'o', '--init_from=resume', '--eval_only=True'))
+    loss = lambda out: float(out.split('val loss ')[1].split(',')[0])  # noqa: E731
+    assert loss(after.stdout) < loss(before.stdout) - 0.5
+    # a model continues only on its own tokens
+    other = prepare('pydoc', data_dir=tmp_path / 'bytes', quiet=True)
+    assert_one_line_error(run_script('train.py', *tiny(other, tmp_path / 'x', f'--init_from={tmp_path / "qwen"}')),
+                          'continues on its own tokens')
+
+
+def test_a_llama_shaped_model_from_scratch_with_the_config_file(data, tmp_path):
+    proc = run_script('train.py', 'config/train_llama_style.py', *tiny(data, tmp_path / 'o', '--max_iters=30', '--n_kv_head=1'))
+    assert proc.returncode == 0, proc.stderr
+    args = load_checkpoint(tmp_path / 'o')['model_args']
+    assert (args['norm'], args['pos_emb'], args['mlp'], args['n_kv_head']) == ('rmsnorm', 'rope', 'swiglu', 1)
+    evals = [r for r in log_rows(tmp_path / 'o') if r['val_loss'] is not None]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0
