@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from configurator import configure, setup, die, maybe_compile, synchronize
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, gpu_peak_flops
+from weights import from_pretrained
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
@@ -192,7 +193,7 @@ def generate_speed(dev, dtype_name):
         model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
     else:
         try:
-            model = GPT.from_pretrained(init_from)
+            model = from_pretrained(init_from)
         except (OSError, ValueError) as e:
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))

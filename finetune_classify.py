@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure, setup, die, maybe_compile, optimizer_step
-from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, download, load_checkpoint, load_pretrained,
-                   load_state_dict_checked, merged_state_dict, save_checkpoint)
+from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, load_checkpoint, load_state_dict_checked,
+                   merged_state_dict, save_checkpoint)
+from weights import download, load_pretrained
 from prepare_data import get_tokenizer
 
 # data

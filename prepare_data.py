@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model import download, is_hub_name, pretrained_path
+from weights import download, is_hub_name, pretrained_path
 
 dataset = 'pydoc'  # pydoc | verdict | shakespeare | fineweb10B (ignored when --input is given)
 input = ''  # a UTF-8 text file, or a folder of .txt files (one document each)

@@ -13,7 +13,8 @@ import sys
 import torch
 
 from configurator import configure, setup, die, maybe_compile
-from model import KVCache, load_pretrained
+from model import KVCache
+from weights import load_pretrained
 from prepare_data import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
 
 init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
@@ -59,6 +60,7 @@ def chat_loop(model, tokenizer, style, device, read=input):
     opening = [{'role': 'system', 'content': system}] if system else []
     messages = list(opening)
     end_id = response_end_id(tokenizer, style)
+    reply_tokens = min(max_new_tokens, capacity // 2)  # a reply never takes more than half the conversation
     print(f"chat ({style} format, up to {capacity} tokens); /reset forgets the conversation, /exit ends it")
     replies = []
     while True:
@@ -76,18 +78,18 @@ def chat_loop(model, tokenizer, style, device, read=input):
             continue
         messages.append({'role': 'user', 'content': line})
         ids = tokenizer.encode(format_chat(messages, style))
-        while len(ids) + max_new_tokens > capacity and len(messages) > len(opening) + 1:
+        while len(ids) + reply_tokens > capacity and len(messages) > len(opening) + 1:
             del messages[len(opening):len(opening) + 2]  # the oldest exchange (a user turn and its answer)
             ids = tokenizer.encode(format_chat(messages, style))
             print(f"notice: the conversation is longer than {capacity} tokens; dropped its oldest exchange",
                   file=sys.stderr)
-        if len(ids) + max_new_tokens > capacity:
-            ids = ids[-(capacity - max_new_tokens):]
+        if len(ids) + reply_tokens > capacity:
+            ids = ids[-(capacity - reply_tokens):]
             print("notice: the message alone is too long; keeping its end", file=sys.stderr)
         common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), min(len(cached), len(ids)))
         cache.pos = common  # what the cache holds beyond the shared start is overwritten
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+            out = model.generate(torch.tensor([ids], device=device), reply_tokens, temperature=temperature,
                                  top_k=top_k or None, top_p=top_p, eos_id=end_id, kv_cache=cache,
                                  on_token=stream_to(sys.stdout, tokenizer, end_id))[0].tolist()
         print()

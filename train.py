@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
                           compile_available)
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
+from weights import load_pretrained
 from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard,
                           token_bytes)
 
@@ -127,6 +128,15 @@ def get_lr(it):
 def tokenizer_name(spec):
     """The name in a tokenizer's spec as checkpoints carry it: 'bytes', 'gpt2' or {'name', 'json'}."""
     return spec['name'] if isinstance(spec, dict) else spec
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizer names are the same tokenizer: a tokenizer.json's name is its folder's
+    name plus the sha256 of its content, so compare that (the same file in two folders is the same)."""
+    def content(name):
+        label, _, digest = str(name).rpartition('-')
+        return digest if label and len(digest) == 12 else name
+    return content(a) == content(b)
 
 
 def my_share(n, rank, world_size):
@@ -262,13 +272,13 @@ def main():
             data_seed = ckpt['data']['seed']  # the run's data order, whatever --seed says now
             if data_seed != seed and master:
                 print(f"notice: resuming the run of --seed={data_seed}; its data order and generators continue (--seed={seed} ignored)")
-            if tokenizer_name(ckpt.get('tokenizer')) != meta['tokenizer']:
+            if not same_tokenizer(tokenizer_name(ckpt.get('tokenizer')), meta['tokenizer']):
                 die(f"{out_dir}/ckpt.pt was trained on {tokenizer_name(ckpt.get('tokenizer'))} tokens but {data_dir} "
                     f"holds {meta['tokenizer']} tokens")
         else:  # published weights: one process per machine downloads, the others then load from its cache
             model, info = local_rank0_first(lambda: load_pretrained(init_from, dtype=torch.float32, block_size=block_size,
                                                                     dropout=dropout), distributed, local_rank)
-            if tokenizer_name(get_tokenizer(info['tokenizer']).spec) != meta['tokenizer']:
+            if not same_tokenizer(get_tokenizer(info['tokenizer']).name, meta['tokenizer']):
                 die(f"{init_from} continues on its own tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
                     f"prepare it with --tokenizer={info['tokenizer']}")
     except (OSError, ValueError) as e:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / 'tiktoken_cache').is_dir():
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 FIXTURES = ROOT / 'tests' / 'fixtures'
+import weights  # noqa: E402,F401 -- gives GPT its from_pretrained / save_pretrained
 
 
 def gpt2_bpe_available():

@@ -4,9 +4,10 @@ import hashlib
 import pytest
 import torch
 
-import model as model_py
+import weights as model_py
 from conftest import FIXTURES
-from model import GPT, download
+from model import GPT
+from weights import download
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
 

@@ -182,7 +182,7 @@ def test_dpo_makes_chosen_responses_more_likely(tmp_path):
     assert m['method'] == 'dpo' and m['reward_accuracy_before'] <= 0.5 < m['reward_accuracy'], m
     assert m['reward_margin'] > m['reward_margin_before'] + 1.0, m
     from prepare_data import ByteTokenizer
-    from model import load_pretrained
+    from weights import load_pretrained
     policy, _ = load_pretrained(str(out))
     entry = json.loads(data.read_text())[-1]
     prompt, chosen, rejected = fi.encode_pair(entry, ByteTokenizer(), 'alpaca')

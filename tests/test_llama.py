@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
+import weights as model_module
 from conftest import FIXTURES, ROOT
 from model import GPT, GPTConfig, KVCache, apply_lora, merge_lora
 
@@ -153,9 +153,9 @@ def test_gated_repo_says_what_to_do(server, tmp_path, monkeypatch):
 MEASURE = '''
 import resource, sys, torch
 sys.path.insert(0, sys.argv[2])
-from model import GPT
+from weights import from_pretrained
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model = GPT.from_pretrained(sys.argv[1])
+model = from_pretrained(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(before * 1024, after * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
 '''
@@ -191,3 +191,28 @@ def test_a_published_models_tokenizer_alone_by_name(server, tmp_path, monkeypatc
     assert not any('safetensors' in p for p, _ in server.requests)  # the tokenizer only, no weights
     # the same folder the model loads from: train.py and the fine-tuning scripts see the same tokenizer name
     assert tok.name == get_tokenizer(str(tmp_path / 'cache' / 'org--tiny')).name
+
+
+def test_a_single_file_model_loads_offline_once_fetched(server, tmp_path, monkeypatch):
+    folder, ids, expected = fixture('tiny-qwen3')  # no model.safetensors.index.json: the hub answers 404 for it
+    serve(server, folder, 'org/single')
+    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    GPT.from_pretrained('org/single')
+    asked = len(server.requests)
+    model = GPT.from_pretrained('org/single').eval()  # complete: not one more request
+    assert len(server.requests) == asked and (model(ids)[0] - expected).abs().max().item() <= 1e-4
+
+
+def test_paths_are_not_hub_ids():
+    from weights import is_hub_name
+    assert is_hub_name('Qwen/Qwen3-0.6B') and is_hub_name('qwen3-0.6b') and is_hub_name('SmolLM2-135M'.lower())
+    for path in ('out/ckpt.pt', 'out-instruct/ckpt.pt', './my/model', 'models/tokenizer.json', '/abs/path'):
+        assert not is_hub_name(path), path  # a missing checkpoint says "no checkpoint", not "is gated"
+
+
+def test_the_same_tokenizer_in_two_folders_is_the_same():
+    import train
+    assert train.same_tokenizer('qwen3-0.6b-ba2ffe2c1234', 'Qwen--Qwen3-0.6B-ba2ffe2c1234')
+    assert not train.same_tokenizer('qwen-ba2ffe2c1234', 'qwen-000000000000')
+    assert train.same_tokenizer('bytes', 'bytes') and not train.same_tokenizer('bytes', 'gpt2')

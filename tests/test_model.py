@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from model import (GPT, GPTConfig, KVCache, apply_lora, filter_logits, load_checkpoint, load_safetensors,
-                   merge_lora, merged_state_dict, model_from_checkpoint, save_checkpoint, save_safetensors,
-                   set_lora_enabled)
+from model import (GPT, GPTConfig, KVCache, apply_lora, filter_logits, load_checkpoint, merge_lora, merged_state_dict,
+                   model_from_checkpoint, save_checkpoint, set_lora_enabled)
+from weights import load_safetensors, save_safetensors
 
 TINY_HF = FIXTURES / 'tiny-gpt2'
 

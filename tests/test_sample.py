@@ -96,3 +96,18 @@ def test_chat_keeps_the_cache_across_turns_and_equals_uncached_generation(tmp_pa
     # the second turn's prefill fed only what the cache lacked, not the whole conversation again
     prefills = [n for n in prefilled if n > 1]
     assert prefills[0] == len(ids1) and prefills[1] < len(ids2) - len(ids1) + 5
+
+
+def test_chat_with_a_small_context_crops_old_turns_not_the_new_message(tmp_path, capsys, monkeypatch):
+    import sample
+    model, tok = make_llama_folder(tmp_path / 'm', 'qwen2')
+    # our own checkpoints have a context of 128 while max_new_tokens defaults to 200
+    for key, value in dict(max_new_tokens=200, temperature=0, top_k=0, top_p=1.0, system='', chat_context=64).items():
+        monkeypatch.setattr(sample, key, value)
+    lines = iter(['hello there', 'a second question', 'and a third one', '/exit'])
+    asked, generate = [], model.generate
+    monkeypatch.setattr(model, 'generate', lambda idx, n, **kw: asked.append((idx.size(1), n)) or generate(idx, n, **kw))
+    replies = sample.chat_loop(model, tok, 'chatml', 'cpu', read=lambda prompt: next(lines))
+    out = capsys.readouterr()
+    assert len(replies) == 3 and all(n == 32 and prompt + n <= 64 for prompt, n in asked)  # a reply: half the context
+    assert 'dropped its oldest exchange' in out.err and 'message alone is too long' not in out.err

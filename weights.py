@@ -1,0 +1,526 @@
+"""
+Published weights in and out (book ch. 5.5 and the "GPT to Llama" bonus): downloads from the
+Hugging Face hub with requests, safetensors read and written without the safetensors package,
+GPT-2 and the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) mapped onto model.py's one GPT.
+model.py holds the network; this file only moves weights between it and the files, and imports
+model.py, never the other way round.
+    from weights import from_pretrained, load_pretrained
+    model = from_pretrained('qwen3-0.6b')        # also GPT.from_pretrained(...) once this file is imported
+    model.save_pretrained('my-qwen')             # the family's own layout, loads in transformers
+"""
+import json
+import math
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import GPT, GPTConfig, PRESETS, _first_line, load_checkpoint, load_state_dict_checked, merged_state_dict, \
+    model_from_checkpoint
+
+
+# -------------------------------------------------------------------- downloads
+
+def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0, headers=None):
+    """Fetch url to path with requests, for real: streamed with a progress display, resumed
+    and retried with backoff after a dropped connection or a 5xx, size-checked against
+    Content-Length and sha256-checked where known. The bytes go to path.part and are renamed
+    only when complete, so an interrupted download never leaves a file that looks finished.
+    Returns path (at once if it already exists)."""
+    import hashlib
+    import requests
+    path = Path(path)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + '.part')
+    desc = desc or path.name
+    for attempt in range(retries):
+        try:
+            have = part.stat().st_size if part.exists() else 0
+            ask = {'Accept-Encoding': 'identity', **(headers or {}), **({'Range': f'bytes={have}-'} if have else {})}
+            with requests.get(url, stream=True, timeout=timeout, headers=ask) as r:
+                if r.status_code == 416:  # our .part already holds everything (or is bogus): start over
+                    part.unlink()
+                    raise requests.ConnectionError("range not satisfiable")
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise requests.ConnectionError(f"HTTP {r.status_code}")
+                if r.status_code == 404:
+                    raise FileNotFoundError(f"download of {url} failed: HTTP 404 Not Found; check the URL")
+                if r.status_code >= 400:
+                    raise OSError(f"download of {url} failed: HTTP {r.status_code} {r.reason}; check the URL")
+                if r.status_code != 206:
+                    have = 0  # the server ignored our Range: take the whole body again
+                length = r.headers.get('Content-Length')
+                total = have + int(length) if length is not None else None
+                got, t0, shown = have, time.time(), 0.0
+                with open(part, 'ab' if have else 'wb') as f:
+                    for chunk in r.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        got += len(chunk)
+                        if time.time() - shown > 0.5:
+                            shown = time.time()
+                            _progress(desc, got, total, (got - have) / max(shown - t0, 1e-9))
+                _progress(desc, got, total, (got - have) / max(time.time() - t0, 1e-9), end='\n')
+            if total is not None and part.stat().st_size != total:
+                raise requests.ConnectionError(f"got {part.stat().st_size:,} of {total:,} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise OSError(f"download of {url} failed after {retries} tries ({_first_line(e)}); "
+                              f"check your connection, or put the file at {path} yourself") from None
+            print(f"\n{desc}: {_first_line(e)}; retrying in {backoff * 2 ** attempt:.0f}s", file=sys.stderr)
+            time.sleep(backoff * 2 ** attempt)
+    if sha256 is not None:
+        h = hashlib.sha256()
+        with open(part, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise OSError(f"download of {url} has sha256 {h.hexdigest()[:12]}..., expected {sha256[:12]}...; "
+                          "the file changed upstream or was corrupted in transit")
+    os.replace(part, path)
+    return path
+
+
+def _progress(desc, got, total, rate, end=''):
+    pct = f" {100 * got / total:5.1f}% of {total / 1e6:,.1f} MB" if total else ""
+    print(f"\r{desc}: {got / 1e6:,.1f} MB{pct} at {rate / 1e6:.1f} MB/s", end=end, file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------- safetensors, GPT-2 weights
+
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+              'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+              'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def load_safetensors(path):
+    """{name: tensor} from a .safetensors file: 8 bytes of little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes.
+    The file is memory-mapped copy-on-write: read once, never written."""
+    path = Path(path)
+    try:
+        with open(path, 'rb') as f:
+            n = int.from_bytes(f.read(8), 'little')
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        tensors = {}
+        for name, info in header.items():
+            if name == '__metadata__':
+                continue
+            dtype, (begin, end) = _ST_DTYPES[info['dtype']], info['data_offsets']
+            numel = math.prod(info['shape'])
+            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == numel * dtype.itemsize):
+                raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
+            tensors[name] = t.view(info['shape'])
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)}); re-download or re-save it") from None
+    return tensors
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as a .safetensors file (atomically: temp file + rename)."""
+    inv = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {'__metadata__': {'format': 'pt', **(metadata or {})}}, 0
+    flat = {}
+    for name, t in tensors.items():
+        t = t.detach().to('cpu').contiguous()
+        flat[name] = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        header[name] = {'dtype': inv[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + flat[name].numel()]}
+        offset += flat[name].numel()
+    head = json.dumps(header, separators=(',', ':')).encode()
+    head += b' ' * (-len(head) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        f.write(len(head).to_bytes(8, 'little'))
+        f.write(head)
+        for b in flat.values():
+            f.write(b.numpy().data)
+    os.replace(tmp, path)
+
+
+# GPT-2 was written with "Conv1D" layers that store Linear weights transposed: (in, out).
+_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+HF_ENDPOINT = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+CACHE_DIR = Path(os.environ.get('LLM_CACHE_DIR', Path.home() / '.cache' / 'llm-from-scratch'))
+
+
+def fetch_gpt2(name):
+    """Download OpenAI's GPT-2 weights (Hugging Face layout) once into CACHE_DIR/name; later
+    runs find them there and need no network. Returns the folder."""
+    folder = CACHE_DIR / name
+    for file in ('config.json', 'model.safetensors'):
+        download(f"{HF_ENDPOINT}/openai-community/{name}/resolve/main/{file}", folder / file, desc=f"{name}/{file}")
+    return folder
+
+
+def gpt2_state_dict(tensors):
+    """Hugging Face GPT-2 tensors -> our state dict. Both naming styles load: the hub's
+    (`h.0.attn.c_attn.weight`) and recent transformers' (`transformer.h.0...`); the causal
+    mask buffers (`attn.bias`, `attn.masked_bias`) and the tied `lm_head.weight` are skipped."""
+    sd = {}
+    for name, t in tensors.items():
+        name = name.removeprefix('transformer.')
+        if name.split('.')[-2:] in (['attn', 'bias'], ['attn', 'masked_bias']) or name == 'lm_head.weight':
+            continue
+        sd['transformer.' + name] = t.t() if name.endswith(_CONV1D) else t
+    if 'transformer.wte.weight' in sd:
+        sd['lm_head.weight'] = sd['transformer.wte.weight']  # tied
+    return sd
+
+
+def _gpt2_config(path, tensors):
+    """GPTConfig from config.json beside the weights, else from the tensor shapes."""
+    cfg_file = path.parent / 'config.json' if path.suffix == '.safetensors' else path / 'config.json'
+    if cfg_file.is_file():
+        with open(cfg_file, encoding='utf-8') as f:
+            cfg = json.load(f)
+        if cfg.get('model_type', 'gpt2') != 'gpt2':
+            raise ValueError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not GPT-2")
+        return GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
+                         vocab_size=cfg['vocab_size'], block_size=cfg.get('n_positions', cfg.get('n_ctx')))
+    wte = tensors.get('wte.weight', tensors.get('transformer.wte.weight'))
+    wpe = tensors.get('wpe.weight', tensors.get('transformer.wpe.weight'))
+    n_layer = len({k.removeprefix('transformer.').split('.')[1] for k in tensors if '.h.' in '.' + k.removeprefix('transformer.')})
+    preset = next((p for p in PRESETS.values() if wte is not None and p['n_embd'] == wte.shape[1] and p['n_layer'] == n_layer), None)
+    if preset is None:
+        raise ValueError(f"{path}: no config.json beside the weights and the shapes match no GPT-2 size; add config.json")
+    return GPTConfig(**preset, vocab_size=wte.shape[0], block_size=wpe.shape[0])
+
+
+# Published models by short name (any other hub id works too, e.g. meta-llama/Llama-3.2-3B-Instruct)
+ALIASES = {
+    'llama-3.2-1b': 'meta-llama/Llama-3.2-1B', 'llama-3.2-1b-instruct': 'meta-llama/Llama-3.2-1B-Instruct',
+    'llama-3.2-3b': 'meta-llama/Llama-3.2-3B', 'llama-3.2-3b-instruct': 'meta-llama/Llama-3.2-3B-Instruct',
+    'qwen3-0.6b': 'Qwen/Qwen3-0.6B', 'qwen3-0.6b-base': 'Qwen/Qwen3-0.6B-Base', 'qwen3-1.7b': 'Qwen/Qwen3-1.7B',
+    'qwen2.5-0.5b': 'Qwen/Qwen2.5-0.5B', 'qwen2.5-0.5b-instruct': 'Qwen/Qwen2.5-0.5B-Instruct',
+    'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M', 'smollm2-135m-instruct': 'HuggingFaceTB/SmolLM2-135M-Instruct',
+    'smollm2-360m': 'HuggingFaceTB/SmolLM2-360M', 'smollm2-360m-instruct': 'HuggingFaceTB/SmolLM2-360M-Instruct',
+}
+
+
+def fetch_hub(repo, weights=True):
+    """Download a hub model's config.json, tokenizer.json and weights (one model.safetensors, or
+    the shards its model.safetensors.index.json names) once into CACHE_DIR/<repo>. Gated repos
+    (Llama) need the license accepted on the hub and HF_TOKEN set. Returns the folder. A marker
+    file says a fetch was complete, so later runs ask the network nothing (offline works)."""
+    folder = CACHE_DIR / repo.replace('/', '--')
+    complete = folder / ('.complete' if weights else '.complete-tokenizer')
+    if complete.is_file() or (folder / '.complete').is_file():
+        return folder
+    token = os.environ.get('HF_TOKEN')
+    headers = {'Authorization': f'Bearer {token}'} if token else None
+
+    def get(file, optional=False):
+        try:
+            return download(f"{HF_ENDPOINT}/{repo}/resolve/main/{file}", folder / file, desc=f"{repo}/{file}", headers=headers)
+        except FileNotFoundError:
+            if optional:
+                return None
+            raise
+        except OSError as e:
+            if 'HTTP 401' in str(e) or 'HTTP 403' in str(e):
+                raise OSError(f"{repo} is gated: accept its license on the hub, then set HF_TOKEN to an access token "
+                              f"({'yours was refused' if token else 'none is set'})") from None
+            raise
+    get('config.json')
+    get('tokenizer.json', optional=True)
+    if weights:
+        index = get('model.safetensors.index.json', optional=True)
+        if index is None:
+            get('model.safetensors')
+        else:
+            for shard in sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values())):
+                get(shard)
+    complete.write_text('')
+    return folder
+
+
+# The Llama family's tensor names for ours (block i: `transformer.h.{i}.X` <-> `model.layers.{i}.Y`).
+# Ours fuse q, k, v into c_attn and gate, up into c_fc: their tensors are stacked along dim 0.
+HF_NAMES = {
+    'transformer.wte.weight': ['model.embed_tokens.weight'],
+    'transformer.ln_f.weight': ['model.norm.weight'],
+    'lm_head.weight': ['lm_head.weight'],
+    'ln_1.weight': ['input_layernorm.weight'],
+    'ln_2.weight': ['post_attention_layernorm.weight'],
+    'attn.c_attn.weight': ['self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'],
+    'attn.c_attn.bias': ['self_attn.q_proj.bias', 'self_attn.k_proj.bias', 'self_attn.v_proj.bias'],
+    'attn.c_proj.weight': ['self_attn.o_proj.weight'],
+    'attn.c_proj.bias': ['self_attn.o_proj.bias'],
+    'attn.q_norm.weight': ['self_attn.q_norm.weight'],
+    'attn.k_norm.weight': ['self_attn.k_norm.weight'],
+    'mlp.c_fc.weight': ['mlp.gate_proj.weight', 'mlp.up_proj.weight'],
+    'mlp.c_fc.bias': ['mlp.gate_proj.bias', 'mlp.up_proj.bias'],
+    'mlp.c_proj.weight': ['mlp.down_proj.weight'],
+    'mlp.c_proj.bias': ['mlp.down_proj.bias'],
+}
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+
+
+def hf_names(name):
+    """Our parameter name -> the hub's tensor names that make it up."""
+    if name.startswith('transformer.h.'):
+        i, rest = name.removeprefix('transformer.h.').split('.', 1)
+        return [f'model.layers.{i}.{n}' for n in HF_NAMES[rest]]
+    return HF_NAMES[name]
+
+
+def llama_config(hf):
+    """GPTConfig from a Llama / Qwen2 / Qwen3 config.json (the hub's rope_theta + rope_scaling, or
+    transformers 5's rope_parameters)."""
+    family = hf['model_type']
+    rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    if rope_type not in ('default', 'llama3'):
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only Llama 3's and none)")
+    scaling = None
+    if rope_type == 'llama3':
+        scaling = {k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor')}
+        scaling['original_max_position_embeddings'] = rope.get('original_max_position_embeddings', hf['max_position_embeddings'])
+    if hf.get('use_sliding_window'):
+        raise ValueError("sliding-window attention (use_sliding_window) is not supported")
+    n_head = hf['num_attention_heads']
+    return GPTConfig(
+        block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'],
+        n_head=n_head, n_embd=hf['hidden_size'], n_kv_head=hf.get('num_key_value_heads') or n_head,
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head, bias=bool(hf.get('attention_bias') and hf.get('mlp_bias')),
+        qkv_bias=family == 'qwen2' or bool(hf.get('attention_bias')), qk_norm=family == 'qwen3',
+        norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), pos_emb='rope',
+        rope_theta=hf.get('rope_theta', rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
+        mlp='swiglu', mlp_hidden=hf['intermediate_size'], tie_embeddings=hf.get('tie_word_embeddings', False))
+
+
+class SafetensorsFiles:
+    """The tensors of one or more .safetensors files, read on demand: the header of each file is
+    parsed up front, the bytes of a tensor only when it is copied into the model. So loading
+    holds the weights once, in the model (the book's memory-efficient loading bonus)."""
+
+    def __init__(self, paths):
+        self.where = {}  # name -> (path, dtype, shape, byte offset)
+        for path in paths:
+            with open(path, 'rb') as f:
+                n = int.from_bytes(f.read(8), 'little')
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError:
+                    raise ValueError(f"{path} is not a valid safetensors file (bad header); re-download it") from None
+            for name, info in header.items():
+                if name != '__metadata__':
+                    self.where[name] = (path, _ST_DTYPES[info['dtype']], info['shape'], 8 + n + info['data_offsets'][0])
+
+    def copy_into(self, name, out):
+        """Read tensor `name` into the tensor `out` (its shape; its dtype, converting if they differ)."""
+        path, dtype, shape, offset = self.where[name]
+        if list(out.shape) != list(shape):
+            raise ValueError(f"{name} has shape {tuple(shape)} in {path.name}, the model expects {tuple(out.shape)}")
+        target = out if out.dtype == dtype else torch.empty(shape, dtype=dtype)
+        with open(path, 'rb') as f:
+            f.seek(offset)
+            if f.readinto(target.view(torch.uint8).numpy() if target.numel() else bytearray()) != target.numel() * dtype.itemsize:
+                raise ValueError(f"{path} is truncated at {name}; re-download it")
+        if target is not out:
+            out.copy_(target)
+
+
+def weight_files(folder):
+    index = folder / 'model.safetensors.index.json'
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values()))
+        return [folder / s for s in shards]
+    return [folder / 'model.safetensors']
+
+
+def load_llama(folder, hf, dtype=None, **overrides):
+    """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder. Built on the meta device
+    (no memory, no random init), then each parameter is filled straight from the files."""
+    config = llama_config(hf)
+    config.dropout = overrides.get('dropout', 0.0)
+    files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
+    file_dtype = files.where[HF_NAMES['transformer.wte.weight'][0]][1]  # the embedding's (norms may be kept in float32)
+    with torch.device('meta'):
+        model = GPT(config)
+    model = model.to(dtype or file_dtype).to_empty(device='cpu')
+    if config.tie_embeddings:  # to_empty gives every parameter new storage: tie again
+        model.transformer.wte.weight = model.lm_head.weight
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # the tied head is not listed twice
+            parts = hf_names(name)
+            missing = [p for p in parts if p not in files.where]
+            if missing:
+                raise ValueError(f"{folder} lacks {missing[0]}; is it a complete {hf['model_type']} checkpoint?")
+            row = 0
+            for part in parts:  # q, k, v (or gate, up) one after the other down the rows
+                rows = files.where[part][2][0]
+                files.copy_into(part, param[row:row + rows])
+                row += rows
+            if row != param.size(0):
+                raise ValueError(f"{folder}: {', '.join(parts)} give {row} rows, the model's {name} has {param.size(0)}; "
+                                 "config.json does not match the weights")
+    return model
+
+
+def is_hub_name(name):
+    """A short name (qwen3-0.6b) or a hub id (Qwen/Qwen3-0.6B) rather than a local path (out/ckpt.pt,
+    ./my-model, a missing file: those stay paths, so their errors speak of files, not of the hub)."""
+    name = str(name)
+    if name.lower() in ALIASES:
+        return True
+    looks_like_file = name.startswith(('.', '/', '~', '\\')) or name.endswith(('.pt', '.safetensors', '.json', '.bin', '.model'))
+    return name.count('/') == 1 and not looks_like_file and not Path(name).exists()
+
+
+def pretrained_path(name_or_path, weights=True):
+    """The local folder (or .safetensors file) of a GPT-2 size, hub name or path, downloaded first if need be."""
+    name_or_path = str(name_or_path)
+    if name_or_path in PRESETS:
+        return fetch_gpt2(name_or_path)
+    if is_hub_name(name_or_path):
+        return fetch_hub(ALIASES.get(name_or_path.lower(), name_or_path), weights)
+    path = Path(name_or_path)
+    if not (path.is_dir() or (path.is_file() and path.suffix == '.safetensors')):
+        raise FileNotFoundError(f"{name_or_path}: not a GPT-2 size ({', '.join(PRESETS)}), a model name "
+                                f"({', '.join(list(ALIASES)[:3])}, ...), a hub id, a folder with "
+                                "model.safetensors + config.json, or a .safetensors file")
+    return path
+
+
+def from_pretrained(name_or_path, dtype=None, **overrides):
+    """GPT-2 sizes, hub ids or short names of the Llama family, or a local folder / .safetensors
+    file in the Hugging Face layout. dtype: the weights' dtype (None: as the files hold them)."""
+    bad = set(overrides) - {'block_size', 'dropout'}
+    if bad:
+        raise ValueError(f"from_pretrained can only override block_size and dropout, not {sorted(bad)}")
+    path = pretrained_path(name_or_path)
+    cfg_file = path / 'config.json' if path.is_dir() else path.parent / 'config.json'
+    hf = json.loads(cfg_file.read_text(encoding='utf-8')) if cfg_file.is_file() else {'model_type': 'gpt2'}
+    if hf.get('model_type') in ARCHITECTURES:
+        model = load_llama(path if path.is_dir() else path.parent, hf, dtype, **overrides)
+    elif hf.get('model_type') != 'gpt2':
+        raise ValueError(f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported "
+                         f"(gpt2, {', '.join(ARCHITECTURES)})")
+    else:
+        weights = path / 'model.safetensors' if path.is_dir() else path
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
+        tensors = load_safetensors(weights)
+        config = _gpt2_config(path, tensors)
+        config.dropout = overrides.get('dropout', 0.0)
+        model = GPT(config)
+        load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))
+        if dtype is not None:
+            model.to(dtype)
+    block_size = overrides.get('block_size', model.config.block_size)
+    if block_size > model.config.block_size:
+        raise ValueError(f"block_size {block_size} is longer than the {model.config.block_size} positions the weights have")
+    if block_size < model.config.block_size:
+        model.crop_block_size(block_size)
+    return model
+
+
+def save_pretrained(model, folder, tokenizer_json=None):
+    """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel:
+    Conv1D weights transposed back, zero biases where this model has none; Llama/Qwen: the hub's
+    names, q/k/v and gate/up split apart again), plus tokenizer.json when given its text, so the
+    folder loads here, in transformers and anywhere else such checkpoints are read."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_json is not None:
+        (folder / 'tokenizer.json').write_text(tokenizer_json, encoding='utf-8')
+    cfg = model.config
+    if cfg.pos_emb == 'rope':
+        return save_llama(model, folder)
+    tensors = {}
+    for name, t in merged_state_dict(model).items():
+        if name == 'transformer.wte.weight':
+            t = t[:cfg.vocab_size].contiguous()  # without the padding rows: the real vocabulary
+        if name != 'lm_head.weight':  # tied to wte
+            tensors[name] = t.t() if name.endswith(_CONV1D) else t
+    if not cfg.bias:  # the layout has biases everywhere; zeros are the same model
+        for name, m in model.named_modules():
+            if name != 'lm_head' and isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is None:
+                n = m.out_features if isinstance(m, nn.Linear) else m.normalized_shape[0]
+                tensors[name + '.bias'] = torch.zeros(n, dtype=m.weight.dtype)
+    save_safetensors(tensors, folder / 'model.safetensors')
+    hf_config = dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', vocab_size=cfg.vocab_size,
+                     n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, n_inner=None, activation_function='gelu_new', resid_pdrop=cfg.dropout,
+                     embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
+                     initializer_range=0.02, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
+                     tie_word_embeddings=True)
+    tmp = folder / 'config.json.tmp'
+    tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
+    os.replace(tmp, folder / 'config.json')
+
+
+def save_llama(model, folder):
+    cfg = model.config
+    if cfg.norm != 'rmsnorm' or cfg.mlp != 'swiglu':
+        raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU) or the Llama family (RoPE, RMSNorm, "
+                         "SwiGLU) can be saved in a Hugging Face layout")
+    family = 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+    sd = merged_state_dict(model)
+    tensors = {}
+    for name, t in sd.items():
+        if name == 'lm_head.weight' and cfg.tie_embeddings:
+            continue
+        if name in ('transformer.wte.weight', 'lm_head.weight'):
+            t = t[:cfg.vocab_size]  # without the padding rows
+        parts = hf_names(name)
+        sizes = model.transformer.h[0].attn.sizes if len(parts) == 3 else [t.size(0) // len(parts)] * len(parts)
+        for part, piece in zip(parts, t.split(sizes)):
+            tensors[part] = piece.contiguous()
+    save_safetensors(tensors, folder / 'model.safetensors')
+    dtype = str(sd['transformer.wte.weight'].dtype).removeprefix('torch.')
+    hf = dict(architectures=[ARCHITECTURES[family]], model_type=family, vocab_size=cfg.vocab_size,
+              hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+              num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+              max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act='silu',
+              rope_theta=cfg.rope_theta, rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
+              tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+              attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
+    tmp = folder / 'config.json.tmp'
+    tmp.write_text(json.dumps(hf, indent=2), encoding='utf-8')
+    os.replace(tmp, folder / 'config.json')
+
+
+
+
+
+def load_pretrained(init_from, dtype=None, **overrides):
+    """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
+    it), a Llama-family name or hub id, or Hugging Face-layout weights (a folder or .safetensors
+    file): the starting point every script accepts. info: {'tokenizer': what
+    prepare_data.get_tokenizer takes (a name, the model's folder, or the spec a checkpoint
+    carries), 'prompt_style': the instruction template a fine-tuned checkpoint was trained with,
+    or None}."""
+    path = Path(init_from)
+    if init_from not in PRESETS and not is_hub_name(init_from) and (path.suffix == '.pt' or (path / 'ckpt.pt').is_file()):
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, str(path), **{k: v for k, v in overrides.items() if k == 'dropout'})
+        if overrides.get('block_size', model.config.block_size) < model.config.block_size:
+            model.crop_block_size(overrides['block_size'])
+        return model, {'tokenizer': ckpt.get('tokenizer', 'gpt2'), 'prompt_style': ckpt.get('prompt_style')}
+    model = from_pretrained(init_from, dtype=dtype, **overrides)
+    folder = pretrained_path(init_from)
+    folder = folder if folder.is_dir() else folder.parent
+    if (folder / 'tokenizer.json').is_file():
+        tokenizer = str(folder)
+    else:
+        tokenizer = 'bytes' if model.config.vocab_size == 257 else 'gpt2'
+    return model, {'tokenizer': tokenizer, 'prompt_style': None}
+
+
+GPT.from_pretrained = staticmethod(from_pretrained)  # the nanoGPT spelling: GPT.from_pretrained('gpt2')
+GPT.save_pretrained = save_pretrained
