@@ -57,7 +57,9 @@ def test_help_lists_every_key(capsys):
     assert '_private' not in out and 'MAX_TOKENS' not in out
 
 
-def test_dtype_choice():
+def test_dtype_choice(monkeypatch):
+    import configurator
+    monkeypatch.setattr(configurator, 'cpu_has_native_bf16', lambda: False)  # whatever this host's CPU is
     assert pick_dtype('auto', 'cpu') == 'float32'
     assert pick_dtype('bfloat16', 'cpu') == 'bfloat16'
     with pytest.raises(SystemExit, match='--dtype=fp8'):

@@ -147,7 +147,8 @@ def test_no_arguments_prepares_the_default_data_first(tmp_path):
     proc = run_script('train.py', '--max_iters=2', '--eval_iters=1', '--n_layer=1', '--n_embd=32', '--n_head=2',
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / 'data' / 'pydoc' / 'meta.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
+    assert (tmp_path / 'data' / 'pydoc_bpe1024' / 'tokenizer.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
+    assert load_checkpoint(tmp_path / 'out')['model_args']['vocab_size'] == 1024  # the default run's own BPE
 
 
 class PrefersA(torch.nn.Module):
