@@ -382,13 +382,13 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a
     quintic Newton-Schulz iteration (coefficients from Keller Jordan's Muon), in bfloat16 as
-    Muon does where that is fast, else float32."""
+    Muon does where that is fast, else float32. G: (m, n), or a stack (k, m, n) done at once."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
-    tall = G.size(0) > G.size(1)
+    tall = G.size(-2) > G.size(-1)
     if tall:
-        X = X.mT
-    X = X / (X.norm() + 1e-7)  # spectral norm <= 1
+        X = X.mT  # work on the wide side: X @ X^T is then the smaller square
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
     for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
@@ -407,24 +407,29 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, wd = group['lr'], group['weight_decay']
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group['use_muon']:
-                    buf = state.setdefault('momentum_buffer', torch.zeros_like(p))
+            params = [p for p in group['params'] if p.grad is not None]
+            if group['use_muon']:
+                # momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's
+                # blocks share a few shapes, and a few large matmuls beat many small ones
+                by_shape = {}
+                for p in params:
+                    buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
                     buf.lerp_(p.grad, 1 - group['momentum'])
-                    nesterov = p.grad.lerp(buf, group['momentum'])
-                    update = orthogonalize(nesterov, dtype=group.get('ns_dtype', torch.bfloat16))
-                    p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                else:
+                    by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group['momentum'])))
+                for (rows, cols), pairs in by_shape.items():
+                    updates = orthogonalize(torch.stack([u for _, u in pairs]), dtype=group.get('ns_dtype', torch.bfloat16))
+                    for (p, _), update in zip(pairs, updates):
+                        p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            else:
+                for p in params:
+                    state = self.state[p]
                     if not state:
                         state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                     b1, b2 = group['betas']
                     state['step'] += 1
                     state['exp_avg'].lerp_(p.grad, 1 - b1)
                     state['exp_avg_sq'].lerp_(p.grad.square(), 1 - b2)
-                    step = state['step'].item()
+                    step = state['step'].item()  # a CPU tensor: no device sync
                     denom = (state['exp_avg_sq'] / (1 - b2 ** step)).sqrt_().add_(group['eps'])
                     p.mul_(1 - lr * wd).addcdiv_(state['exp_avg'], denom, value=-lr / (1 - b1 ** step))
 

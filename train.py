@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
-                          compile_available)
+                          compile_available, pick_dtype)
 from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
 from weights import load_pretrained
 from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard,
@@ -336,8 +336,10 @@ def main():
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     try:
+        # Muon's Newton-Schulz in bfloat16 wherever the hardware computes it natively (even in a float32 run)
+        native_bf16 = amp_dtype == 'bfloat16' or pick_dtype('auto', device_type) == 'bfloat16'
         optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
-                                           torch.bfloat16 if amp_dtype == 'bfloat16' else torch.float32)
+                                           torch.bfloat16 if native_bf16 else torch.float32)
     except ValueError as e:
         die(e)
     model.grad_checkpoint = grad_checkpoint

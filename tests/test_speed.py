@@ -72,6 +72,34 @@ def test_muon_orthogonalizes():
     O = orthogonalize(G).float()
     s = torch.linalg.svdvals(O)
     assert s.min() > 0.5 and s.max() < 1.3  # Newton-Schulz lands near 1, not exactly (by design)
+    stack = torch.randn(3, 48, 96)  # a stack is done at once, each matrix as if alone
+    together = orthogonalize(stack, dtype=torch.float32)
+    for G, O in zip(stack, together):
+        assert torch.allclose(O, orthogonalize(G, dtype=torch.float32), atol=1e-5)
+
+
+def test_muon_step_matches_a_per_matrix_update():
+    """The batched step (one Newton-Schulz per weight shape) moves every matrix as the textbook
+    per-matrix loop does: momentum, Nesterov blend, orthogonalize, scale by sqrt(rows/cols)."""
+    from model import orthogonalize
+    model = tiny()
+    opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon', muon_lr=0.02,
+                                     muon_dtype=torch.float32)
+    muon = [p for g in opt.param_groups if g['use_muon'] for p in g['params']]
+    assert len({tuple(p.shape) for p in muon}) < len(muon)  # shapes repeat across blocks: batching applies
+    expected = {}
+    for step in range(2):
+        idx = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(step))
+        model(idx, idx)[1].backward()
+        for p in muon:
+            buf = expected.setdefault(('buf', p), torch.zeros_like(p))
+            buf.lerp_(p.grad, 0.05)
+            u = orthogonalize(p.grad.lerp(buf, 0.95), dtype=torch.float32)
+            expected[p] = p.detach() - 0.02 * max(1.0, p.size(0) / p.size(1)) ** 0.5 * u
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for p in muon:
+            assert torch.allclose(p, expected[p], atol=1e-6)
 
 
 def test_grad_checkpoint_gives_the_same_gradients():
