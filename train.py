@@ -28,7 +28,7 @@ from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_
 
 # I/O
 out_dir = 'out'
-data_dir = 'data/pydoc_bpe1024'  # token shards from prepare_data.py (the two pydoc ones below are made on first use)
+data_dir = 'data/pydoc'  # token shards from prepare_data.py (the two pydoc ones below are made on first use)
 init_from = 'scratch'  # scratch, resume (out_dir/ckpt.pt), or published weights to continue: gpt2, qwen3-0.6b, a folder...
 eval_interval = 250  # evaluate, print a sample and save the checkpoint every this many steps
 eval_iters = 20  # batches per loss estimate
@@ -43,6 +43,7 @@ hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 batch_size = 16  # sequences per micro-batch
 block_size = 128  # context length
 gradient_accumulation_steps = 1  # micro-batches per step, in total (divided among torchrun processes)
+data_order = 'random'  # random: windows drawn anywhere, with replacement (nanoGPT); one_pass: each window once per epoch, shuffled (llm.c)
 ddp = 'ddp'  # under torchrun: ddp (each process holds the whole model) or fsdp (weights, gradients, optimizer state sharded)
 # model
 n_layer = 4
@@ -67,7 +68,7 @@ pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -
 optimizer = 'adamw'  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
 learning_rate = 2e-3
-max_iters = 2200  # the default run: about as long as 2,500 steps on bytes took (a 1,024-row head costs 15% more)
+max_iters = 2500
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -85,9 +86,10 @@ grad_checkpoint = False  # recompute each block's activations in backward: less 
 seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
 
-# Python's own docs (pydoc_data.topics: no download), prepared on first use: a BPE of 1,024 tokens trained
-# on their training split (the default run: 6% fewer bits per byte than bytes in the same time), or bytes
-AUTO_DATA = {'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024), 'data/pydoc': dict(tokenizer='bytes')}
+# Python's own docs (pydoc_data.topics: no download), prepared on first use: as bytes (the default run), or
+# with a BPE of 1,024 tokens trained on their training split (better for 200 s; the default's 2,500 steps
+# memorise its 99k tokens, README "Tokenizers and architecture at equal time")
+AUTO_DATA = {'data/pydoc': dict(tokenizer='bytes'), 'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024)}
 
 NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint in {out_dir} is kept. "
               "Lower --learning_rate, or use --dtype=bfloat16 or float32")
@@ -99,16 +101,46 @@ def load_split(split, T):
     return [s for s in shards if len(s) > T]
 
 
-def get_batch(shards, key, T, dev):
-    """batch_size random windows from the shards: x (B, T) and y = x shifted by one (B, T).
-    Drawn from a generator seeded by `key` alone, so a step's batch never depends on what ran
-    before it: resuming needs no data-loader state beyond the step number."""
-    g = torch.Generator().manual_seed(key)
-    starts_per_shard = torch.tensor([len(s) - T for s in shards])
-    ends = starts_per_shard.cumsum(0)
-    pos = torch.randint(int(ends[-1]), (batch_size,), generator=g)
-    which = torch.searchsorted(ends, pos, right=True)
-    starts = pos - ends[which] + starts_per_shard[which]
+class OnePass:
+    """The data order one_pass: the split cut into windows of T + 1 tokens (stride T), each read
+    once per epoch in an order shuffled by (seed, epoch), as llm.c and most large runs read a
+    corpus: no window seen twice before every one has been seen once. Batch k is a function of k
+    alone, so resuming needs no loader state beyond the step number."""
+
+    def __init__(self, shards, T, seed):
+        self.windows_per_shard = torch.tensor([(len(s) - 1) // T for s in shards])
+        self.ends = self.windows_per_shard.cumsum(0)
+        self.n, self.T, self.seed = int(self.ends[-1]), T, seed
+        self.epoch, self.order = None, None
+
+    def starts(self, k):
+        """(shard index, start token) of each window of micro-batch number k, both (batch_size,)."""
+        picked = []
+        for i in range(k * batch_size, (k + 1) * batch_size):
+            epoch, j = divmod(i, self.n)
+            if epoch != self.epoch:  # one permutation held at a time (4 bytes a window)
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self.epoch, self.order = epoch, torch.randperm(self.n, generator=g, dtype=torch.int32)
+            picked.append(int(self.order[j]))
+        pos = torch.tensor(picked)
+        which = torch.searchsorted(self.ends, pos, right=True)
+        return which, (pos - self.ends[which] + self.windows_per_shard[which]) * self.T
+
+
+def get_batch(shards, key, T, dev, one_pass=None):
+    """batch_size windows from the shards: x (B, T) and y = x shifted by one (B, T). Random windows
+    drawn from a generator seeded by `key` alone, or with one_pass, micro-batch number `key` of its
+    epochs; either way a step's batch never depends on what ran before it: resuming needs no
+    data-loader state beyond the step number."""
+    if one_pass is not None:
+        which, starts = one_pass.starts(key)
+    else:
+        g = torch.Generator().manual_seed(key)
+        starts_per_shard = torch.tensor([len(s) - T for s in shards])
+        ends = starts_per_shard.cumsum(0)
+        pos = torch.randint(int(ends[-1]), (batch_size,), generator=g)
+        which = torch.searchsorted(ends, pos, right=True)
+        starts = pos - ends[which] + starts_per_shard[which]
     xy = torch.from_numpy(np.stack([shards[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())]).astype(np.int64))
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if dev.startswith('cuda'):  # pinned memory lets the copy overlap with compute
@@ -242,6 +274,8 @@ def main():
         die(f"--ddp={ddp}: use ddp or fsdp")
     if pad_vocab < 1:
         die(f"--pad_vocab={pad_vocab}: use 1 (no padding) or a multiple such as 64")
+    if data_order not in ('random', 'one_pass'):
+        die(f"--data_order={data_order}: use random or one_pass")
     fsdp = distributed and ddp == 'fsdp'
     master = rank == 0
     sampling = master or fsdp  # under FSDP every process takes part in each forward, the sample's too
@@ -249,7 +283,7 @@ def main():
     comm_dev = dev if distributed and device_type == 'cuda' else 'cpu'  # where small tensors meet for all_reduce
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-    gas = gradient_accumulation_steps // world_size  # micro-batches per process
+    micro_steps = gradient_accumulation_steps // world_size  # micro-batches per process
 
     # data: prepare the default data set on first use, otherwise insist on shards
     if data_dir in AUTO_DATA:  # every rank takes part (the first finds what to do, the others find it done)
@@ -260,7 +294,7 @@ def main():
     meta = read_meta(data_dir)
 
     # model: initialised alike in every process (FSDP shards it as it is), dropout then differs per rank
-    iter_num, best_val_loss, ckpt, data_seed = 0, float('inf'), None, seed
+    iter_num, best_val_loss, ckpt, data_seed, run_order = 0, float('inf'), None, seed, data_order
     torch.manual_seed(seed)
     try:
         if init_from == 'scratch':
@@ -275,8 +309,10 @@ def main():
             model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
             iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
             data_seed = ckpt['data']['seed']  # the run's data order, whatever --seed says now
-            if data_seed != seed and master:
-                print(f"notice: resuming the run of --seed={data_seed}; its data order and generators continue (--seed={seed} ignored)")
+            run_order = ckpt['data'].get('order', 'random')
+            if (data_seed, run_order) != (seed, data_order) and master:
+                print(f"notice: resuming the run of --seed={data_seed} --data_order={run_order}; its data order and "
+                      f"generators continue (--seed={seed} --data_order={data_order} ignored)")
             if not same_tokenizer(tokenizer_name(ckpt.get('tokenizer')), meta['tokenizer']):
                 die(f"{out_dir}/ckpt.pt was trained on {tokenizer_name(ckpt.get('tokenizer'))} tokens but {data_dir} "
                     f"holds {meta['tokenizer']} tokens")
@@ -372,7 +408,7 @@ def main():
     start_iter = iter_num
     if master:
         print(f"{raw_model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
-              f"({world_size} x {gas} x {batch_size} x {T}) | {dev} {amp_dtype} | data {data_dir} ({meta['tokenizer']})")
+              f"({world_size} x {micro_steps} x {batch_size} x {T}) | {dev} {amp_dtype} | data {data_dir} ({meta['tokenizer']})")
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, 'log.jsonl')
         if init_from == 'resume' and os.path.exists(log_path):  # forget what came after the checkpoint
@@ -404,7 +440,7 @@ def main():
                 'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
                 'optimizer': optim_sd, 'fsdp': fsdp, 'scaler': scaler.state_dict(),
                 'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
-                'data': {'seed': data_seed, 'step': iter_num}}
+                'data': {'seed': data_seed, 'step': iter_num, 'order': run_order}}
 
     stop = {'signal': False}
     signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # finish the step, save, exit
@@ -414,9 +450,12 @@ def main():
         return sum_across_ranks([float(local_flag)], comm_dev)[0] > 0
 
     def batch_key(it, micro):  # unique per (step, micro-batch across all ranks)
-        return (data_seed * 1_000_003 + it) * 4096 + rank * gas + micro
+        if one_pass:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
+            return (it * world_size + rank) * micro_steps + micro
+        return (data_seed * 1_000_003 + it) * 4096 + rank * micro_steps + micro
 
-    X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev)
+    one_pass = OnePass(splits['train'], T, data_seed) if run_order == 'one_pass' else None
+    X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev, one_pass)
     t_log, it_log = time.time(), iter_num
     lossf = float('nan')
     while True:
@@ -463,17 +502,17 @@ def main():
             if at_end:
                 break
             t_log = time.time() - (iter_num - it_log) * dt_est  # eval time is not step time
-        # one optimizer step: gas micro-batches, gradients averaged (and synced across ranks once)
-        for micro in range(gas):
+        # one optimizer step: micro_steps micro-batches, gradients averaged (and synced across ranks once)
+        for micro in range(micro_steps):
             if fsdp:
-                raw_model.set_requires_gradient_sync(micro == gas - 1)
+                raw_model.set_requires_gradient_sync(micro == micro_steps - 1)
             elif distributed:
-                model.require_backward_grad_sync = micro == gas - 1  # all-reduce only after the last micro-batch
+                model.require_backward_grad_sync = micro == micro_steps - 1  # all-reduce only after the last micro-batch
             with ctx:
                 _, loss = model(X, Y)
-                loss = loss / gas  # the sum over micro-batches is then the mean
-            nxt = (iter_num, micro + 1) if micro + 1 < gas else (iter_num + 1, 0)
-            X, Y = get_batch(splits['train'], batch_key(*nxt), T, dev)  # fetched while the GPU works
+                loss = loss / micro_steps  # the sum over micro-batches is then the mean
+            next_key = batch_key(iter_num, micro + 1) if micro + 1 < micro_steps else batch_key(iter_num + 1, 0)
+            X, Y = get_batch(splits['train'], next_key, T, dev, one_pass)  # fetched while the GPU works
             scaler.scale(loss).backward()
         if grad_clip:
             scaler.unscale_(optim)
@@ -485,7 +524,7 @@ def main():
         if iter_num == start_iter + 1 and iter_num % log_interval:  # the first step compiles and warms up: not timed
             t_log, it_log = time.time(), iter_num
         if iter_num % log_interval == 0:
-            lossf = loss.item() * gas  # .item() waits for the GPU: only here, at log steps
+            lossf = loss.item() * micro_steps  # .item() waits for the GPU: only here, at log steps
             if stop_requested(not math.isfinite(lossf)):
                 die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
             if grad_clip:  # under FSDP the norm is a sharded tensor: gathering it is a collective, on every rank

@@ -50,11 +50,12 @@ def test_loss_falls_and_everything_is_logged(data, tmp_path):
     assert sample.returncode == 0 and len(sample.stdout) > 20
 
 
-def test_resume_continues_exactly(data, tmp_path):
+@pytest.mark.parametrize('order', ['random', 'one_pass'])
+def test_resume_continues_exactly(data, tmp_path, order):
     args = ('--dropout=0.1', '--lr_decay_iters=30', '--eval_interval=15')
-    one = run_script('train.py', *tiny(data, tmp_path / 'a', '--max_iters=30', *args))
-    first = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=15', *args))
-    # the run is what the checkpoint says: another --seed now must not change its data order
+    one = run_script('train.py', *tiny(data, tmp_path / 'a', '--max_iters=30', f'--data_order={order}', *args))
+    first = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=15', f'--data_order={order}', *args))
+    # the run is what the checkpoint says: another --seed (or data order) now must not change its data order
     second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', '--seed=7', *args))
     assert one.returncode == first.returncode == second.returncode == 0, second.stderr
     a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
@@ -65,13 +66,15 @@ def test_resume_continues_exactly(data, tmp_path):
     assert [r['step'] for r in log_rows(tmp_path / 'a')] == [r['step'] for r in log_rows(tmp_path / 'b')]
 
 
-def test_torchrun_two_processes_equal_one_with_accumulation(data, tmp_path):
-    args = tiny(data, tmp_path / 'ddp', '--max_iters=10', '--gradient_accumulation_steps=2')
+@pytest.mark.parametrize('order', ['random', 'one_pass'])
+def test_torchrun_two_processes_equal_one_with_accumulation(data, tmp_path, order):
+    args = tiny(data, tmp_path / 'ddp', '--max_iters=10', '--gradient_accumulation_steps=2', f'--data_order={order}')
     ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                           str(ROOT / 'train.py'), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert '(2 x 1 x 8 x 32)' in ddp.stdout and ddp.stdout.count('step 10:') == 1  # rank 0 alone logs
-    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--max_iters=10', '--gradient_accumulation_steps=2'))
+    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--max_iters=10', '--gradient_accumulation_steps=2',
+                                          f'--data_order={order}'))
     assert single.returncode == 0, single.stderr
     a, b = load_checkpoint(tmp_path / 'ddp'), load_checkpoint(tmp_path / 'one')
     for k in a['model']:  # the same micro-batches, averaged across processes instead of accumulated
@@ -79,6 +82,25 @@ def test_torchrun_two_processes_equal_one_with_accumulation(data, tmp_path):
     # the evaluation batches shared out among the two processes: the same mean as one process alone
     evals = [[r['val_loss'] for r in log_rows(tmp_path / d) if r['val_loss'] is not None] for d in ('ddp', 'one')]
     assert len(evals[0]) == 2 and evals[0] == pytest.approx(evals[1], abs=1e-4)
+
+
+def test_one_pass_reads_every_window_once_per_epoch(monkeypatch):
+    import train
+    monkeypatch.setattr(train, 'batch_size', 4)
+    T = 8
+    shards = [np.arange(8 * 9 + 1), np.arange(1000, 1000 + 8 * 3 + 5)]  # 9 and 3 windows (the tail is too short)
+    order = train.OnePass(shards, T, seed=1)
+    def epoch(first):  # 12 windows = 3 micro-batches of 4
+        xs = [train.get_batch(shards, k, T, 'cpu', order)[0] for k in range(first, first + 3)]
+        return [tuple(row.tolist()) for x in xs for row in x]
+    windows = {tuple(s[i * T:i * T + T].tolist()) for s in shards for i in range((len(s) - 1) // T)}
+    first, second = epoch(0), epoch(3)
+    assert len(windows) == 12 and set(first) == set(second) == windows  # each window once per epoch
+    assert first != second  # reshuffled each epoch
+    x, y = train.get_batch(shards, 4, T, 'cpu', train.OnePass(shards, T, seed=1))  # batch k is a function of k alone
+    assert [tuple(r.tolist()) for r in x] == second[4:8] and torch.equal(y[:, :-1], x[:, 1:])
+    assert epoch(0) != [tuple(r.tolist()) for k in range(3) for r in
+                        train.get_batch(shards, k, T, 'cpu', train.OnePass(shards, T, seed=2))[0]]
 
 
 def torchrun(*args):
@@ -139,6 +161,7 @@ def test_bad_input_gives_one_line_errors(data, tmp_path):
     assert_one_line_error(run_script('train.py', *tiny(bad, tmp_path / 'o')), 'x_val_000000.bin is corrupt')
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--batch_size=big')), '--batch_size')
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--init_from=resume')), 'no checkpoint')
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--data_order=sorted')), '--data_order=sorted')
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--block_size=100000')), 'block_size')
     assert not (tmp_path / 'o' / 'ckpt.pt').exists()
 
@@ -147,8 +170,13 @@ def test_no_arguments_prepares_the_default_data_first(tmp_path):
     proc = run_script('train.py', '--max_iters=2', '--eval_iters=1', '--n_layer=1', '--n_embd=32', '--n_head=2',
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / 'data' / 'pydoc_bpe1024' / 'tokenizer.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
-    assert load_checkpoint(tmp_path / 'out')['model_args']['vocab_size'] == 1024  # the default run's own BPE
+    assert (tmp_path / 'data' / 'pydoc' / 'meta.json').exists() and (tmp_path / 'out' / 'ckpt.pt').exists()
+    assert load_checkpoint(tmp_path / 'out')['model_args']['vocab_size'] == 257  # bytes + end-of-text
+    proc = run_script('train.py', '--data_dir=data/pydoc_bpe1024', '--max_iters=1', '--eval_iters=1', '--n_layer=1',
+                      '--n_embd=32', '--n_head=2', '--out_dir=bpe', cwd=tmp_path)  # the other prepared-on-first-use data
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / 'bpe')['model_args']['vocab_size'] == 1024 and \
+        (tmp_path / 'data' / 'pydoc_bpe1024' / 'tokenizer.json').exists()
 
 
 class PrefersA(torch.nn.Module):
@@ -244,3 +272,21 @@ def test_a_llama_shaped_model_from_scratch_with_the_config_file(data, tmp_path):
     assert (args['norm'], args['pos_emb'], args['mlp'], args['n_kv_head']) == ('rmsnorm', 'rope', 'swiglu', 1)
     evals = [r for r in log_rows(tmp_path / 'o') if r['val_loss'] is not None]
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0
+
+
+def test_the_3090_config_reads_20_tokens_per_parameter_with_the_stacked_interventions():
+    import train
+    from configurator import configure
+    from model import GPT, GPTConfig
+    g = dict(vars(train))
+    configure(g, [str(ROOT / 'config' / 'train_gpt2_3090.py')])
+    with torch.device('meta'):  # shapes only
+        model = GPT(GPTConfig(n_layer=g['n_layer'], n_head=g['n_head'], n_embd=g['n_embd'], block_size=g['block_size'],
+                              bias=g['bias'], vocab_size=50257, padded_vocab_size=50304,
+                              tie_embeddings=g['tie_embeddings']))
+    params = sum(p.numel() for p in model.parameters())
+    assert 162e6 < params < 164e6  # GPT-2 small with its own head: the reader's 163M
+    tokens = g['max_iters'] * g['batch_size'] * g['block_size'] * g['gradient_accumulation_steps']
+    assert tokens == pytest.approx(20 * params, rel=0.01)
+    assert g['warmup_iters'] == pytest.approx(0.05 * g['max_iters'], rel=0.01) and g['min_lr'] == pytest.approx(0.1 * g['learning_rate'])
+    assert (g['dropout'], g['weight_decay'], g['grad_clip'], g['learning_rate']) == (0.0, 0.01, 1.0, 1.4e-3)
