@@ -290,3 +290,22 @@ def test_the_3090_config_reads_20_tokens_per_parameter_with_the_stacked_interven
     assert tokens == pytest.approx(20 * params, rel=0.01)
     assert g['warmup_iters'] == pytest.approx(0.05 * g['max_iters'], rel=0.01) and g['min_lr'] == pytest.approx(0.1 * g['learning_rate'])
     assert (g['dropout'], g['weight_decay'], g['grad_clip'], g['learning_rate']) == (0.0, 0.01, 1.0, 1.4e-3)
+
+
+@pytest.mark.parametrize('name', sorted(p.name for p in (ROOT / 'config').glob('*.py')
+                                        if p.name.startswith(('train_', 'speedrun_', 'book_pretrain'))))
+def test_every_training_config_reads(name):
+    import train
+    from configurator import configure
+    g = dict(vars(train))
+    configure(g, [str(ROOT / 'config' / name)])  # an unknown key or a wrong type would exit
+    assert g['max_iters'] > 0 and g['n_embd'] % g['n_head'] == 0
+
+
+def test_the_speedrun_config_learns_with_muon(data, tmp_path):
+    proc = run_script('train.py', 'config/speedrun_shakespeare_cpu.py', f'--data_dir={data}', f'--out_dir={tmp_path}',
+                      '--max_iters=40', '--eval_interval=40', '--warmup_iters=5')
+    assert proc.returncode == 0, proc.stderr
+    evals = [r['val_loss'] for r in log_rows(tmp_path) if r['val_loss'] is not None]
+    assert len(evals) == 2 and evals[1] < evals[0] - 2.0  # from ~5.5 (uniform over 257 bytes)
+    assert load_checkpoint(tmp_path)['config']['optimizer'] == 'muon'
