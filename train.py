@@ -449,12 +449,13 @@ def main():
         """True if this or (under torchrun) any process asks to stop: every rank stops at the same step."""
         return sum_across_ranks([float(local_flag)], comm_dev)[0] > 0
 
+    one_pass = OnePass(splits['train'], T, data_seed) if run_order == 'one_pass' else None
+
     def batch_key(it, micro):  # unique per (step, micro-batch across all ranks)
-        if one_pass:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
+        if one_pass is not None:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
             return (it * world_size + rank) * micro_steps + micro
         return (data_seed * 1_000_003 + it) * 4096 + rank * micro_steps + micro
 
-    one_pass = OnePass(splits['train'], T, data_seed) if run_order == 'one_pass' else None
     X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev, one_pass)
     t_log, it_log = time.time(), iter_num
     lossf = float('nan')
