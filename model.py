@@ -410,15 +410,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
             params = [p for p in group['params'] if p.grad is not None]
             if group['use_muon']:
                 # momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's
-                # blocks share a few shapes, and a few large matmuls beat many small ones
+                # blocks share a few shapes, and a few large matmuls beat many small ones. One
+                # shape's updates at a time are held, not the whole model's.
                 by_shape = {}
                 for p in params:
-                    buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-                    buf.lerp_(p.grad, 1 - group['momentum'])
-                    by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group['momentum'])))
-                for (rows, cols), pairs in by_shape.items():
-                    updates = orthogonalize(torch.stack([u for _, u in pairs]), dtype=group.get('ns_dtype', torch.bfloat16))
-                    for (p, _), update in zip(pairs, updates):
+                    by_shape.setdefault(p.shape, []).append(p)
+                for (rows, cols), same in by_shape.items():
+                    nesterov = []
+                    for p in same:
+                        buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                        buf.lerp_(p.grad, 1 - group['momentum'])
+                        nesterov.append(p.grad.lerp(buf, group['momentum']))
+                    updates = orthogonalize(torch.stack(nesterov), dtype=group.get('ns_dtype', torch.bfloat16))
+                    del nesterov
+                    for p, update in zip(same, updates):
                         p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
             else:
                 for p in params:
