@@ -13,6 +13,7 @@ Also the home of the tokenizers every script uses: bytes, GPT-2, any byte-level 
 (Llama 3, Qwen, SmolLM2, our own) run by tiktoken, and the chat templates.
 """
 import base64
+import functools
 import hashlib
 import heapq
 import json
@@ -638,6 +639,34 @@ def list_documents(dataset, input, raw_dir):
     raise ValueError(f"unknown dataset {dataset!r}; use pydoc, verdict, shakespeare, fineweb10B, or --input=PATH")
 
 
+STDLIB_SKIP = {'test', 'tests', 'idlelib', 'turtledemo', 'lib2to3', 'site-packages', 'dist-packages'}
+
+
+@functools.cache  # the same on every call in a process (about 4 s to parse the library)
+def stdlib_docstrings():
+    """[(name, size, text)] of the docstrings (module, class, function) of every module of this
+    Python's standard library, one document a file, tests left out: 1.6 MB of English about
+    Python, on every machine that has Python's sources (some trimmed installs do not: then none)."""
+    import ast
+    import sysconfig
+    lib = Path(sysconfig.get_paths()['stdlib'])
+    docs = []
+    for path in sorted(lib.rglob('*.py')):
+        parts = path.relative_to(lib).parts
+        if any(p in STDLIB_SKIP or p.startswith('test') for p in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):  # a file for another Python version, or unreadable
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        texts = [d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node))]
+        if texts:
+            text = '\n\n'.join(texts)
+            docs.append((f"stdlib:{'/'.join(parts)}", len(text.encode('utf-8')), text))
+    return tuple(docs)
+
+
 def read_text(source):
     if isinstance(source, str):
         return source
@@ -665,11 +694,13 @@ def split_pieces(text, size=PIECE_CHARS):
     return pieces
 
 
-def iter_pieces(docs, val_fraction):
+def iter_pieces(docs, val_fraction, train_only=0):
     """(text, split, ends_document) in order. The last val_fraction of the bytes of all
-    documents together is 'val', cut at a line boundary (the book splits its text so too)."""
-    total = sum(size for _, size, _ in docs)
-    boundary, seen = total * (1 - val_fraction), 0
+    documents together is 'val', cut at a line boundary (the book splits its text so too);
+    the first train_only documents are training text that does not count (nor move the cut)."""
+    extra = sum(size for _, size, _ in docs[:train_only])
+    total = sum(size for _, size, _ in docs[train_only:])
+    boundary, seen = extra + total * (1 - val_fraction), 0
     for _, size, source in docs:
         text = read_text(source)
         if seen < boundary < seen + size:  # the train/val cut falls inside this document
@@ -698,11 +729,11 @@ def _encode(text):  # runs in worker processes
     return np.array(_worker_tokenizer.encode(text), dtype=token_dtype(_worker_tokenizer.vocab_size))
 
 
-def train_tokenizer(docs, val_fraction, vocab_size, max_chars, quiet=False):
+def train_tokenizer(docs, val_fraction, train_only, vocab_size, max_chars, quiet=False):
     """Our own BPE, learned from the first max_chars characters of the training split, never the validation text."""
     def training_text():
         seen = 0
-        for text, split, _ in iter_pieces(docs, val_fraction):
+        for text, split, _ in iter_pieces(docs, val_fraction, train_only):
             if split == 'val' or seen >= max_chars:  # the validation split comes last
                 return
             yield text[:max_chars - seen]
@@ -728,6 +759,10 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
     data_dir = Path(data_dir or Path('data') / name)
     raw_dir = Path(raw_dir or data_dir)
     docs = list_documents(dataset, input, raw_dir)
+    # pydoc: the standard library's docstrings are more training text; the validation split stays the
+    # topics' last 10%, so that bits per byte compare with runs on the topics alone
+    train_only = list(stdlib_docstrings()) if dataset == 'pydoc' and not input else []
+    docs = train_only + docs
     tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
     fp = fingerprint(docs, tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction)
     meta = data_dir / 'meta.json'
@@ -739,11 +774,11 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
     if total == 0:
         raise ValueError(f"{input or dataset}: the text is empty; nothing to train on")
     if tok is None:
-        tok = train_tokenizer(docs, val_fraction, vocab_size, tokenizer_max_chars, quiet)
+        tok = train_tokenizer(docs, val_fraction, len(train_only), vocab_size, tokenizer_max_chars, quiet)
     data_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(data_dir, name, s, dtype) for s in ('train', 'val')}
-    pieces = iter_pieces(docs, val_fraction)
+    pieces = iter_pieces(docs, val_fraction, len(train_only))
     workers = num_workers or os.cpu_count() or 1
     pool = None
     if total > 4 * PIECE_CHARS and workers > 1:  # large: tokenize pieces in parallel, in order

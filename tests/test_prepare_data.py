@@ -64,14 +64,32 @@ def test_split_pieces_cut_only_before_a_new_line_that_starts_with_text():
 
 
 def test_pydoc_default_needs_no_download(tmp_path):
+    from pydoc_data.topics import topics
     out = prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True)
     meta = read_meta(out)
     assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257
     train, val = read_shard(find_shards(out, 'train')[0]), read_shard(find_shards(out, 'val')[0])
-    assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
-    assert (np.asarray(train) == 256).sum() > 50  # one end-of-text per document (topic)
-    text = ByteTokenizer().decode(np.asarray(train[:2000]).tolist())
-    assert 'statement' in text or 'assert' in text
+    topics_bytes = sum(len(t.encode('utf-8')) for t in topics.values())
+    assert abs(len(val) - 0.1 * topics_bytes) < 2000  # the topics' last 10%, however much docstring text there is
+    docstrings = prepare_data.stdlib_docstrings()
+    assert len(docstrings) > 300 and sum(size for _, size, _ in docstrings) > 1_000_000
+    expected_train = 0.9 * topics_bytes + sum(size for _, size, _ in docstrings) + len(topics) + len(docstrings)  # + EOTs
+    assert abs(len(train) - expected_train) < 2000
+    tok = ByteTokenizer()
+    train_text, val_text = tok.decode(np.asarray(train).tolist()), tok.decode(np.asarray(val).tolist())
+    assert 'Return' in train_text[:200_000] and 'statement' in train_text[-400_000:]  # docstrings first, then topics
+    assert val_text.endswith(topics[sorted(topics)[-1]] + '<|endoftext|>')
+    assert not any(d[:200] in val_text for _, _, d in docstrings if len(d) > 200)
+
+
+def test_train_only_documents_leave_the_validation_split_as_it_was():
+    docs = [('a', 400, 'a\n' * 200), ('b', 400, 'b\n' * 200)]
+    extra = [('x', 1000, 'x\n' * 500)]
+    alone = list(prepare_data.iter_pieces(docs, 0.25))
+    both = list(prepare_data.iter_pieces(extra + docs, 0.25, train_only=1))
+    val = [(t, ends) for t, split, ends in alone if split == 'val']
+    assert val == [(t, ends) for t, split, ends in both if split == 'val'] and ''.join(t for t, _ in val) == 'b\n' * 100
+    assert [t for t, split, _ in both if split == 'train'] == ['x\n' * 500] + [t for t, s, _ in alone if s == 'train']
 
 
 def test_folder_input_documents_split_and_rerun_skips(tmp_path, capsys):
