@@ -28,9 +28,9 @@ from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_
 
 # I/O
 out_dir = 'out'
-data_dir = 'data/pydoc'  # token shards from prepare_data.py (the two pydoc ones below are made on first use)
+data_dir = 'data/pydoc_bpe2048'  # token shards from prepare_data.py (the pydoc ones below are made on first use)
 init_from = 'scratch'  # scratch, resume (out_dir/ckpt.pt), or published weights to continue: gpt2, qwen3-0.6b, a folder...
-eval_interval = 250  # evaluate, print a sample and save the checkpoint every this many steps
+eval_interval = 500  # evaluate, print a sample and save the checkpoint every this many steps
 eval_iters = 20  # batches per loss estimate
 log_interval = 25
 sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
@@ -65,10 +65,10 @@ tie_embeddings = True  # the head shares the token embedding's weights
 pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -> 50304), faster; 1 = none
 # (the extra logits are cut off in model.py: never sampled or scored)
 # optimizer
-optimizer = 'adamw'  # adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)
+optimizer = 'muon'  # muon (Muon for the blocks' matrices, AdamW for the rest; README "The default run"), or adamw
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
-learning_rate = 2e-3
-max_iters = 2500
+learning_rate = 4e-3  # AdamW's peak (with Muon: the embeddings', norms' and biases')
+max_iters = 2000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -77,7 +77,7 @@ grad_clip = 1.0  # 0 = no clipping
 decay_lr = True
 warmup_iters = 100
 lr_decay_iters = 0  # 0 = max_iters
-min_lr = 2e-4
+min_lr = 4e-4
 # system
 device = 'auto'  # auto | cpu | cuda | cuda:1 | mps
 dtype = 'auto'  # auto | float32 | bfloat16 | float16 (with a GradScaler)
@@ -86,10 +86,11 @@ grad_checkpoint = False  # recompute each block's activations in backward: less 
 seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
 
-# Python's own docs (pydoc_data.topics: no download), prepared on first use: as bytes (the default run), or
-# with a BPE of 1,024 tokens trained on their training split (better for 200 s; the default's 2,500 steps
-# memorise its 99k tokens, README "Tokenizers and architecture at equal time")
-AUTO_DATA = {'data/pydoc': dict(tokenizer='bytes'), 'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024)}
+# Python's own docs (the help() topics and the standard library's docstrings: no download), prepared on
+# first use: with our own BPE of 2,048 tokens trained on their training split (the default run: README
+# "The default run"), of 1,024, or as bytes (the whole-book block)
+AUTO_DATA = {'data/pydoc_bpe2048': dict(tokenizer='bpe', vocab_size=2048),
+             'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024), 'data/pydoc': dict(tokenizer='bytes')}
 
 NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint in {out_dir} is kept. "
               "Lower --learning_rate, or use --dtype=bfloat16 or float32")
@@ -360,7 +361,7 @@ def main():
         return
     if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
         if optimizer == 'muon':
-            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp")
+            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp_dtype == 'bfloat16' \

@@ -9,6 +9,7 @@ block_size = 512
 batch_size = 8
 max_iters = 2000
 warmup_iters = 100
+optimizer = 'adamw'  # chapter 5's (train.py's default run uses Muon)
 learning_rate = 2e-3
 min_lr = 2e-4
 eval_interval = 500

@@ -19,6 +19,7 @@ dropout = 0.0
 batch_size = 8  # a micro-batch that fits 24 GB with the untied 50,304-row head's logits
 gradient_accumulation_steps = 64  # 8 x 1024 x 64 = 524,288 tokens per step
 max_iters = 6220
+optimizer = 'adamw'  # his
 learning_rate = 1.4e-3
 warmup_iters = 311  # 5%
 min_lr = 1.4e-4  # 0.1x

@@ -12,6 +12,7 @@ bias = True
 dropout = 0.0
 batch_size = 64
 gradient_accumulation_steps = 8  # in total: 8 GPUs x 1, or 1 GPU x 8 (then batch_size 64 needs ~80 GB)
+optimizer = 'adamw'  # llm.c's
 learning_rate = 6e-4
 min_lr = 0.0
 warmup_iters = 700

@@ -13,6 +13,7 @@ n_layer, n_head, n_embd = 6, 6, 384
 block_size = 256
 dropout = 0.2
 batch_size = 64
+optimizer = 'adamw'  # nanoGPT's
 learning_rate = 1e-3  # a small model can take a larger step
 max_iters = 5000
 lr_decay_iters = 5000

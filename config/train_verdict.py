@@ -11,6 +11,7 @@ dropout = 0.1
 bias = True  # the book's GPT_CONFIG_124M has qkv_bias=False; our switch covers every bias at once
 batch_size = 2
 max_iters = 90  # 10 epochs of the 18 training windows of 256 tokens, 2 per step
+optimizer = 'adamw'  # the book's
 learning_rate = 4e-4
 weight_decay = 0.1
 decay_lr = False  # chapter 5 uses a constant learning rate (appendix D adds warmup + cosine)
