@@ -82,6 +82,25 @@ def test_pydoc_default_needs_no_download(tmp_path):
     assert not any(d[:200] in val_text for _, _, d in docstrings if len(d) > 200)
 
 
+def test_stdlib_docstrings_take_modules_classes_and_functions_but_no_tests(tmp_path, monkeypatch):
+    import sysconfig
+    (tmp_path / 'test').mkdir()
+    (tmp_path / 'pkg').mkdir()
+    (tmp_path / 'pkg' / 'mod.py').write_text('"""Module doc."""\nclass A:\n    """Class doc."""\n'
+                                             '    def f(self):\n        """Method doc."""\nx = 1\n')
+    (tmp_path / 'test' / 'test_mod.py').write_text('"""A test, left out."""\n')
+    (tmp_path / 'py2only.py').write_text('"""Old."""\nprint "no"\n')  # not valid Python 3: skipped
+    (tmp_path / 'nodoc.py').write_text('x = 1\n')
+    monkeypatch.setattr(sysconfig, 'get_paths', lambda: {'stdlib': str(tmp_path)})
+    prepare_data.stdlib_docstrings.cache_clear()
+    try:
+        docs = prepare_data.stdlib_docstrings()
+    finally:
+        prepare_data.stdlib_docstrings.cache_clear()
+    text = 'Module doc.\n\nClass doc.\n\nMethod doc.'
+    assert docs == (('stdlib:pkg/mod.py', len(text), text),)
+
+
 def test_train_only_documents_leave_the_validation_split_as_it_was():
     docs = [('a', 400, 'a\n' * 200), ('b', 400, 'b\n' * 200)]
     extra = [('x', 1000, 'x\n' * 500)]
