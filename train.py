@@ -385,6 +385,10 @@ def main():
         if ckpt.get('fsdp', False) != fsdp:  # the two keep optimizer state in different layouts
             die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
                 "resume it the same way")
+        saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')
+        if saved_optimizer != optimizer:  # (the default changed to muon on 2026-11-29)
+            die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; "
+                f"resume it with --optimizer={saved_optimizer}")
         if fsdp:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
             set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
