@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import sysconfig
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -648,7 +649,6 @@ def stdlib_docstrings():
     Python's standard library, one document a file, tests left out: 1.6 MB of English about
     Python, on every machine that has Python's sources (some trimmed installs do not: then none)."""
     import ast
-    import sysconfig
     lib = Path(sysconfig.get_paths()['stdlib'])
     docs = []
     for path in sorted(lib.rglob('*.py')):
@@ -760,16 +760,20 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
     raw_dir = Path(raw_dir or data_dir)
     docs = list_documents(dataset, input, raw_dir)
     # pydoc: the standard library's docstrings are more training text; the validation split stays the
-    # topics' last 10%, so that bits per byte compare with runs on the topics alone
-    train_only = list(stdlib_docstrings()) if dataset == 'pydoc' and not input else []
-    docs = train_only + docs
+    # topics' last 10%, so that bits per byte compare with runs on the topics alone. They are a function
+    # of this Python and the skip list, fingerprinted so: parsed (4 s) only when there is work to do
+    with_docstrings = dataset == 'pydoc' and not input
+    stamp = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}"
     tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
-    fp = fingerprint(docs, tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction)
+    fp = fingerprint([('stdlib docstrings', 0, stamp)] * with_docstrings + docs,
+                     tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction)
     meta = data_dir / 'meta.json'
     if meta.is_file() and json.loads(meta.read_text(encoding='utf-8')).get('fingerprint') == fp:
         if not quiet:
             print(f"{data_dir}: already prepared from the same input; nothing to do")
         return data_dir
+    train_only = list(stdlib_docstrings()) if with_docstrings else []
+    docs = train_only + docs
     total = sum(size for _, size, _ in docs)
     if total == 0:
         raise ValueError(f"{input or dataset}: the text is empty; nothing to train on")

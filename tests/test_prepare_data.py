@@ -63,7 +63,7 @@ def test_split_pieces_cut_only_before_a_new_line_that_starts_with_text():
         assert not p[0].isspace()
 
 
-def test_pydoc_default_needs_no_download(tmp_path):
+def test_pydoc_default_needs_no_download(tmp_path, monkeypatch):
     from pydoc_data.topics import topics
     out = prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True)
     meta = read_meta(out)
@@ -80,6 +80,8 @@ def test_pydoc_default_needs_no_download(tmp_path):
     assert 'Return' in train_text[:200_000] and 'statement' in train_text[-400_000:]  # docstrings first, then topics
     assert val_text.endswith(topics[sorted(topics)[-1]] + '<|endoftext|>')
     assert not any(d[:200] in val_text for _, _, d in docstrings if len(d) > 200)
+    monkeypatch.setattr(prepare_data, 'stdlib_docstrings', None)  # a re-run with nothing to do parses nothing
+    assert prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True) == out
 
 
 def test_stdlib_docstrings_take_modules_classes_and_functions_but_no_tests(tmp_path, monkeypatch):
