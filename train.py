@@ -277,6 +277,8 @@ def main():
         die(f"--pad_vocab={pad_vocab}: use 1 (no padding) or a multiple such as 64")
     if data_order not in ('random', 'one_pass'):
         die(f"--data_order={data_order}: use random or one_pass")
+    if decay_lr and min_lr > learning_rate:  # the cosine would climb from the peak, not decay to min_lr
+        die(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}; pass --min_lr={learning_rate / 10:g} (a tenth)")
     fsdp = distributed and ddp == 'fsdp'
     master = rank == 0
     sampling = master or fsdp  # under FSDP every process takes part in each forward, the sample's too

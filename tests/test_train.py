@@ -166,6 +166,8 @@ def test_bad_input_gives_one_line_errors(data, tmp_path):
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--init_from=resume')), 'no checkpoint')
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--data_order=sorted')), '--data_order=sorted')
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--block_size=100000')), 'block_size')
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--learning_rate=1e-4', '--min_lr=4e-4')),
+                          '--min_lr=1e-05')
     assert run_script('train.py', *tiny(data, tmp_path / 'w', '--optimizer=adamw', '--max_iters=2')).returncode == 0
     stamp = (tmp_path / 'w' / 'ckpt.pt').stat().st_mtime_ns
     assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'w', '--init_from=resume', '--max_iters=4')),
