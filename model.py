@@ -278,7 +278,10 @@ class GPT(nn.Module):  # ch04: the GPT model
         LayerNorm gains; the fused kernel on CUDA and CPU (one pass over all params: on 2 CPU cores
         4x faster than the default per-tensor loop).
         optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
-        head, biases, gains), as modded-nanogpt and nanochat. Each group's 'lr_scale' is its
+        head, biases, gains), as modded-nanogpt and nanochat. Muon's matrices decay too, the
+        AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at Muon's larger
+        lr that is a real pull toward zero, which the default run's several epochs need (README
+        "The default run"). Each group's 'lr_scale' is its
         learning rate relative to learning_rate, for the schedule. muon_dtype: what its
         Newton-Schulz iteration computes in: bfloat16 where that is native (GPUs, recent CPUs),
         float32 where bfloat16 is emulated (AVX2 CPUs: 10x slower in bfloat16)."""
@@ -294,7 +297,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         rest = [p for _, p in named if p.dim() < 2]
         return MuonWithAdamW([
             {'params': hidden, 'use_muon': True, 'lr': muon_lr, 'lr_scale': muon_lr / learning_rate,
-             'momentum': 0.95, 'weight_decay': 0.0, 'ns_dtype': muon_dtype},
+             'momentum': 0.95, 'weight_decay': weight_decay, 'ns_dtype': muon_dtype},
             {'params': embed, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': weight_decay},
             {'params': rest, 'use_muon': False, 'lr': learning_rate, 'betas': betas, 'weight_decay': 0.0}])
 

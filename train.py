@@ -69,7 +69,7 @@ optimizer = 'muon'  # muon (Muon for the blocks' matrices, AdamW for the rest; R
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
 learning_rate = 4e-3  # AdamW's peak (with Muon: the embeddings', norms' and biases')
 max_iters = 1800
-weight_decay = 0.1
+weight_decay = 0.2  # AdamW's matrices and embeddings, and Muon's matrices (README "The default run")
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping

@@ -18,6 +18,7 @@ optimizer = 'muon'
 muon_lr = 0.02
 learning_rate = 2e-3  # AdamW's, for the embeddings, norms and biases
 min_lr = 2e-4
+weight_decay = 0.1  # half an epoch needs little decay (0.0 and 0.1 end level, 0.2 0.01 higher); the default 0.2 is for its several epochs
 warmup_iters = 25
 max_iters = 500
 eval_interval = 500

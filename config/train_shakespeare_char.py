@@ -14,6 +14,7 @@ block_size = 256
 dropout = 0.2
 batch_size = 64
 optimizer = 'adamw'  # nanoGPT's
+weight_decay = 0.1  # nanoGPT's (our default, 0.2, is tuned for Muon)
 learning_rate = 1e-3  # a small model can take a larger step
 max_iters = 5000
 lr_decay_iters = 5000

@@ -80,10 +80,11 @@ def test_muon_orthogonalizes():
 
 def test_muon_step_matches_a_per_matrix_update():
     """The batched step (one Newton-Schulz per weight shape) moves every matrix as the textbook
-    per-matrix loop does: momentum, Nesterov blend, orthogonalize, scale by sqrt(rows/cols)."""
+    per-matrix loop does: decoupled weight decay, momentum, Nesterov blend, orthogonalize, scale by
+    sqrt(rows/cols)."""
     from model import orthogonalize
     model = tiny()
-    opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon', muon_lr=0.02,
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon', muon_lr=0.02,
                                      muon_dtype=torch.float32)
     muon = [p for g in opt.param_groups if g['use_muon'] for p in g['params']]
     assert len({tuple(p.shape) for p in muon}) < len(muon)  # shapes repeat across blocks: batching applies
@@ -95,7 +96,7 @@ def test_muon_step_matches_a_per_matrix_update():
             buf = expected.setdefault(('buf', p), torch.zeros_like(p))
             buf.lerp_(p.grad, 0.05)
             u = orthogonalize(p.grad.lerp(buf, 0.95), dtype=torch.float32)
-            expected[p] = p.detach() - 0.02 * max(1.0, p.size(0) / p.size(1)) ** 0.5 * u
+            expected[p] = p.detach() * (1 - 0.02 * 0.1) - 0.02 * max(1.0, p.size(0) / p.size(1)) ** 0.5 * u
         opt.step()
         opt.zero_grad(set_to_none=True)
         for p in muon:
