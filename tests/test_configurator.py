@@ -165,4 +165,7 @@ def test_auto_dtype_on_cpu_follows_native_bfloat16(monkeypatch):
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
     assert not configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'float32'  # AVX2: 10-15x slower in bf16
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: True)  # e.g. AMD Zen 4, Xeon Cooper Lake+
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
     assert configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'bfloat16'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # ATEN_CPU_CAPABILITY=avx2
+    assert not configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'float32'
