@@ -1,5 +1,5 @@
 # nanoGPT's CPU recipe on tiny Shakespeare (README: 4 layers x 128, context 64, batch 12, 2,000 steps,
-# AdamW, val loss ~1.89), beaten to the same loss in about a third of its time on 2 CPU cores:
+# AdamW, val loss ~1.89), beaten to the same loss in a third to a half of its time on 2 CPU cores:
 #   python prepare_data.py --dataset=shakespeare --data_dir=data/shakespeare_bytes
 #   python train.py config/speedrun_shakespeare_cpu.py
 # What changed (each measured, README "The Shakespeare race"): Muon for the blocks' matrices, which
