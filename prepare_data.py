@@ -765,7 +765,7 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
     with_docstrings = dataset == 'pydoc' and not input
     stamp = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}"
     tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
-    fp = fingerprint([('stdlib docstrings', 0, stamp)] * with_docstrings + docs,
+    fp = fingerprint(([('stdlib docstrings', 0, stamp)] if with_docstrings else []) + docs,
                      tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction)
     meta = data_dir / 'meta.json'
     if meta.is_file() and json.loads(meta.read_text(encoding='utf-8')).get('fingerprint') == fp:
