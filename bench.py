@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from configurator import configure, setup, die, maybe_compile, synchronize
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, gpu_peak_flops
-from weights import from_pretrained
+from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
+from weights import from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
@@ -225,7 +225,7 @@ def generate_speed(dev, dtype_name):
             except ImportError:
                 die("--compare_hf=True needs transformers: pip install transformers")
             with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp)  # the same weights, in the same dtype
+                save_pretrained(model, tmp)  # the same weights, in the same dtype
                 hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
             mask = torch.ones_like(idx)
             t_hf, out_hf = best_time(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,

@@ -118,6 +118,29 @@ def cpu_has_native_bf16():
     return any(getattr(cpu, probe, lambda: False)() for probe in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
+_PEAK_FLOPS = [  # dense tensor-core FLOP/s from the vendors' data sheets: (name, bf16/fp16, float32 as TF32);
+    # first match wins, so 'H100 NVL' and 'H100 PCIe' come before 'H100' (the SXM part). V100 and T4
+    # have no TF32: their float32 figure is the plain FP32 peak.
+    ('H200', 989e12, 494e12), ('H100 NVL', 835e12, 418e12), ('H100 PCIe', 756e12, 378e12),
+    ('H100', 989e12, 494e12), ('H800', 989e12, 494e12), ('GH200', 989e12, 494e12),
+    ('A100', 312e12, 156e12), ('A800', 312e12, 156e12), ('L40S', 362e12, 183e12), ('L40', 181e12, 90.5e12),
+    ('A10G', 125e12, 62.5e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12), ('A6000', 155e12, 77.4e12),
+    ('V100', 125e12, 15.7e12), ('T4', 65e12, 8.1e12), ('4090', 165e12, 82.6e12), ('4080', 97.5e12, 48.7e12),
+    ('4070', 58e12, 29e12), ('3090', 71e12, 35.6e12), ('3080', 59.5e12, 29.8e12),
+]
+
+
+def gpu_peak_flops(device, dtype='bfloat16'):
+    """Peak FLOP/s of the CUDA device from its name for the dtype the matmuls run in (float32 runs
+    as TF32, about half the bf16 rate), or None (CPU, MPS, a GPU not listed: give train.py
+    --peak_flops then)."""
+    if not str(device).startswith('cuda') or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    row = next((row for row in _PEAK_FLOPS if row[0] in name), None)
+    return None if row is None else row[2] if dtype == 'float32' else row[1]
+
+
 def pick_dtype(dtype, device_type):
     """'auto': bfloat16 where the device computes it natively (Ampere and newer GPUs, CPUs with
     AVX512-BF16 or AMX), float16 (+GradScaler) on older GPUs, float32 elsewhere."""

@@ -19,10 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure, setup, die, maybe_compile, optimizer_step
-from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, load_checkpoint, load_state_dict_checked,
-                   merged_state_dict, save_checkpoint)
-from weights import download, load_pretrained
-from prepare_data import get_tokenizer
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict
+from weights import download, load_checkpoint, load_pretrained, load_state_dict_checked, save_checkpoint
+from tokenizer import get_tokenizer
 
 # data
 data = ''  # the UCI zip, its tab-separated SMSSpamCollection, or a CSV/TSV with text and label columns; '' = download UCI's

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
-from model import (FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict, save_checkpoint,
-                   set_lora_enabled)
-from weights import download, load_pretrained
-from prepare_data import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict, set_lora_enabled
+from weights import download, load_pretrained, save_checkpoint
+from tokenizer import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
 
 method = 'sft'  # sft: supervised instruction tuning (7.2-7.6); dpo: preference tuning of an SFT model (the bonus)
 # data

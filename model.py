@@ -4,16 +4,12 @@ GPT-2 exactly: learned token + position embeddings, pre-LayerNorm blocks, one fu
 projection, flash/SDPA causal attention, tanh-GELU MLP, output head tied to the token
 embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) is the same class with other
 GPTConfig fields: RMSNorm, rotary positions, SwiGLU, grouped-query attention. Plus what a real
-user needs: KV-cache generation, checkpoints, LoRA, Muon. Published weights in and out (GPT-2
-and the Llama family, downloads, safetensors) are in weights.py, which imports this file.
+user needs: KV-cache generation, LoRA, Muon. Files (our checkpoints, published GPT-2 and Llama
+weights, downloads) are weights.py's job; it imports this file, never the other way round.
 Imports only torch and the standard library.
 """
 import math
-import os
-import pickle
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -440,98 +436,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     step = state['step'].item()  # a CPU tensor: no device sync
                     denom = (state['exp_avg_sq'] / (1 - b2 ** step)).sqrt_().add_(group['eps'])
                     p.mul_(1 - lr * wd).addcdiv_(state['exp_avg'], denom, value=-lr / (1 - b1 ** step))
-
-
-# -------------------------------------------------------------------- GPU peak for MFU
-
-_PEAK_FLOPS = [  # dense tensor-core FLOP/s from the vendors' data sheets: (name, bf16/fp16, float32 as TF32);
-    # first match wins, so 'H100 NVL' and 'H100 PCIe' come before 'H100' (the SXM part). V100 and T4
-    # have no TF32: their float32 figure is the plain FP32 peak.
-    ('H200', 989e12, 494e12), ('H100 NVL', 835e12, 418e12), ('H100 PCIe', 756e12, 378e12),
-    ('H100', 989e12, 494e12), ('H800', 989e12, 494e12), ('GH200', 989e12, 494e12),
-    ('A100', 312e12, 156e12), ('A800', 312e12, 156e12), ('L40S', 362e12, 183e12), ('L40', 181e12, 90.5e12),
-    ('A10G', 125e12, 62.5e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12), ('A6000', 155e12, 77.4e12),
-    ('V100', 125e12, 15.7e12), ('T4', 65e12, 8.1e12), ('4090', 165e12, 82.6e12), ('4080', 97.5e12, 48.7e12),
-    ('4070', 58e12, 29e12), ('3090', 71e12, 35.6e12), ('3080', 59.5e12, 29.8e12),
-]
-
-
-def gpu_peak_flops(device, dtype='bfloat16'):
-    """Peak FLOP/s of the CUDA device from its name for the dtype the matmuls run in (float32 runs
-    as TF32, about half the bf16 rate), or None (CPU, MPS, a GPU not listed: give train.py
-    --peak_flops then)."""
-    if not str(device).startswith('cuda') or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    row = next((row for row in _PEAK_FLOPS if row[0] in name), None)
-    return None if row is None else row[2] if dtype == 'float32' else row[1]
-
-
-# -------------------------------------------------------------------- checkpoints
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def load_state_dict_checked(model, sd, source):
-    """load_state_dict with one readable line for missing, unexpected or mis-shaped tensors."""
-    sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or extra or shapes:
-        what = '; '.join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-                         for label, items in (('missing', missing), ('unexpected', extra), ('shape', shapes)) if items)
-        raise ValueError(f"{source} does not fit this model ({what})")
-    with torch.no_grad():
-        model.load_state_dict(sd)
-
-
-
-def save_checkpoint(ckpt, path):
-    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location='cpu'):
-    """A checkpoint dict (path may be its out_dir). weights_only=True: loading never runs code
-    from the file; a hostile, truncated or foreign file raises ValueError with one line."""
-    path = Path(path)
-    if path.suffix != '.pt':
-        path = path / 'ckpt.pt'
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python train.py) or use --init_from=gpt2")
-    try:
-        with warnings.catch_warnings():  # a foreign pickle may warn about its protocol: the error below says it all
-            warnings.simplefilter('ignore')
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e):  # e.g. a truncated legacy pickle
-            raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); it may be truncated") from None
-        # PyTorch's own message advises weights_only=False here: exactly what must not be done with such a file
-        raise ValueError(f"{path} holds Python objects beyond tensors and plain data, so it was refused unread: "
-                         "it is not a checkpoint of this project; load only files you made or trust") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); "
-                         "it may be truncated or written by another program; re-save or re-train it") from None
-    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= set(ckpt):
-        raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'model_args')")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
-    """GPT built from a checkpoint's model_args and weights (dropout/block_size overridable)."""
-    try:
-        config = GPTConfig(**{**ckpt['model_args'], **overrides})
-    except TypeError as e:
-        raise ValueError(f"{source}: bad model_args ({e})") from None
-    model = GPT(config)
-    load_state_dict_checked(model, ckpt['model'], source)
-    return model
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)

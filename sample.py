@@ -15,7 +15,7 @@ import torch
 from configurator import configure, setup, die, maybe_compile
 from model import KVCache
 from weights import load_pretrained
-from prepare_data import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
+from tokenizer import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
 
 init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
 out_dir = 'out'

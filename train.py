@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
-                          compile_available, pick_dtype)
-from model import GPT, GPTConfig, gpu_peak_flops, load_checkpoint, model_from_checkpoint, save_checkpoint
-from weights import load_pretrained
-from prepare_data import (data_tokenizer, find_shards, get_tokenizer, hellaswag_examples, prepare, read_meta, read_shard,
-                          token_bytes)
+                          compile_available, pick_dtype, gpu_peak_flops)
+from model import GPT, GPTConfig
+from weights import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+from tokenizer import get_tokenizer, token_bytes
+from prepare_data import data_tokenizer, find_shards, hellaswag_examples, prepare, read_meta, read_shard
 
 # I/O
 out_dir = 'out'

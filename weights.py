@@ -1,26 +1,94 @@
 """
-Published weights in and out (book ch. 5.5 and the "GPT to Llama" bonus): downloads from the
-Hugging Face hub with requests, safetensors read and written without the safetensors package,
-GPT-2 and the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) mapped onto model.py's one GPT.
-model.py holds the network; this file only moves weights between it and the files, and imports
-model.py, never the other way round.
-    from weights import from_pretrained, load_pretrained
-    model = from_pretrained('qwen3-0.6b')        # also GPT.from_pretrained(...) once this file is imported
-    model.save_pretrained('my-qwen')             # the family's own layout, loads in transformers
+Every file a model lives in: our own checkpoints (out_dir/ckpt.pt, atomic, loaded weights-only), and
+published weights in and out (book ch. 5.5 and the "GPT to Llama" bonus): downloads from the Hugging
+Face hub with requests, safetensors read and written without the safetensors package, GPT-2 and the
+Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) mapped onto model.py's one GPT.
+    from weights import from_pretrained, save_pretrained, load_pretrained
+    model = from_pretrained('qwen3-0.6b')        # a GPT-2 size, a short name, a hub id or a local folder
+    save_pretrained(model, 'my-qwen')            # the family's own layout, loads in transformers
+These are functions here, not methods of GPT: model.py imports nothing of ours, so it stays a file
+you can copy alone into another project, and it is the same class whoever imported what.
 """
 import json
 import math
 import mmap
 import os
+import pickle
 import sys
+import warnings
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig, PRESETS, _first_line, load_checkpoint, load_state_dict_checked, merged_state_dict, \
-    model_from_checkpoint
+from model import GPT, GPTConfig, PRESETS, merged_state_dict
+
+
+# -------------------------------------------------------------------- our checkpoints (out_dir/ckpt.pt)
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def load_state_dict_checked(model, sd, source):
+    """load_state_dict with one readable line for missing, unexpected or mis-shaped tensors."""
+    sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or extra or shapes:
+        what = '; '.join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                         for label, items in (('missing', missing), ('unexpected', extra), ('shape', shapes)) if items)
+        raise ValueError(f"{source} does not fit this model ({what})")
+    with torch.no_grad():
+        model.load_state_dict(sd)
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """A checkpoint dict (path may be its out_dir). weights_only=True: loading never runs code
+    from the file; a hostile, truncated or foreign file raises ValueError with one line."""
+    path = Path(path)
+    if path.suffix != '.pt':
+        path = path / 'ckpt.pt'
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train one first (python train.py) or use --init_from=gpt2")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle may warn about its protocol: the error below says it all
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):  # e.g. a truncated legacy pickle
+            raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); it may be truncated") from None
+        # PyTorch's own message advises weights_only=False here: exactly what must not be done with such a file
+        raise ValueError(f"{path} holds Python objects beyond tensors and plain data, so it was refused unread: "
+                         "it is not a checkpoint of this project; load only files you made or trust") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint ({_first_line(e)}); "
+                         "it may be truncated or written by another program; re-save or re-train it") from None
+    if not isinstance(ckpt, dict) or not {'model', 'model_args'} <= set(ckpt):
+        raise ValueError(f"{path} is not a checkpoint of this project (it lacks 'model' and 'model_args')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
+    """GPT built from a checkpoint's model_args and weights (dropout/block_size overridable)."""
+    try:
+        config = GPTConfig(**{**ckpt['model_args'], **overrides})
+    except TypeError as e:
+        raise ValueError(f"{source}: bad model_args ({e})") from None
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt['model'], source)
+    return model
 
 
 # -------------------------------------------------------------------- downloads
@@ -495,9 +563,6 @@ def save_llama(model, folder):
     os.replace(tmp, folder / 'config.json')
 
 
-
-
-
 def load_pretrained(init_from, dtype=None, **overrides):
     """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
     it), a Llama-family name or hub id, or Hugging Face-layout weights (a folder or .safetensors
@@ -521,6 +586,3 @@ def load_pretrained(init_from, dtype=None, **overrides):
         tokenizer = 'bytes' if model.config.vocab_size == 257 else 'gpt2'
     return model, {'tokenizer': tokenizer, 'prompt_style': None}
 
-
-GPT.from_pretrained = staticmethod(from_pretrained)  # the nanoGPT spelling: GPT.from_pretrained('gpt2')
-GPT.save_pretrained = save_pretrained

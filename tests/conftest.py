@@ -14,7 +14,6 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / 'tiktoken_cache').is_dir():
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 FIXTURES = ROOT / 'tests' / 'fixtures'
-import weights  # noqa: E402,F401 -- gives GPT its from_pretrained / save_pretrained
 
 
 def gpt2_bpe_available():
@@ -135,7 +134,8 @@ def make_llama_folder(folder, family, spread=8.0):
     matrices times this, so that an untrained model does not just repeat one token."""
     tokenizer_json = (FIXTURES / 'tokenizers' / family / 'tokenizer.json').read_text(encoding='utf-8')
     from model import GPT, GPTConfig
-    from prepare_data import get_tokenizer
+    from tokenizer import get_tokenizer
+    from weights import save_pretrained
     tok = get_tokenizer({'name': family, 'json': tokenizer_json})
     import torch
     torch.manual_seed(0)
@@ -146,5 +146,5 @@ def make_llama_folder(folder, family, spread=8.0):
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(spread)
-    model.save_pretrained(folder, tokenizer_json=tokenizer_json)
+    save_pretrained(model, folder, tokenizer_json=tokenizer_json)
     return model, tok

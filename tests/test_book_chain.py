@@ -6,7 +6,7 @@ import json
 import torch
 
 from conftest import run_script
-from model import load_checkpoint
+from weights import load_checkpoint
 from test_finetune_classify import synthetic as synthetic_sms
 from test_finetune_instruct import synthetic_entries, synthetic_preferences
 

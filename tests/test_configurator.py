@@ -93,7 +93,7 @@ def test_setup_makes_the_named_gpu_current(monkeypatch):
 
 def test_gpu_peak_flops_follows_the_dtype_and_the_exact_part(monkeypatch):
     import torch
-    from model import gpu_peak_flops
+    from configurator import gpu_peak_flops
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     for name, bf16, fp32 in [('NVIDIA H100 80GB HBM3', 989e12, 494e12), ('NVIDIA H100 NVL', 835e12, 418e12),
                              ('NVIDIA H100 PCIe', 756e12, 378e12), ('Tesla V100-SXM2-16GB', 125e12, 15.7e12)]:

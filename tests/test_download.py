@@ -1,13 +1,12 @@
-"""download() and GPT.from_pretrained('gpt2') against a local http.server (no internet needed)."""
+"""download() and from_pretrained('gpt2') against a local http.server (no internet needed)."""
 import hashlib
 
 import pytest
 import torch
 
-import weights as model_py
+import weights
 from conftest import FIXTURES
-from model import GPT
-from weights import download
+from weights import download, from_pretrained
 
 BODY = bytes(range(256)) * 4000  # ~1 MB
 
@@ -69,12 +68,12 @@ def test_from_pretrained_downloads_gpt2_once_then_works_offline(server, tmp_path
     for name in ('config.json', 'model.safetensors'):
         server.routes[f'/openai-community/gpt2/resolve/main/{name}'] = (FIXTURES / 'tiny-gpt2' / name).read_bytes()
     server.truncate_once.add('/openai-community/gpt2/resolve/main/model.safetensors')
-    monkeypatch.setattr(model_py, 'HF_ENDPOINT', server.url)
-    monkeypatch.setattr(model_py, 'CACHE_DIR', tmp_path / 'cache')
-    model = GPT.from_pretrained('gpt2')
-    ref = GPT.from_pretrained(FIXTURES / 'tiny-gpt2')
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
+    model = from_pretrained('gpt2')
+    ref = from_pretrained(FIXTURES / 'tiny-gpt2')
     ids = torch.randint(0, 96, (1, 6))
     assert torch.equal(model(ids)[0], ref(ids)[0])
     assert sorted(p.name for p in (tmp_path / 'cache' / 'gpt2').iterdir()) == ['config.json', 'model.safetensors']
     server.close()  # offline from now on
-    assert torch.equal(GPT.from_pretrained('gpt2')(ids)[0], ref(ids)[0])
+    assert torch.equal(from_pretrained('gpt2')(ids)[0], ref(ids)[0])

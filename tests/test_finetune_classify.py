@@ -9,7 +9,8 @@ import torch
 
 import finetune_classify as fc
 from conftest import SHARED, assert_one_line_error, run_script
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+from weights import load_checkpoint, save_checkpoint
 
 WORDS = 'the a my your we they see saw like have get big small old new red blue day night'.split()
 

@@ -6,8 +6,9 @@ import torch
 
 import finetune_instruct as fi
 from conftest import assert_one_line_error, run_script
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
-from prepare_data import format_prompt
+from model import GPT, GPTConfig
+from weights import load_checkpoint, save_checkpoint
+from tokenizer import format_prompt
 
 WORDS = 'apple river stone cloud tiger lemon paper music candle forest'.split()
 
@@ -149,7 +150,7 @@ def test_dpo_loss_is_log2_at_the_start_and_masks_the_prompt(tmp_path):
     import copy
     import math
     from model import apply_lora
-    from prepare_data import ByteTokenizer
+    from tokenizer import ByteTokenizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
     tok = ByteTokenizer()
@@ -181,7 +182,7 @@ def test_dpo_makes_chosen_responses_more_likely(tmp_path):
     m = json.loads((out / 'metrics.json').read_text())
     assert m['method'] == 'dpo' and m['reward_accuracy_before'] <= 0.5 < m['reward_accuracy'], m
     assert m['reward_margin'] > m['reward_margin_before'] + 1.0, m
-    from prepare_data import ByteTokenizer
+    from tokenizer import ByteTokenizer
     from weights import load_pretrained
     policy, _ = load_pretrained(str(out))
     entry = json.loads(data.read_text())[-1]
@@ -193,7 +194,7 @@ def test_dpo_makes_chosen_responses_more_likely(tmp_path):
 
 def test_responses_are_generated_without_dropout():
     from contextlib import nullcontext
-    from prepare_data import ByteTokenizer
+    from tokenizer import ByteTokenizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=257, dropout=0.5))
     entry = {'instruction': 'Name a color.', 'input': ''}
@@ -206,7 +207,7 @@ def test_responses_are_generated_without_dropout():
 
 def test_a_llama_family_model_learns_the_chatml_format_and_carries_its_tokenizer(tmp_path):
     from conftest import make_llama_folder
-    from prepare_data import get_tokenizer
+    from tokenizer import get_tokenizer
     make_llama_folder(tmp_path / 'qwen', 'qwen2', spread=1.0)
     data = synthetic_entries(tmp_path / 'd.json', n=40)
     out = tmp_path / 'out'

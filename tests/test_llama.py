@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import weights as model_module
+import weights
 from conftest import FIXTURES, ROOT
 from model import GPT, GPTConfig, KVCache, apply_lora, merge_lora
+from weights import from_pretrained, save_pretrained
 
 FAMILIES = ['tiny-llama3', 'tiny-qwen2', 'tiny-qwen3', 'tiny-smollm2', 'tiny-llama3-untied-bf16-sharded']
 
@@ -25,7 +26,7 @@ def fixture(name):
 @pytest.mark.parametrize('name', FAMILIES)
 def test_logits_and_greedy_tokens_equal_transformers(name):
     folder, ids, expected = fixture(name)
-    model = GPT.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = from_pretrained(str(folder), dtype=torch.float32).eval()
     logits, _ = model(ids)
     assert (logits - expected).abs().max().item() <= 1e-4
     greedy = np.load(folder / 'expected_greedy.npy')
@@ -35,16 +36,16 @@ def test_logits_and_greedy_tokens_equal_transformers(name):
 
 
 def test_what_each_family_is_made_of():
-    cfg = {n: GPT.from_pretrained(str(FIXTURES / n)).config for n in FAMILIES}
+    cfg = {n: from_pretrained(str(FIXTURES / n)).config for n in FAMILIES}
     assert cfg['tiny-llama3'].rope_scaling['factor'] == 32.0 and cfg['tiny-llama3'].rope_theta == 500000.0
     assert cfg['tiny-llama3'].n_kv_head == 2 and cfg['tiny-llama3'].tie_embeddings
     assert cfg['tiny-qwen2'].qkv_bias and not cfg['tiny-qwen2'].bias and not cfg['tiny-qwen2'].qk_norm
     assert cfg['tiny-qwen3'].qk_norm and cfg['tiny-qwen3'].head_dim == 32 != 64 // 4
     assert not cfg['tiny-llama3-untied-bf16-sharded'].tie_embeddings
-    m = GPT.from_pretrained(str(FIXTURES / 'tiny-llama3-untied-bf16-sharded'))
+    m = from_pretrained(str(FIXTURES / 'tiny-llama3-untied-bf16-sharded'))
     assert m.lm_head.weight.dtype == torch.bfloat16  # the files' dtype is kept unless asked otherwise
     assert m.lm_head.weight.data_ptr() != m.transformer.wte.weight.data_ptr()
-    tied = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen3'))
+    tied = from_pretrained(str(FIXTURES / 'tiny-qwen3'))
     assert tied.lm_head.weight is tied.transformer.wte.weight
 
 
@@ -53,12 +54,12 @@ def test_both_rope_config_styles_load_the_same_model(tmp_path):
     shutil.copytree(folder, tmp_path / 'm')
     shutil.copy(folder / 'config.hub-style.json', tmp_path / 'm' / 'config.json')  # rope_theta + rope_scaling
     assert 'rope_parameters' in json.loads((folder / 'config.json').read_text())  # transformers 5's style
-    logits, _ = GPT.from_pretrained(str(tmp_path / 'm')).eval()(ids)
+    logits, _ = from_pretrained(str(tmp_path / 'm')).eval()(ids)
     assert (logits - expected).abs().max().item() <= 1e-4
 
 
 def test_kv_cache_holds_the_shared_heads_only():
-    model = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen3'))
+    model = from_pretrained(str(FIXTURES / 'tiny-qwen3'))
     cache = KVCache(model.config, 1, 'cpu', torch.float32, length=16)
     assert cache.k.shape == (2, 1, 2, 16, 32)  # layers, batch, n_kv_head (not n_head=4), positions, head_dim
 
@@ -66,13 +67,13 @@ def test_kv_cache_holds_the_shared_heads_only():
 @pytest.mark.parametrize('name', FAMILIES)
 def test_export_loads_back_here_and_in_transformers(name, tmp_path):
     folder, ids, expected = fixture(name)
-    model = GPT.from_pretrained(str(folder), dtype=torch.float32).eval()
-    model.save_pretrained(tmp_path / 'out', tokenizer_json='{"version": "1.0"}')
+    model = from_pretrained(str(folder), dtype=torch.float32).eval()
+    save_pretrained(model, tmp_path / 'out', tokenizer_json='{"version": "1.0"}')
     hf = json.loads((tmp_path / 'out' / 'config.json').read_text())
     src = json.loads((folder / 'config.json').read_text())
     assert hf['model_type'] == src['model_type'] and hf['architectures'] == src['architectures']
     assert (tmp_path / 'out' / 'tokenizer.json').is_file()
-    back = GPT.from_pretrained(str(tmp_path / 'out')).eval()
+    back = from_pretrained(str(tmp_path / 'out')).eval()
     assert torch.equal(back(ids)[0], model(ids)[0])
     try:
         import transformers  # noqa: F401
@@ -83,7 +84,7 @@ def test_export_loads_back_here_and_in_transformers(name, tmp_path):
 
 
 def test_lora_finds_the_llama_projections():
-    model = GPT.from_pretrained(str(FIXTURES / 'tiny-qwen2'), dtype=torch.float32).eval()
+    model = from_pretrained(str(FIXTURES / 'tiny-qwen2'), dtype=torch.float32).eval()
     ids = torch.randint(0, 128, (1, 8))
     before = model(ids)[0]
     apply_lora(model, rank=4, alpha=8)
@@ -115,9 +116,9 @@ def test_a_llama_shaped_model_from_scratch_trains_and_saves(tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 2
-    model.save_pretrained(tmp_path / 'm')
+    save_pretrained(model, tmp_path / 'm')
     assert json.loads((tmp_path / 'm' / 'config.json').read_text())['model_type'] == 'llama'
-    back = GPT.from_pretrained(str(tmp_path / 'm'))
+    back = from_pretrained(str(tmp_path / 'm'))
     assert torch.equal(back.eval()(x)[0], model.eval()(x)[0])
 
 
@@ -129,25 +130,25 @@ def serve(server, folder, repo):
 def test_hub_download_sharded_with_token_then_offline(server, tmp_path, monkeypatch):
     folder, ids, expected = fixture('tiny-llama3-untied-bf16-sharded')
     serve(server, folder, 'org/tiny')
-    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
-    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
     monkeypatch.setenv('HF_TOKEN', 'hf_secret')
-    model = GPT.from_pretrained('org/tiny', dtype=torch.float32).eval()
+    model = from_pretrained('org/tiny', dtype=torch.float32).eval()
     assert (model(ids)[0] - expected).abs().max().item() <= 1e-4
     assert set(server.authorizations) == {'Bearer hf_secret'}
     fetched = {p for p, _ in server.requests}
     assert sum('model-0000' in p for p in fetched) == 3  # the shards the index names
     server.routes.clear()  # offline: the cache is enough
-    GPT.from_pretrained('org/tiny')
+    from_pretrained('org/tiny')
 
 
 def test_gated_repo_says_what_to_do(server, tmp_path, monkeypatch):
     server.status['/meta-llama/Llama-3.2-1B/resolve/main/config.json'] = 401
-    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
-    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
     monkeypatch.delenv('HF_TOKEN', raising=False)
     with pytest.raises(OSError, match='accept its license on the hub, then set HF_TOKEN'):
-        GPT.from_pretrained('llama-3.2-1b')
+        from_pretrained('llama-3.2-1b')
 
 
 MEASURE = '''
@@ -173,7 +174,7 @@ def test_loading_holds_the_weights_once(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
-    model.save_pretrained(tmp_path / 'm')
+    save_pretrained(model, tmp_path / 'm')
     del model
     out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT)], capture_output=True, text=True)
     before, after, weights = map(int, out.stdout.split())
@@ -181,11 +182,11 @@ def test_loading_holds_the_weights_once(tmp_path):
 
 
 def test_a_published_models_tokenizer_alone_by_name(server, tmp_path, monkeypatch):
-    from prepare_data import get_tokenizer
+    from tokenizer import get_tokenizer
     server.routes['/org/tiny/resolve/main/config.json'] = (FIXTURES / 'tiny-qwen2' / 'config.json').read_bytes()
     server.routes['/org/tiny/resolve/main/tokenizer.json'] = (FIXTURES / 'tokenizers' / 'qwen2' / 'tokenizer.json').read_bytes()
-    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
-    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
     tok = get_tokenizer('org/tiny')
     assert tok.decode(tok.encode('Hello <|im_end|> world')) == 'Hello <|im_end|> world'
     assert not any('safetensors' in p for p, _ in server.requests)  # the tokenizer only, no weights
@@ -196,11 +197,11 @@ def test_a_published_models_tokenizer_alone_by_name(server, tmp_path, monkeypatc
 def test_a_single_file_model_loads_offline_once_fetched(server, tmp_path, monkeypatch):
     folder, ids, expected = fixture('tiny-qwen3')  # no model.safetensors.index.json: the hub answers 404 for it
     serve(server, folder, 'org/single')
-    monkeypatch.setattr(model_module, 'HF_ENDPOINT', server.url)
-    monkeypatch.setattr(model_module, 'CACHE_DIR', tmp_path / 'cache')
-    GPT.from_pretrained('org/single')
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
+    from_pretrained('org/single')
     asked = len(server.requests)
-    model = GPT.from_pretrained('org/single').eval()  # complete: not one more request
+    model = from_pretrained('org/single').eval()  # complete: not one more request
     assert len(server.requests) == asked and (model(ids)[0] - expected).abs().max().item() <= 1e-4
 
 

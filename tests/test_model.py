@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from model import (GPT, GPTConfig, KVCache, apply_lora, filter_logits, load_checkpoint, merge_lora, merged_state_dict,
-                   model_from_checkpoint, save_checkpoint, set_lora_enabled)
-from weights import load_safetensors, save_safetensors
+from model import GPT, GPTConfig, KVCache, apply_lora, filter_logits, merge_lora, merged_state_dict, set_lora_enabled
+from weights import (from_pretrained, load_checkpoint, load_safetensors, model_from_checkpoint, save_checkpoint,
+                     save_pretrained, save_safetensors)
 
 TINY_HF = FIXTURES / 'tiny-gpt2'
 
@@ -52,7 +52,7 @@ def test_forward_shapes_and_ignore_index():
 
 def test_logits_match_huggingface_fixture():
     """The fixture was saved by transformers' GPT2LMHeadModel (tests/fixtures/make_gpt2_fixture.py)."""
-    model = GPT.from_pretrained(TINY_HF).eval()
+    model = from_pretrained(TINY_HF).eval()
     ids = torch.from_numpy(np.load(TINY_HF / 'input_ids.npy'))
     expected = torch.from_numpy(np.load(TINY_HF / 'expected_logits.npy'))
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_logits_match_huggingface_fixture():
 
 
 def test_greedy_generation_matches_huggingface_generate():
-    model = GPT.from_pretrained(TINY_HF).eval()
+    model = from_pretrained(TINY_HF).eval()
     expected = torch.from_numpy(np.load(TINY_HF / 'expected_greedy.npy'))
     out = model.generate(expected[:, :5], 20, temperature=0)
     assert torch.equal(out, expected)
@@ -78,7 +78,7 @@ def hub_style(tensors):
 
 
 def test_both_naming_styles_and_a_bare_safetensors_file_load(tmp_path):
-    ref = GPT.from_pretrained(TINY_HF)
+    ref = from_pretrained(TINY_HF)
     tensors = load_safetensors(TINY_HF / 'model.safetensors')
     assert any(k.startswith('transformer.') for k in tensors)
     (tmp_path / 'hub').mkdir()
@@ -86,19 +86,19 @@ def test_both_naming_styles_and_a_bare_safetensors_file_load(tmp_path):
     (tmp_path / 'hub' / 'config.json').write_text((TINY_HF / 'config.json').read_text())
     ids = torch.randint(0, 96, (1, 8))
     for source in (tmp_path / 'hub', tmp_path / 'hub' / 'model.safetensors'):
-        assert torch.equal(GPT.from_pretrained(source)(ids)[0], ref(ids)[0])
+        assert torch.equal(from_pretrained(source)(ids)[0], ref(ids)[0])
 
 
 def test_save_pretrained_round_trip_and_layout(tmp_path):
     for bias in (True, False):
         model = tiny(bias=bias)
-        model.save_pretrained(tmp_path / str(bias))
+        save_pretrained(model, tmp_path / str(bias))
         cfg = json.loads((tmp_path / str(bias) / 'config.json').read_text())
         assert (cfg['n_layer'], cfg['n_head'], cfg['n_embd'], cfg['n_positions']) == (2, 4, 32, 32)
         tensors = load_safetensors(tmp_path / str(bias) / 'model.safetensors')
         assert tensors['transformer.h.0.attn.c_attn.weight'].shape == (32, 96)  # Conv1D: (in, out)
         assert 'lm_head.weight' not in tensors and 'transformer.h.1.ln_2.bias' in tensors
-        back = GPT.from_pretrained(tmp_path / str(bias)).eval()
+        back = from_pretrained(tmp_path / str(bias)).eval()
         ids = torch.randint(0, 96, (2, 12))
         assert torch.allclose(back(ids)[0], model(ids)[0], atol=1e-6)
 
@@ -116,29 +116,29 @@ def test_safetensors_dtypes_round_trip(tmp_path):
 
 
 def test_from_pretrained_overrides_and_errors(tmp_path):
-    model = GPT.from_pretrained(TINY_HF, block_size=16, dropout=0.1)
+    model = from_pretrained(TINY_HF, block_size=16, dropout=0.1)
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 32)
     assert model.transformer.drop.p == 0.1
     with pytest.raises(ValueError, match='longer than the 32 positions'):
-        GPT.from_pretrained(TINY_HF, block_size=64)
+        from_pretrained(TINY_HF, block_size=64)
     with pytest.raises(ValueError, match='only override'):
-        GPT.from_pretrained(TINY_HF, n_layer=3)
+        from_pretrained(TINY_HF, n_layer=3)
     with pytest.raises(FileNotFoundError, match='not a GPT-2 size'):
-        GPT.from_pretrained(tmp_path / 'nothing')
+        from_pretrained(tmp_path / 'nothing')
     bad = tmp_path / 'bad.safetensors'
     bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": [1, 2]}  ')
     with pytest.raises(ValueError, match='not a valid safetensors'):
-        GPT.from_pretrained(bad)
+        from_pretrained(bad)
     bad.write_bytes(b'')
     with pytest.raises(ValueError, match='not a valid safetensors'):
-        GPT.from_pretrained(bad)
+        from_pretrained(bad)
     tensors = load_safetensors(TINY_HF / 'model.safetensors')
     del tensors['transformer.h.1.mlp.c_fc.weight']
     (tmp_path / 'm').mkdir()
     save_safetensors(tensors, tmp_path / 'm' / 'model.safetensors')
     (tmp_path / 'm' / 'config.json').write_text((TINY_HF / 'config.json').read_text())
     with pytest.raises(ValueError, match='missing: transformer.h.1.mlp.c_fc.weight'):
-        GPT.from_pretrained(tmp_path / 'm')
+        from_pretrained(tmp_path / 'm')
 
 
 def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
@@ -165,9 +165,9 @@ def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
     torch.manual_seed(5)
     sampled = padded.generate(prompt, 50, temperature=2.0)
     assert sampled.max() < 96
-    padded.save_pretrained(tmp_path / 'hf')  # the Hugging Face layout has only the real rows
+    save_pretrained(padded, tmp_path / 'hf')  # the Hugging Face layout has only the real rows
     assert load_safetensors(tmp_path / 'hf' / 'model.safetensors')['transformer.wte.weight'].shape == (96, 32)
-    assert torch.allclose(GPT.from_pretrained(tmp_path / 'hf').eval()(idx)[0], l0, atol=1e-5)
+    assert torch.allclose(from_pretrained(tmp_path / 'hf').eval()(idx)[0], l0, atol=1e-5)
     save_checkpoint({'model': padded.state_dict(), 'model_args': vars(padded.config).copy()}, tmp_path / 'ckpt.pt')
     back = model_from_checkpoint(load_checkpoint(tmp_path))
     assert back.config.padded_vocab_size == 128 and torch.equal(back.eval()(idx)[0], lp.detach())

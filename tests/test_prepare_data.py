@@ -6,8 +6,8 @@ import pytest
 
 import prepare_data
 from conftest import SHARED, assert_one_line_error, needs_gpt2_bpe, run_script
-from prepare_data import (ByteTokenizer, find_shards, get_tokenizer, prepare, read_meta, read_shard, split_pieces,
-                          write_shard)
+from prepare_data import find_shards, prepare, read_meta, read_shard, split_pieces, write_shard
+from tokenizer import ByteTokenizer, get_tokenizer
 
 
 def test_shard_round_trip_and_header(tmp_path):

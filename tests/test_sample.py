@@ -2,8 +2,9 @@
 import torch
 
 from conftest import assert_one_line_error, make_llama_folder, run_script
-from model import GPT, GPTConfig, save_checkpoint
-from prepare_data import ByteTokenizer
+from model import GPT, GPTConfig
+from weights import save_checkpoint
+from tokenizer import ByteTokenizer
 
 
 def make_checkpoint(out_dir):
@@ -69,7 +70,7 @@ def test_sample_from_a_llama_family_folder(tmp_path):
 
 def test_chat_keeps_the_cache_across_turns_and_equals_uncached_generation(tmp_path, capsys, monkeypatch):
     import sample
-    from prepare_data import format_chat
+    from tokenizer import format_chat
     model, tok = make_llama_folder(tmp_path / 'm', 'qwen2')
     for key, value in dict(max_new_tokens=12, temperature=0, top_k=0, top_p=1.0, system='Be brief.',
                            chat_context=256).items():

@@ -10,9 +10,10 @@ import pytest
 
 import prepare_data
 from conftest import FIXTURES, SHARED, assert_one_line_error, needs_gpt2_bpe, run_script
-from prepare_data import (EOT, LLAMA3_SPECIAL_TOKENS, data_tokenizer, find_shards, format_chat, format_prompt,
-                          get_tokenizer, prepare, read_meta, read_shard, response_end_id, token_bytes, train_bpe,
-                          write_shard)
+from prepare_data import data_tokenizer, find_shards, prepare, read_meta, read_shard, write_shard
+import tokenizer
+from tokenizer import (EOT, LLAMA3_SPECIAL_TOKENS, format_chat, format_prompt, get_tokenizer, response_end_id,
+                       token_bytes, train_bpe)
 
 TOKENIZERS = FIXTURES / 'tokenizers'
 EXPECTED = json.loads((TOKENIZERS / 'expected.json').read_text(encoding='utf-8'))
@@ -154,7 +155,7 @@ def test_train_bpe_learns_merges_any_text_encodes_and_is_deterministic():
     ids = tok.encode(odd)
     assert tok.decode(ids) == odd and ids[-1] == 599 and tok.encode('a') == [ord('a')]  # bytes keep their values
     config = json.loads(first)
-    assert config['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] == prepare_data.GPT4_PATTERN
+    assert config['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] == tokenizer.GPT4_PATTERN
     assert len(config['model']['merges']) == 600 - 257
 
 
@@ -267,7 +268,7 @@ def test_chat_formats():
                                               'Name a color.\n\nsky<|eot_id|><|start_header_id|>assistant'
                                               '<|end_header_id|>\n\n')
     assert format_prompt(entry, 'chatml') == '<|im_start|>user\nName a color.\n\nsky<|im_end|>\n<|im_start|>assistant\n'
-    for style in prepare_data.PROMPT_STYLES:  # one user message: what training used
+    for style in tokenizer.PROMPT_STYLES:  # one user message: what training used
         one = {'instruction': 'Name a color.', 'input': ''}
         assert format_chat([{'role': 'user', 'content': 'Name a color.'}], style) == format_prompt(one, style)
     talk = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
@@ -295,7 +296,7 @@ def test_response_ends_are_single_special_tokens():
     assert response_end_id(llama3, 'llama3') == llama3.encode('<|eot_id|>')[0] == llama3.eot_id + 8
     assert response_end_id(qwen2, 'chatml') == qwen2.encode('<|im_end|>')[0] and response_end_id(qwen2, 'alpaca') == qwen2.eot_id
     entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.'}
-    ids = llama3.encode(format_prompt(entry, 'llama3') + entry['output'] + prepare_data.RESPONSE_END['llama3'])
+    ids = llama3.encode(format_prompt(entry, 'llama3') + entry['output'] + tokenizer.RESPONSE_END['llama3'])
     assert ids[0] == llama3.encode('<|begin_of_text|>')[0] and ids[-1] == response_end_id(llama3, 'llama3')
     assert sum(i in llama3.special_ids for i in ids) == 7
     with pytest.raises(ValueError, match='has no token for'):
@@ -357,7 +358,7 @@ def test_our_bpe_compresses_within_two_percent_of_the_tokenizers_trainer():
     ours = get_tokenizer({'name': 'ours', 'json': train_bpe([text[:cut]], 4096, quiet=True)})
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(prepare_data.GPT4_PATTERN), behavior='isolated', invert=False),
+        pre_tokenizers.Split(Regex(tokenizer.GPT4_PATTERN), behavior='isolated', invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.train_from_iterator([text[:cut]], trainers.BpeTrainer(
         vocab_size=4096, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run_script
-from model import load_checkpoint
+from weights import load_checkpoint
 from prepare_data import prepare, write_shard
 
 
@@ -202,7 +202,7 @@ class PrefersA(torch.nn.Module):
 def test_hellaswag_scoring_picks_the_most_likely_ending():
     import importlib
     from contextlib import nullcontext
-    from prepare_data import ByteTokenizer
+    from tokenizer import ByteTokenizer
     train = importlib.import_module('train')
     examples = [{'ctx': 'x', 'endings': ['aaaa', 'bbbb', 'cccc', 'dddd'], 'label': 0},
                 {'ctx': 'yy', 'endings': ['bbbb', 'cccc', 'aaa', 'dddd'], 'label': 2},

@@ -1,0 +1,468 @@
+"""
+Tokenizers (book chapter 2) and the chat templates that belong to them (chapter 7): text <-> token ids.
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer('gpt2')          # bytes | gpt2 | a model name or hub id | a folder or tokenizer.json
+    ids = tok.encode("Hello, world")     # and tok.decode(ids)
+bytes and gpt2 need no files (gpt2's BPE comes through tiktoken); everything else is one format, Hugging
+Face's tokenizer.json (byte-level BPE: Llama 3, Qwen, SmolLM2, and the ones train_bpe makes here), translated
+into tiktoken's ranks so that one fast encoder runs them all. Llama 3's original tokenizer.model is read too.
+The instruction and chat templates (alpaca, phi3, llama3, chatml) live here because a template is part of
+a tokenizer, as in Hugging Face: its end-of-turn token must exist in the vocabulary.
+"""
+import base64
+import hashlib
+import heapq
+import json
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from weights import is_hub_name, pretrained_path
+
+EOT = '<|endoftext|>'
+
+
+# -------------------------------------------------------------------- tokenizers (ch02)
+
+class ByteTokenizer:
+    """The 256 byte values plus end-of-text (id 256): any UTF-8 text, no files needed."""
+    name = spec = 'bytes'
+    vocab_size, eot_id, special_ids = 257, 256, {256}
+
+    def encode(self, text):
+        ids = []
+        for i, part in enumerate(text.split(EOT)):
+            if i:
+                ids.append(self.eot_id)
+            ids.extend(part.encode('utf-8'))
+        return ids
+
+    def decode_bytes(self, ids):
+        return b''.join(EOT.encode() if i == self.eot_id else bytes((i,)) for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode('utf-8', errors='replace')
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoding (book ch. 2.5) through tiktoken: 50,257 tokens."""
+    name = spec = 'gpt2'
+    vocab_size, eot_id, special_ids = 50257, 50256, {50256}
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding('gpt2')
+        except Exception as e:
+            raise OSError(f"GPT-2's BPE files could not be loaded ({type(e).__name__}); go online once, "
+                          "or set TIKTOKEN_CACHE_DIR to a folder holding them, or use --tokenizer=bytes") from None
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={EOT})
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        return self.enc.decode(ids, errors='replace')
+
+
+# GPT-2's split of text into pieces that BPE works on one by one (the ByteLevel pre-tokenizer's use_regex);
+# GPT-4's (tiktoken's cl100k_base), which Llama 3 uses too and our own BPE trains with
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# GPT-2's split run on the text between digits (SmolLM2's Digits + ByteLevel): ' ?\p{N}+' can no longer match,
+# and a digit ends a run of spaces as the end of the text would
+GPT2_BETWEEN_DIGITS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+END_OF_TEXT_TOKENS = (EOT, '<|end_of_text|>')  # GPT-2, Qwen, SmolLM2 and ours; Llama 3
+LLAMA3_SPECIAL_TOKENS = (['<|begin_of_text|>', '<|end_of_text|>', '<|reserved_special_token_0|>',
+                          '<|reserved_special_token_1|>', '<|finetune_right_pad_id|>', '<|reserved_special_token_2|>',
+                          '<|start_header_id|>', '<|end_header_id|>', '<|eom_id|>', '<|eot_id|>', '<|python_tag|>']
+                         + [f'<|reserved_special_token_{i}|>' for i in range(3, 248)])  # 128000 ... 128255
+
+
+def byte_to_unicode():
+    """GPT-2's table giving each byte a printable character (a space is 'Ġ'): tokenizer.json spells tokens so."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    unprintable = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(unprintable)}}
+
+
+def vocab_ranks(model, special_ids, label):
+    """tiktoken's ranks {token bytes: id} from a tokenizer.json's BPE model. tiktoken merges the adjacent pair
+    whose joined bytes have the lowest id, the model the pair listed first in its merges: that is one rule when
+    the merges make tokens in id order and every token of two or more bytes is made by one; checked here."""
+    if model.get('type') != 'BPE' or model.get('byte_fallback') or model.get('continuing_subword_prefix') \
+            or model.get('end_of_word_suffix'):
+        raise ValueError(f"tokenizer {label}: not a byte-level BPE (model {model.get('type')}); only those "
+                         "(GPT-2, Llama 3, Qwen, SmolLM2 style) can be read")
+    to_byte = {char: b for b, char in byte_to_unicode().items()}
+    vocab, ranks = model.get('vocab') or {}, {}
+    for token, id in vocab.items():
+        if id not in special_ids:
+            try:
+                ranks[bytes(to_byte[char] for char in token)] = id
+            except KeyError:
+                raise ValueError(f"tokenizer {label}: token {token!r} is not spelled in GPT-2's byte alphabet; "
+                                 "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 style) can be read") \
+                    from None
+    if sum(len(token) == 1 for token in ranks) != 256:
+        raise ValueError(f"tokenizer {label}: its vocabulary lacks some of the 256 byte tokens a byte-level BPE needs")
+    made, last = set(), -1
+    for i, merge in enumerate(model.get('merges') or []):
+        first, second = merge.split(' ') if isinstance(merge, str) else merge
+        id = vocab.get(first + second, -1)
+        if id < last or first not in vocab or second not in vocab:
+            raise ValueError(f"tokenizer {label}: merge {i} ({first} {second}) does not make a token in id order, "
+                             "so tiktoken cannot run it the same way")
+        made.add(id)
+        last = id
+    unmade = [token for token, id in ranks.items() if len(token) > 1 and id not in made]
+    if unmade:
+        raise ValueError(f"tokenizer {label}: {len(unmade)} tokens (e.g. {unmade[0]!r}) are made by no merge, "
+                         "so tiktoken would make them where Hugging Face does not")
+    return ranks
+
+
+def steps_of(component, key):
+    """The steps of a tokenizer.json component: those of a Sequence (listed under key), itself, or none."""
+    if not component:
+        return []
+    return component.get(key) or [] if component.get('type') == 'Sequence' else [component]
+
+
+def split_pattern(pre_tokenizer, label):
+    """A tokenizer.json's pre-tokenizer as one regex that cuts the text into the same pieces for tiktoken:
+    ByteLevel's use_regex is GPT-2's pattern; Split(Regex, Isolated) its regex, plus a last branch for the text
+    between matches (Isolated keeps it as pieces; tiktoken would drop it); Digits then ByteLevel (SmolLM2) a digit
+    or GPT-2's pattern on the text between digits. ByteLevel(use_regex=false) only spells bytes: no split."""
+    steps = steps_of(pre_tokenizer, 'pretokenizers')
+    if not any(step.get('type') == 'ByteLevel' and not step.get('add_prefix_space') for step in steps):
+        raise ValueError(f"tokenizer {label}: its pre-tokenizer has no ByteLevel step (or adds a prefix space); "
+                         "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 style) can be read")
+    splits = []
+    for step in steps:
+        kind, pattern = step.get('type'), step.get('pattern') or {}
+        if kind == 'ByteLevel' and step.get('use_regex', True):
+            splits.append(('ByteLevel', GPT2_PATTERN))
+        elif kind == 'Split' and 'Regex' in pattern and step.get('behavior') == 'Isolated' and not step.get('invert'):
+            splits.append(('Split', pattern['Regex']))
+        elif kind == 'Digits':
+            splits.append(('Digits', r'\p{N}' if step.get('individual_digits') else r'\p{N}+'))
+        elif kind != 'ByteLevel':
+            splits.append((kind, None))
+    kinds = [kind for kind, _ in splits]
+    if kinds == ['ByteLevel']:
+        return GPT2_PATTERN
+    if kinds == ['Split']:
+        return f"{splits[0][1]}|(?:(?!{splits[0][1]})[\\s\\S])+"
+    if kinds == ['Digits', 'ByteLevel']:
+        return f"{splits[0][1]}|{GPT2_BETWEEN_DIGITS}"
+    raise ValueError(f"tokenizer {label}: pre-tokenizer {' + '.join(map(str, kinds)) or 'ByteLevel without a split'} "
+                     "is not supported; supported: ByteLevel, Split(Regex, Isolated) + ByteLevel, Digits + ByteLevel")
+
+
+def normal_forms(normalizer, label):
+    """The Unicode normal forms a tokenizer.json's normalizer applies (Qwen's NFC); others are refused."""
+    forms = [step.get('type') for step in steps_of(normalizer, 'normalizers')]
+    if any(form not in ('NFC', 'NFD', 'NFKC', 'NFKD') for form in forms):
+        raise ValueError(f"tokenizer {label}: normalizer {'+'.join(map(str, forms))} is not supported (only NFC, NFD, "
+                         "NFKC, NFKD)")
+    return forms
+
+
+class JsonTokenizer:
+    """A byte-level BPE in Hugging Face's tokenizer.json format (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM2, ours) run by
+    tiktoken: the vocabulary becomes tiktoken's ranks, the pre-tokenizer one split regex, the added tokens its
+    special tokens, encoded wherever their text appears (chat templates need that). Like the tokenizers library
+    with add_special_tokens=False, encode adds no <|begin_of_text|>: templates write it."""
+
+    def __init__(self, label, text):
+        import tiktoken
+        digest = hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]
+        self.name = f"{label.removesuffix('-' + digest)}-{digest}"  # unique per content, and stable when reloaded
+        self.spec = {'name': self.name, 'json': text}  # what checkpoints and meta.json carry
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tokenizer {label}: not valid JSON ({e}); give a Hugging Face tokenizer.json") from None
+        if not isinstance(config, dict) or not isinstance(config.get('model'), dict):
+            raise ValueError(f"tokenizer {label}: no 'model' in it; give a Hugging Face tokenizer.json")
+        specials = {token['content']: token['id'] for token in config.get('added_tokens') or []}
+        ranks = vocab_ranks(config['model'], set(specials.values()), label)
+        self.forms = normal_forms(config.get('normalizer'), label)
+        self.enc = tiktoken.Encoding(self.name, pat_str=split_pattern(config.get('pre_tokenizer'), label),
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        self.special_ids = set(specials.values())
+        self.vocab_size = max([*ranks.values(), *self.special_ids]) + 1
+        self.eot_id = next((specials[token] for token in END_OF_TEXT_TOKENS if token in specials), None)
+        if self.eot_id is None:
+            raise ValueError(f"tokenizer {label}: it has no end-of-text token ({' or '.join(END_OF_TEXT_TOKENS)})")
+        # normalizing leaves special tokens alone, as in the tokenizers library: cut them out first
+        self.specials_split = re.compile('(' + '|'.join(map(re.escape, sorted(specials, key=len, reverse=True))) + ')')
+
+    def encode(self, text):
+        if self.forms:
+            parts = self.specials_split.split(text)  # odd parts are the special tokens
+            for i in range(0, len(parts), 2):
+                for form in self.forms:
+                    parts[i] = unicodedata.normalize(form, parts[i])
+            text = ''.join(parts)
+        return self.enc.encode(text, allowed_special='all')
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+    def decode(self, ids):
+        return self.enc.decode(ids, errors='replace')
+
+
+def bpe_json(ranks, merges, pattern, special_tokens, ignore_merges=False):
+    """Hugging Face's tokenizer.json text for a byte-level BPE, laid out as Llama 3's: ranks {token bytes: id} and
+    merges [(bytes, bytes)] spelled in GPT-2's byte alphabet, `pattern` as the pre-tokenizer's Split,
+    special_tokens {text: id} as added tokens."""
+    alphabet = byte_to_unicode()
+
+    def spell(token):
+        return ''.join(alphabet[b] for b in token)
+    config = {
+        'version': '1.0', 'truncation': None, 'padding': None,
+        'added_tokens': [{'id': id, 'content': text, 'single_word': False, 'lstrip': False, 'rstrip': False,
+                          'normalized': False, 'special': True} for text, id in special_tokens.items()],
+        'normalizer': None,
+        'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+            {'type': 'Split', 'pattern': {'Regex': pattern}, 'behavior': 'Isolated', 'invert': False},
+            {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False}]},
+        'post_processor': None,
+        'decoder': {'type': 'ByteLevel', 'add_prefix_space': True, 'trim_offsets': True, 'use_regex': True},
+        'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': None,
+                  'end_of_word_suffix': None, 'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': ignore_merges,
+                  'vocab': {spell(token): id for token, id in sorted(ranks.items(), key=lambda item: item[1])},
+                  'merges': [f"{spell(first)} {spell(second)}" for first, second in merges]}}
+    return json.dumps(config, ensure_ascii=False, indent=1)
+
+
+def llama3_tokenizer_json(path):
+    """Llama 3's original/tokenizer.model (tiktoken's own format: a base64 token and its rank per line) as
+    tokenizer.json text, converted as Hugging Face does: Llama 3's split (GPT-4's pattern), its 256 special tokens
+    after the ranks (<|begin_of_text|> = 128000, <|end_of_text|>, ... <|eot_id|> = 128009, ...), and every split
+    of a token into two tokens as a merge, since tiktoken merges any pair whose bytes join into a token."""
+    ranks = {}
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: not tiktoken's 'base64-token rank' format; a SentencePiece "
+                             "tokenizer.model (as Llama 2's) is not supported") from None
+    if not ranks:
+        raise ValueError(f"{path} is empty; give Llama 3's original/tokenizer.model or a tokenizer.json")
+    merges = sorted((ranks[token], ranks[token[:k]], ranks[token[k:]], token[:k], token[k:])
+                    for token in ranks for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks)
+    specials = {text: max(ranks.values()) + 1 + i for i, text in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    return bpe_json(ranks, [(first, second) for *_, first, second in merges], GPT4_PATTERN, specials,
+                    ignore_merges=True)
+
+
+def get_tokenizer(spec):
+    """bytes | gpt2 | a published model's name or hub id (qwen3-0.6b, Qwen/Qwen3-0.6B: its tokenizer.json is
+    downloaded once, without the weights) | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model), or such a file |
+    {'name', 'json': tokenizer.json text}, what a tokenizer's .spec gives (so checkpoints and meta.json carry it)."""
+    if isinstance(spec, dict):
+        if not isinstance(spec.get('name'), str) or not isinstance(spec.get('json'), str):
+            raise ValueError("a tokenizer given as a dict needs {'name': str, 'json': tokenizer.json text}")
+        return JsonTokenizer(spec['name'], spec['json'])
+    if spec == 'bytes':
+        return ByteTokenizer()
+    if spec == 'gpt2':
+        return GPT2Tokenizer()
+    if spec == 'bpe':
+        raise ValueError("the bpe tokenizer is trained per data set: prepare_data.py --tokenizer=bpe makes it, and "
+                         "data_tokenizer(data_dir) or its data_dir/tokenizer.json loads it")
+    path = pretrained_path(spec, weights=False) if is_hub_name(spec) else Path(spec)  # qwen3-0.6b: its tokenizer.json
+    if path.is_dir():
+        found = [p for p in (path / 'tokenizer.json', path / 'original' / 'tokenizer.model') if p.is_file()]
+        if not found:
+            raise ValueError(f"{path} holds no tokenizer.json (nor original/tokenizer.model); give a model folder "
+                             "in the Hugging Face layout or the file itself")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"unknown tokenizer {spec!r}: not bytes, gpt2, bpe, or an existing folder or tokenizer.json")
+    folder = path.parent.parent if path.parent.name == 'original' else path.parent
+    label = folder.resolve().name or 'tokenizer'
+    if path.suffix == '.json':
+        return JsonTokenizer(label, path.read_text(encoding='utf-8'))
+    return JsonTokenizer(label, llama3_tokenizer_json(path))
+
+
+def token_bytes(tokenizer):
+    """The number of UTF-8 bytes each token id stands for (0 for special tokens and unused ids): a loss per
+    token summed over these gives bits per byte, which compares across tokenizers."""
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for id in range(tokenizer.vocab_size):
+        if id not in tokenizer.special_ids:
+            try:
+                lengths[id] = len(tokenizer.decode_bytes([id]))
+            except KeyError:  # an id no token has
+                pass
+    return lengths
+
+
+# -------------------------------------------------------------------- our own BPE (ch02 bonus: BPETokenizerSimple)
+
+def merge_pair(ids, pair, new_id):
+    """ids with each occurrence of pair, left to right, replaced by new_id (the book's replace_pair)."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_bpe(texts, vocab_size, pattern=GPT4_PATTERN, quiet=False):
+    """Learn a byte-level BPE from the strings in `texts` and return it as tokenizer.json text: ids 0-255 the
+    bytes, then vocab_size - 257 merges, then end-of-text. The book's BPETokenizerSimple.train, with these
+    departures: it merges bytes, not characters, so any text encodes; the text is first cut with `pattern` into
+    chunks (words with their leading space, numbers, punctuation, as tiktoken does), and each distinct chunk is
+    kept once with its count, so memory grows with the distinct chunks, not the text; after a merge the pair
+    counts are updated only in the chunks that held the pair, instead of recounting everything; the most frequent
+    pair comes off a heap (ties: the smallest pair of ids, so the result does not depend on dict order)."""
+    import regex  # installed with tiktoken; unlike re, it knows \p{L}
+    if vocab_size < 257:
+        raise ValueError(f"--vocab_size={vocab_size}: a byte-level BPE needs at least 257 tokens "
+                         "(256 bytes + end-of-text)")
+    split, counts = regex.compile(pattern), Counter()
+    for text in texts:
+        counts.update(split.findall(text))
+    words, freqs = [list(chunk.encode('utf-8')) for chunk in counts], list(counts.values())
+    pair_counts, where = defaultdict(int), defaultdict(set)  # pair: occurrences in the text; pair: chunks holding it
+    for w, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[w]
+            where[pair].add(w)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    tokens, merges = [bytes([b]) for b in range(256)], []
+    t0 = shown = time.time()
+    for new_id in range(256, vocab_size - 1):
+        while heap and -heap[0][0] != pair_counts.get(heap[0][1]):  # pushed before the pair's count changed
+            heapq.heappop(heap)
+        if not heap:
+            if shown > t0:  # end the progress line first
+                print(file=sys.stderr)
+            raise ValueError(f"--vocab_size={vocab_size} is more than the text can fill: no pair is left to merge "
+                             f"after {len(merges)} merges; use a smaller vocab_size or more text")
+        pair = heapq.heappop(heap)[1]
+        changed = set()
+        for w in where.pop(pair):
+            word, freq = words[w], freqs[w]
+            merged = merge_pair(word, pair, new_id)
+            if len(merged) == len(word):  # an earlier merge already took the pair out of this chunk
+                continue
+            for old in zip(word, word[1:]):
+                pair_counts[old] -= freq
+            for new in zip(merged, merged[1:]):
+                pair_counts[new] += freq
+                where[new].add(w)
+            changed.update(zip(word, word[1:]), zip(merged, merged[1:]))
+            words[w] = merged
+        for p in changed:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+            else:
+                del pair_counts[p]
+        merges.append((tokens[pair[0]], tokens[pair[1]]))
+        tokens.append(tokens[pair[0]] + tokens[pair[1]])
+        if not quiet and (time.time() - shown > 0.5 or new_id == vocab_size - 2):
+            shown = time.time()
+            print(f"\rtraining BPE: {len(merges):,} of {vocab_size - 257:,} merges ({shown - t0:.1f}s)", end='',
+                  file=sys.stderr, flush=True)
+    if not quiet:
+        print(file=sys.stderr)
+    return bpe_json({token: id for id, token in enumerate(tokens)}, merges, pattern, {EOT: vocab_size - 1})
+
+
+# -------------------------------------------------------------------- instruction prompts and chat formats (ch07)
+
+PROMPT_STYLES = ('alpaca', 'phi3', 'llama3', 'chatml')
+ALPACA_OPENING = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                  "the request.")
+ROLES = ('system', 'user', 'assistant')
+CHAT_FORMATS = {  # style: (start of a conversation, each role's turn, the header that asks for the assistant's turn)
+    'alpaca': ('', {'system': '{}', 'user': '\n\n### Instruction:\n{}', 'assistant': '\n\n### Response:\n{}'},
+               '\n\n### Response:\n'),
+    'phi3': ('', {'system': '<|system|>\n{}\n', 'user': '<|user|>\n{}\n', 'assistant': '<|assistant|>:\n{}\n'},
+             '<|assistant|>:\n'),
+    'llama3': ('<|begin_of_text|>',
+               {role: f'<|start_header_id|>{role}<|end_header_id|>\n\n{{}}<|eot_id|>' for role in ROLES},
+               '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    'chatml': ('', {role: f'<|im_start|>{role}\n{{}}<|im_end|>\n' for role in ROLES}, '<|im_start|>assistant\n'),
+}
+# what follows a response in training text (and stops generation): the book's templates end with the tokenizer's
+# end-of-text (this is its GPT-2 spelling; response_end_id gives any tokenizer's), the chat formats end the turn
+RESPONSE_END = {'alpaca': EOT, 'phi3': EOT, 'llama3': '<|eot_id|>', 'chatml': '<|im_end|>'}
+
+
+def check_style(style):
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; use {', '.join(PROMPT_STYLES)}")
+
+
+def format_input(entry, style='alpaca'):
+    """An {instruction, input} entry as text (the book's format_input, 7.2). alpaca is the
+    book's template; phi3 its exercise 7.1; llama3 and chatml (Qwen, SmolLM2) a user turn."""
+    check_style(style)
+    if style == 'alpaca':
+        text = ALPACA_OPENING + f"\n\n### Instruction:\n{entry['instruction']}"
+        return text + (f"\n\n### Input:\n{entry['input']}" if entry.get('input') else "")
+    if style == 'phi3':
+        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get('input') else "")
+    start, turns, _ = CHAT_FORMATS[style]
+    text = entry['instruction'] + (f"\n\n{entry['input']}" if entry.get('input') else "")
+    return start + turns['user'].format(text)
+
+
+def format_prompt(entry, style='alpaca'):
+    """The prompt a model continues with its response: the one template that training, generation and
+    sample.py share. Training text = format_prompt(entry) + entry['output'] + RESPONSE_END[style]."""
+    return format_input(entry, style) + ("\n<|assistant|>:\n" if style == 'phi3' else CHAT_FORMATS[style][2])
+
+
+def format_chat(messages, style='alpaca'):
+    """A conversation [{'role': 'system' | 'user' | 'assistant', 'content': text}, ...] as one prompt that ends
+    with the assistant's header, ready for generation; for one user message the same as format_prompt. alpaca
+    opens with the book's sentence unless a system message takes its place; no other style adds a default system
+    message (Qwen's and SmolLM2's own templates do)."""
+    check_style(style)
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get('role') in ROLES and isinstance(message.get('content'), str)):
+            raise ValueError(f"chat message {i} is not {{'role': 'system' | 'user' | 'assistant', 'content': text}}")
+    start, turns, header = CHAT_FORMATS[style]
+    if style == 'alpaca' and (not messages or messages[0]['role'] != 'system'):
+        start = ALPACA_OPENING
+    return start + ''.join(turns[message['role']].format(message['content']) for message in messages) + header
+
+
+def response_end_id(tokenizer, style):
+    """The token id that ends a response in `style`: the tokenizer's end-of-text for alpaca and phi3, the
+    end-of-turn token for llama3 and chatml, which only a tokenizer that has it (Llama 3; Qwen, SmolLM2) knows."""
+    check_style(style)
+    if RESPONSE_END[style] == EOT:
+        return tokenizer.eot_id
+    ids = tokenizer.encode(RESPONSE_END[style])
+    if len(ids) != 1 or ids[0] not in tokenizer.special_ids:
+        family = 'Llama 3' if style == 'llama3' else 'Qwen or SmolLM2'
+        raise ValueError(f"the {style} prompt style ends responses with {RESPONSE_END[style]}, which the "
+                         f"{tokenizer.name} tokenizer has no token for; use {family}'s tokenizer, or alpaca or phi3")
+    return ids[0]
