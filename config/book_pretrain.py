@@ -1,6 +1,6 @@
 # The whole book in one sitting, step 1 (chapter 5): pretrain a small byte-level GPT on the English
 # text of Python's documentation (ships with Python: nothing to download), context 512 so that the
-# later steps' instructions fit. About 9 minutes on 2 CPU cores.
+# later steps' instructions fit. About 9 minutes on 2 CPU cores (RESULTS.md, "The whole-book block").
 #   python train.py config/book_pretrain.py
 out_dir = 'out-book/pretrain'
 data_dir = 'data/pydoc'

@@ -1,14 +1,14 @@
 # GPT-2 small trained at home: one 24 GB consumer GPU (RTX 3090/4090), 20 tokens per parameter of
-# FineWeb, with the interventions one reader measured on his own from-scratch GPT-2 (README:
+# FineWeb, with the interventions one reader measured on his own from-scratch GPT-2 (RESULTS.md,
 # "Interventions") stacked: gradient clipping, biases on q/k/v (GPT-2 has them), no dropout, an
 # untied output head (tying measured worse), peak lr 1.4e-3 with 5% warmup and cosine decay to
 # 0.1x, weight decay 0.01. His run: 163M parameters, 3.26B tokens, ~48 hours on one 3090.
 #   python prepare_data.py --dataset=fineweb10B --num_shards=33     # 3.3B tokens, ~7 GB
 #   python train.py config/train_gpt2_3090.py
 # Tokens: 163M parameters (124M + an untied 38.6M head) x 20 = 3.26B = 6,220 steps of 524,288.
-# Time, projected (no GPU of ours has run it yet): 6N + 12LTd = 1.09 GFLOP per token, 3.6e18 in
+# Time, a projection rather than a measurement: 6N + 12LTd = 1.09 GFLOP per token, 3.6e18 in
 # all; a 3090 peaks at 71 TFLOP/s in bf16, so ~35 h at 40% MFU and ~47 h at 30%. train.py prints
-# its MFU from the first log line: multiply 3.6e18 / (71e12 x MFU) for your own projection.
+# its MFU from the first log line: 3.6e18 / (71e12 x MFU) seconds is your own projection.
 out_dir = 'out-gpt2-3090'
 data_dir = 'data/fineweb10B'
 n_layer, n_head, n_embd = 12, 12, 768
