@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops
+from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
 from weights import from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
@@ -35,7 +35,7 @@ warmup_steps = 3  # train: untimed steps first (allocations, kernels, compilatio
 steps = 10  # train: timed steps
 optimizer = 'adamw'  # adamw or muon
 grad_checkpoint = False
-compile = False
+compile = False  # train: the compiled model; generate: also time the compiled one-token step (configurator.compile_decoding)
 ablate = False  # train: walk the book's speed-ups one at a time and print the table
 profile = False  # train: write a torch.profiler trace (open in chrome://tracing or perfetto)
 prompt_tokens = 64  # generate
@@ -43,6 +43,7 @@ max_new_tokens = 200  # generate
 repeats = 3  # generate: timed runs per variant; the best is reported
 uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
 compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
+bandwidth_mb = 1024  # generate: the size of the matrix whose matrix-vector product measures memory bandwidth (0 = skip)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -68,7 +69,7 @@ class BookGELU(nn.Module):  # ch04's GELU, the tanh approximation written out
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def manual_attention(self, x, rope=None, kv_cache=None):  # ch03's attention: scores, mask, softmax, weighted sum
+def manual_attention(self, x, rope=None, kv_cache=None, mask=None):  # ch03's attention: scores, mask, softmax, weighted sum
     B, T, C = x.size()
     q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
     att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
@@ -212,10 +213,20 @@ def generate_speed(dev, dtype_name):
     idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
     print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}, {dev}, threads={torch.get_num_threads()}, "
           f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy")
+    # one cache for every run: a compiled step's graph is recorded for its addresses
+    cache = model.new_kv_cache(batch_size, min(model.config.block_size, prompt_tokens + max_new_tokens), idx.device)
+
+    def ours(decode_step=None):
+        cache.restart(0)
+        return model.generate(idx, max_new_tokens, temperature=0, kv_cache=cache, decode_step=decode_step)
     rows = []
     with torch.no_grad():
-        t_cache, out_cache = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0))
+        t_cache, out_cache = best_time(ours)
         rows.append(('ours, KV cache', t_cache))
+        if compile:
+            decode_step = compile_decoding(model, True, dev.split(':')[0])
+            t_compiled, out_compiled = best_time(lambda: ours(decode_step))
+            rows.append(('ours, KV cache, compiled step', t_compiled))
         if uncached:
             t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False))
             rows.append(('ours, no cache (recompute the context)', t_full))
@@ -236,7 +247,33 @@ def generate_speed(dev, dtype_name):
         rel = f"{rows[-1][1] / t:.2f}x" if compare_hf else '-'
         print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
     print(f"KV cache == no cache: {torch.equal(out_cache, out_full) if uncached else 'not run'}"
+          + (f"; compiled == eager: {torch.equal(out_cache, out_compiled)}" if compile else '')
           + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else ''))
+    # a token reads every weight once: what that costs against what the memory can deliver
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    best = min(t for name, t in rows if name.startswith('ours, KV'))
+    read = weight_bytes * max_new_tokens / best
+    line = f"weights {weight_bytes / 1e9:.2f} GB; our fastest decoding reads {read / 1e9:.1f} GB/s"
+    if bandwidth_mb:
+        peak = memory_bandwidth(dev, getattr(torch, dtype_name), bandwidth_mb)
+        line += f"; the machine's bandwidth {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
+    print(line)
+
+
+def memory_bandwidth(dev, dtype, megabytes, tries=5):
+    """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`):
+    the speed limit of decoding one token, which does the same with every weight."""
+    cols = 4096
+    W = torch.randn(megabytes * 2**20 // (cols * torch.finfo(dtype).bits // 8), cols, device=dev).to(dtype)
+    x = torch.randn(cols, 1, device=dev, dtype=dtype)
+    best = float('inf')
+    for _ in range(tries + 1):  # the first is a warm-up
+        synchronize(dev.split(':')[0])
+        t0 = time.perf_counter()
+        W @ x
+        synchronize(dev.split(':')[0])
+        best = min(best, time.perf_counter() - t0)
+    return W.numel() * W.element_size() / best
 
 
 if __name__ == '__main__':

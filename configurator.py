@@ -254,6 +254,16 @@ def maybe_compile(model, enabled, device_type, **kwargs):
     return torch.compile(model, **kwargs) if enabled and compile_available(device_type) else model
 
 
+def compile_decoding(model, enabled, device_type):
+    """model.decode_step compiled into one fixed graph for every generated token (on CUDA also
+    captured as a CUDA graph: one launch per token instead of hundreds), or None: generate() then
+    runs eagerly. The prompt is always computed eagerly (its length varies)."""
+    if not (enabled and compile_available(device_type)):
+        return None
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                         mode='reduce-overhead' if device_type == 'cuda' else None)
+
+
 def synchronize(device_type):
     """Wait for the GPU's queued work, so that a timer measures it (CUDA and MPS run asynchronously)."""
     if device_type == 'cuda':

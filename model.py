@@ -108,7 +108,7 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         # (B, T, heads * hs) -> (B, heads, T, hs): each head attends on its own; k and v have n_kv_head heads
@@ -120,15 +120,13 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hs), S = cached + T
-        S = k.size(2)
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hs): the cached keys and values too
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
-        if S == T or T == 1:  # whole sequence (causal), or one new token that may see every cached one
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
-        else:  # a chunk after a cached prefix: query i sees keys 0 .. S-T+i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the
+        # mask says which keys each query sees (a chunk after a cached prefix, padding, the static cache)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=mask is None and T > 1, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -163,8 +161,8 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -172,24 +170,57 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, so that each new token
     costs one position of work instead of the whole sequence. Allocated once, for `length`
-    positions, in the dtype the attention computes in. Under grouped-query attention it holds
-    the n_kv_head shared heads, not copies per query head (Llama 3.2 1B: 4x smaller)."""
+    slots, in the dtype the attention computes in; a fixed shape, so a compiled decoding step is
+    one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies per
+    query head (Llama 3.2 1B: 4x smaller).
+    padding: (B,) how many left-padding tokens open each row of the text (prompts of different
+    lengths in one batch), None when no row is padded. Padding is never attended to, and a row's
+    positions count from its first real token, so each row reads as it would alone."""
 
-    def __init__(self, config, batch_size, device, dtype, length=None):
-        shape = (config.n_layer, batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0  # how many positions are filled
+    def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
+        length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
+        shape = (config.n_layer, batch_size, config.n_kv_head, length, config.head_dim)
+        # zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN would still be NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = shape[3]
+        self.pos = 0  # how many slots are filled
+        self.offset = 0  # which token of the text is in slot 0 (> 0 once the window has slid)
+        self.padding = padding
+        self.slot = None  # compiled decoding: the slot to write, as a tensor (a Python int would recompile per step)
 
     def update(self, layer_idx, k, v):
         """Store (B, n_kv_head, T, hs) new keys/values of one layer; return all of its so far
-        (B, n_kv_head, pos+T, hs)."""
+        (B, n_kv_head, pos+T, hs), or, in the compiled step, every slot (the mask hides the empty ones)."""
+        if self.slot is not None:
+            self.k[layer_idx].index_copy_(2, self.slot, k)
+            self.v[layer_idx].index_copy_(2, self.slot, v)
+            return self.k[layer_idx], self.v[layer_idx]
         end = self.pos + k.size(2)
         self.k[layer_idx, :, :, self.pos:end] = k
         self.v[layer_idx, :, :, self.pos:end] = v
-        if layer_idx == self.k.size(0) - 1:  # the last layer has written: advance
-            self.pos = end
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def positions_and_mask(self, T):
+        """For T new tokens: their positions (1 or B, T), and which slots each may attend to, a bool
+        mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
+        device = self.k.device
+        if self.slot is not None:  # one token at slot `slot`, every slot given to attention
+            slots, keys = self.slot.view(1, 1), torch.arange(self.length, device=device)
+        else:
+            slots, keys = torch.arange(self.pos, self.pos + T, device=device)[None], torch.arange(self.pos + T, device=device)
+            if self.padding is None and (T == 1 or self.pos == 0):
+                return slots, None
+        sees = keys <= slots[..., None]  # causal: (1, T, S)
+        if self.padding is None:
+            return slots, sees[:, None]
+        pads = (self.padding - self.offset).clamp(min=0)[:, None, None]  # (B, 1, 1) padding left in the window
+        sees = sees & ((keys >= pads) | (keys == slots[..., None]))  # a padding query sees itself: no empty row (NaN)
+        return (slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
+
+    def restart(self, offset):
+        """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
+        self.pos, self.offset = 0, offset
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -207,6 +238,11 @@ class GPT(nn.Module):  # ch04: the GPT model
             ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
+            # on the model's device; not saved (persistent=False): they follow from the config
+            self.register_buffer('rope_cos', torch.empty(config.block_size, config.head_dim), persistent=False)
+            self.register_buffer('rope_sin', torch.empty(config.block_size, config.head_dim), persistent=False)
+            self.init_rope()
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
         self.grad_checkpoint = False  # True: activation checkpointing per block (less memory, ~1/3 more compute)
@@ -214,6 +250,16 @@ class GPT(nn.Module):  # ch04: the GPT model
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith('c_proj.weight'):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @torch.no_grad()
+    def init_rope(self):
+        """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in
+        float32 whatever the buffers' dtype."""
+        angles = torch.arange(self.config.block_size, dtype=torch.float32, device=self.rope_cos.device)[:, None] \
+            * rope_frequencies(self.config).to(self.rope_cos.device)[None, :]  # (block_size, hs / 2)
+        angles = torch.cat((angles, angles), dim=-1)  # the half-split layout: pair (i, i + hs/2) shares an angle
+        self.rope_cos.copy_(angles.cos())
+        self.rope_sin.copy_(angles.sin())
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -226,26 +272,30 @@ class GPT(nn.Module):  # ch04: the GPT model
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, kv_cache=None):
-        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head)."""
+        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head).
+        With a kv_cache, idx continues what it holds, and it then holds idx too."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        filled = 0 if kv_cache is None or kv_cache.slot is not None else kv_cache.pos
+        if filled + T > self.config.block_size:
+            raise ValueError(f"sequence of {filled + T} tokens is longer than block_size {self.config.block_size}")
+        if kv_cache is None:
+            pos, mask = torch.arange(T, device=idx.device)[None], None  # (1, T)
+        else:
+            pos, mask = kv_cache.positions_and_mask(T)  # (1 or B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == 'learned':
             x = x + self.transformer.wpe(pos)
-        else:  # cos and sin of every (position, frequency) angle, (T, hs), in float32 whatever the weights' dtype
-            angles = pos.float()[:, None] * rope_frequencies(self.config).to(idx.device)[None, :]
-            angles = torch.cat((angles, angles), dim=-1)
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        else:  # cos and sin of each position's angles, (1 or B, 1, T, hs): they broadcast over the heads
+            rope = (self.rope_cos[pos].to(x.dtype)[:, None], self.rope_sin[pos].to(x.dtype)[:, None])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache)
+                x = block(x, rope, kv_cache, mask)
+        if kv_cache is not None and kv_cache.slot is None:
+            kv_cache.pos += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -267,6 +317,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         self.config.block_size = block_size
         if self.config.pos_emb == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
@@ -276,9 +328,9 @@ class GPT(nn.Module):  # ch04: the GPT model
         optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
         head, biases, gains), as modded-nanogpt and nanochat. Muon's matrices decay too, the
         AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at Muon's larger
-        lr that is a real pull toward zero, which the default run's several epochs need (README
-        "The default run"). Each group's 'lr_scale' is its
-        learning rate relative to learning_rate, for the schedule. muon_dtype: what its
+        lr that is a real pull toward zero, which a run that reads its data several times needs
+        (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its learning rate relative to
+        learning_rate, for the schedule. muon_dtype: what its
         Newton-Schulz iteration computes in: bfloat16 where that is native (GPUs, recent CPUs),
         float32 where bfloat16 is emulated (AVX2 CPUs: 10x slower in bfloat16)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -311,46 +363,79 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True, on_token=None, generator=None, kv_cache=None):
-        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n). One prefill of
-        the prompt, then one token per step through the KV cache. temperature=0 is greedy.
-        With eos_id, a row that has emitted it is padded with eos_id and generation stops
-        once every row has. Past the cache's length (block_size at most) the window slides: the
-        cache is refilled with the last half of it. Within the window the tokens equal those of
-        use_cache=False (which recomputes the whole cropped sequence every step, as nanoGPT).
+                 use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
+        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05
+        generate with a KV cache (the prompt is computed once, then one token per step).
+        temperature=0 is greedy. With eos_id, a row that has emitted it is padded with eos_id, and
+        generation stops once every row has. Within block_size the tokens equal use_cache=False's
+        (which recomputes the whole cropped sequence every step, as nanoGPT).
         on_token(next_ids (B,)) is called after each step, e.g. to stream text.
         kv_cache: a KVCache that already holds idx's first kv_cache.pos tokens (a chat's earlier
-        turns): only the rest is prefilled, and it is left holding the text for the next call."""
-        bs = self.config.block_size
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache, dev = kv_cache, idx.device.type
-        if use_cache and cache is None:  # no bigger than this call needs (Llama 3.2's block_size is 131,072)
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
-            cache = KVCache(self.config, idx.size(0), idx.device, dtype, min(bs, idx.size(1) + max_new_tokens))
-        offset = 0  # the cache holds idx[:, offset:offset + cache.pos]
+        turns): only the rest is computed, and it is left holding the text for the next call.
+        padding: (B,) left-padding tokens in each row of idx (prompts of different lengths).
+        decode_step: torch.compile(model.decode_step) to run each one-token step as one fixed graph."""
+        B, T = idx.shape
+        cache = kv_cache
+        if cache is None and (use_cache or padding is not None):
+            cache = self.new_kv_cache(B, min(self.config.block_size, T + max_new_tokens), idx.device, padding)
         if cache is not None:
-            cache.pos = min(cache.pos, idx.size(1) - 1)  # at least the last token is fed again
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                x = self.hidden_states(idx[:, -bs:])
+            cache.pos = min(cache.pos, T - 1)  # at least the last token is fed again: its logits are needed
+            if decode_step is not None and cache.slot is None:
+                torch._dynamo.mark_static_address(cache.k, guard=False)  # CUDA graphs may then write it in place
+                torch._dynamo.mark_static_address(cache.v, guard=False)
+        out = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)  # filled in place: no growing copies
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            text = out[:, :T + step]
+            if cache is None:
+                logits = self.lm_head(self.hidden_states(text[:, -self.config.block_size:])[:, -1])
             else:
-                if idx.size(1) - offset > cache.k.size(3):  # the window is full: start it again from the end
-                    keep = cache.k.size(3) if cache.pos == 0 else cache.k.size(3) // 2  # (a long prompt: its end)
-                    offset, cache.pos = idx.size(1) - keep, 0
-                x = self.hidden_states(idx[:, offset + cache.pos:], cache)  # the prompt, then one token per step
-            logits = self.lm_head(x[:, -1, :])[:, :self.config.vocab_size]  # (B, vocab): only the last position
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+                logits = self.next_logits(text, cache, decode_step)
+            next_id = sample_next(logits[:, :self.config.vocab_size], temperature, top_k, top_p, generator)
             if eos_id is not None:
-                next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)
+                next_id = torch.where(done, eos_id, next_id)
                 done |= next_id == eos_id
-            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            out[:, T + step] = next_id
             if on_token is not None:
                 on_token(next_id)
-            if eos_id is not None and bool(done.all()):
-                break
-        if cache is not None and offset:  # the window slid: what it holds no longer starts at idx's start
-            cache.pos = 0
-        return idx
+            # whether every row is done needs the device to finish: ask every 8 tokens (or when the
+            # text is streamed, which waits for each token anyway)
+            if eos_id is not None and (on_token is not None or step % 8 == 7) and bool(done.all()):
+                return out[:, :T + step + 1]
+        if cache is not None and cache.offset:  # the window slid: the cache no longer holds the text's start
+            cache.restart(0)
+        return out
+
+    def new_kv_cache(self, batch_size, length, device, padding=None):
+        """A KVCache in the dtype attention computes in (autocast's, else the weights')."""
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.lm_head.weight.dtype
+        return KVCache(self.config, batch_size, device, dtype, length, padding)
+
+    def next_logits(self, text, cache, decode_step=None):
+        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache
+        lacks. When they do not fit, the window slides: the cache restarts from the last half of it (a
+        prompt longer than the cache: from its last cache.length tokens)."""
+        if text.size(1) - cache.offset > cache.length:
+            keep = cache.length if cache.pos == 0 else cache.length // 2
+            cache.restart(offset=text.size(1) - keep)
+        new = text[:, cache.offset + cache.pos:]
+        if decode_step is not None and new.size(1) == 1:
+            if cache.slot is None:
+                cache.slot = torch.zeros(1, dtype=torch.long, device=text.device)
+            cache.slot.fill_(cache.pos)
+            logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache)  # same strides every call
+            cache.pos += 1
+            return logits
+        slot, cache.slot = cache.slot, None  # the prompt: a variable length, computed eagerly
+        logits = self.lm_head(self.hidden_states(new, cache)[:, -1])
+        cache.slot = slot
+        return logits
+
+    def decode_step(self, token, cache):
+        """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and
+        written at cache.slot (a tensor), so torch.compile makes one graph (CUDA graphs with
+        mode='reduce-overhead') that serves every step."""
+        return self.lm_head(self.hidden_states(token, cache)[:, -1])
 
 
 def filter_logits(logits, top_k=None, top_p=None):

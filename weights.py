@@ -422,6 +422,7 @@ def load_llama(folder, hf, dtype=None, **overrides):
     model = model.to(dtype or file_dtype).to_empty(device='cpu')
     if config.tie_embeddings:  # to_empty gives every parameter new storage: tie again
         model.transformer.wte.weight = model.lm_head.weight
+    model.init_rope()  # and leaves the RoPE tables empty
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied head is not listed twice
             parts = hf_names(name)

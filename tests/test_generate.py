@@ -1,0 +1,75 @@
+"""generate(): prompts of different lengths in one batch (left padding), and the compiled one-token step
+(a static KV cache: every step one fixed graph) against eager decoding."""
+import pytest
+import torch
+
+from configurator import compile_available
+from model import GPT, GPTConfig
+
+LLAMA_STYLE = dict(norm='rmsnorm', pos_emb='rope', mlp='swiglu', n_kv_head=2, bias=False)
+
+
+def tiny(**family):
+    """A random model whose weights are spread wide, so that its next token depends on the whole context
+    (GPT-2's small init repeats one token whatever it reads, and would hide a wrong mask)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=96, n_layer=2, n_head=4, n_embd=32, **family)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+def left_padded(prompts, pad_id=0):
+    """(B, T) ids with each prompt at the right end of its row, and the (B,) padding counts."""
+    T = max(len(p) for p in prompts)
+    rows = [torch.cat((torch.full((T - len(p),), pad_id), p)) for p in prompts]
+    return torch.stack(rows), torch.tensor([T - len(p) for p in prompts])
+
+
+@pytest.mark.parametrize('family', [{}, LLAMA_STYLE], ids=['gpt2', 'llama'])
+def test_padded_batch_equals_one_prompt_at_a_time(family):
+    model = tiny(**family)
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,)) for n in (3, 11, 6, 1)]
+    batch, padding = left_padded(prompts, pad_id=7)
+    out = model.generate(batch, 20, temperature=0, padding=padding)
+    for row, prompt in zip(out, prompts):
+        alone = model.generate(prompt[None], 20, temperature=0)[0, len(prompt):]
+        assert torch.equal(row[batch.size(1):], alone)
+    # the padding is never attended to: another pad id changes nothing
+    assert torch.equal(model.generate(left_padded(prompts, pad_id=55)[0], 20, temperature=0, padding=padding)[:, -20:],
+                       out[:, -20:])
+    # past the context the window slides (block_size 48) and the rows still decode
+    long = model.generate(batch, 60, temperature=0, padding=padding)
+    assert long.shape == (4, batch.size(1) + 60) and torch.equal(long[:, :batch.size(1) + 20], out)
+
+
+def test_padding_changes_the_answer_without_the_mask():
+    """The test above can fail: feeding the pads as if they were text gives other tokens."""
+    model = tiny()
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 96, (n,)) for n in (3, 11)]
+    batch, padding = left_padded(prompts, pad_id=7)
+    alone = model.generate(prompts[0][None], 12, temperature=0)[0, 3:]
+    assert not torch.equal(model.generate(batch, 12, temperature=0)[0, -12:], alone)
+    assert torch.equal(model.generate(batch, 12, temperature=0, padding=padding)[0, -12:], alone)
+
+
+@pytest.mark.skipif(not compile_available('cpu'), reason="torch.compile needs a C compiler here")
+def test_compiled_step_equals_eager_and_compiles_once():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny(**LLAMA_STYLE)
+    idx = torch.randint(0, 96, (2, 5))
+    eager = model.generate(idx, 24, temperature=0)
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    cache = model.new_kv_cache(2, 29, idx.device)
+    compiled = model.generate(idx, 24, temperature=0, kv_cache=cache, decode_step=step)
+    assert torch.equal(compiled, eager)
+    # every one of the 23 one-token steps ran the same graph: nothing recompiled per token
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+    cache.restart(0)  # a second generation on the same cache reuses it too
+    assert torch.equal(model.generate(idx, 24, temperature=0, kv_cache=cache, decode_step=step), eager)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
