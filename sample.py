@@ -5,6 +5,7 @@ Sample text from a trained model or from GPT-2 (book chapter 5.3; nanoGPT's samp
     python sample.py --start=FILE:prompt.txt --num_samples=1 --temperature=0
     python sample.py --init_from=qwen3-0.6b --start="The capital of France"    # the Llama family too
     python sample.py --init_from=smollm2-135m-instruct --chat=True            # a terminal chat
+    python sample.py --init_from=smollm2-135m-instruct --serve=8000           # a web page and an OpenAI-style API
 """
 import codecs
 import os
@@ -34,6 +35,8 @@ chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset fo
 chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
 system = ''  # chat: a system message to open the conversation with
 chat_context = 8192  # chat: the longest conversation kept, in tokens (at most the model's block_size)
+serve = 0  # a port: serve an OpenAI-compatible API and a chat page there instead (serve.py; 0 = off)
+host = '127.0.0.1'  # serve: the address to listen on (0.0.0.0 = every network; there is no authentication)
 
 
 def load_model(init_from, out_dir):
@@ -138,9 +141,9 @@ if __name__ == '__main__':
     try:
         model, tokenizer, prompt_style = load_model(init_from, out_dir)
         style = guess_style(tokenizer, prompt_style) if chat_style == 'auto' else chat_style
-        if chat and style not in PROMPT_STYLES:
+        if (chat or serve) and style not in PROMPT_STYLES:
             raise ValueError(f"--chat_style={style}: use auto, {', '.join(PROMPT_STYLES)}")
-        if chat:
+        if chat or serve:
             response_end_id(tokenizer, style)  # the tokenizer must know how a reply ends
     except (OSError, ValueError) as e:
         die(e)
@@ -153,6 +156,12 @@ if __name__ == '__main__':
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     if compile:
         model.hidden_states = maybe_compile(model.hidden_states, True, device_type, dynamic=True)
+    if serve:  # the same chat, over HTTP
+        from serve import run_server
+        run_server(model, tokenizer, style, device, host, serve, init_from if init_from != 'resume' else out_dir,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   chat_context=chat_context, system=system)
+        sys.exit(0)
     if chat:
         chat_loop(model, tokenizer, style, device)
         sys.exit(0)

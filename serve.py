@@ -1,0 +1,439 @@
+"""
+An OpenAI-compatible HTTP server and a chat page for one model, from the standard library alone:
+    python sample.py --serve=8000                                     # the checkpoint in out/
+    python sample.py --init_from=smollm2-135m-instruct --serve=8000   # then open http://127.0.0.1:8000/
+
+    POST /v1/chat/completions   OpenAI's request (messages, max_tokens, temperature, top_p, stop, stream, seed) and
+                                answer; stream=true answers with server-sent events: `data: {chunk}` ... `data: [DONE]`
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok", ...}, also while a generation runs
+    GET  /                      chat.html, a chat page that needs no network
+
+A conversation is written in the model's own chat template (the one sample.py --chat uses: llama3, chatml, alpaca,
+phi3); one that outgrows the context loses its oldest messages, with a notice in the log and in the answer. The
+model is loaded once and has one KV cache: generations run one at a time, at most QUEUE_SIZE requests wait, and
+more are refused with 503. There is no authentication: whoever reaches the port uses the model, which is why it
+listens on 127.0.0.1 unless --host says otherwise.
+"""
+import codecs
+import json
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+
+from configurator import die
+from model import KVCache
+from tokenizer import format_chat, response_end_id
+
+QUEUE_SIZE = 8  # requests that may wait for the model; more get 503 at once instead of piling up threads
+MAX_BODY = 1 << 20  # bytes; a conversation that fills an 8k-token context is ~32 KB of text
+PAGE = Path(__file__).with_name('chat.html')
+
+
+class ApiError(Exception):
+    """Answered with `status` and OpenAI's error body {"error": {"message": ..., "type": ..., "code": ...}}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """Raised from generate's on_token once the client has hung up: generate has no stop flag, an exception ends it."""
+
+
+class StopText(Exception):
+    """Raised from on_token once the reply holds one of the request's stop strings."""
+
+
+# -------------------------------------------------------------------- the request
+
+def get_field(req, key, kinds, default, valid, expected):
+    """req[key] if it is of `kinds` and valid(value), default if absent; ApiError(400) otherwise."""
+    value = req.get(key)
+    if value is None:
+        return default
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) or not valid(value):
+        raise ApiError(400, f"'{key}' must be {expected}, not {json.dumps(value)[:40]}")
+    return value
+
+
+def check_message(message, i):
+    """{'role', 'content'} with content as text; OpenAI's list of text parts is joined, 'developer' is 'system'."""
+    if not isinstance(message, dict) or message.get('role') not in ('system', 'developer', 'user', 'assistant'):
+        raise ApiError(400, f"messages[{i}] must be {{\"role\": \"system\" | \"user\" | \"assistant\", "
+                            f"\"content\": text}}")
+    content = message.get('content')
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get('text'), str) for p in content):
+        content = ''.join(p['text'] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be text")
+    return {'role': 'system' if message['role'] == 'developer' else message['role'], 'content': content}
+
+
+def check_request(body, defaults):
+    """The settings of one chat completion from its JSON body, sample.py's for what it leaves out; ApiError(400)
+    naming the first thing wrong."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:  # a JSONDecodeError is a ValueError
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(req, dict):
+        raise ApiError(400, 'the body must be a JSON object: {"messages": [{"role": "user", "content": "Hi"}]}')
+    messages = req.get('messages')
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...}")
+    number, count = (int, float), (int,)
+    stop = get_field(req, 'stop', (str, list), [], lambda v: v != '' and (isinstance(v, str) or (
+        len(v) <= 4 and all(isinstance(s, str) and s for s in v))), 'a string or a list of up to 4 strings')
+    get_field(req, 'n', count, 1, lambda v: v == 1, '1 (one reply per request)')
+    max_tokens = get_field(req, 'max_completion_tokens', count, defaults['max_new_tokens'], lambda v: v > 0,
+                           'a positive whole number')
+    return {'messages': [check_message(m, i) for i, m in enumerate(messages)],
+            'max_tokens': get_field(req, 'max_tokens', count, max_tokens, lambda v: v > 0, 'a positive whole number'),
+            'temperature': get_field(req, 'temperature', number, defaults['temperature'], lambda v: v >= 0,
+                                     'a number >= 0 (0 = greedy)'),
+            'top_p': get_field(req, 'top_p', number, defaults['top_p'], lambda v: 0 < v <= 1, 'a number in (0, 1]'),
+            'top_k': get_field(req, 'top_k', count, defaults['top_k'], lambda v: v >= 0, 'a whole number >= 0'),
+            'seed': get_field(req, 'seed', count, None, lambda v: True, 'a whole number'),
+            'stream': get_field(req, 'stream', (bool,), False, lambda v: True, 'true or false'),
+            'stop': [stop] if isinstance(stop, str) else stop}
+
+
+# -------------------------------------------------------------------- the model behind a lock
+
+class TextStream:
+    """Token ids -> pieces of text for emit(text): a UTF-8 character split across tokens is sent once whole, and
+    text that could be the start of a stop string is held back until it cannot (a stop string is never sent)."""
+
+    def __init__(self, tokenizer, stop, emit):
+        self.tokenizer, self.stop, self.emit = tokenizer, stop, emit
+        self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        self.text, self.sent = '', 0  # all the text so far; how much of it was emitted
+
+    def add(self, token_id):
+        """Take one token; StopText once a stop string appears (the text ends before it)."""
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        # a stop string cannot start in the emitted part: it would have been held back
+        found = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.flush()
+            raise StopText
+        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        self.flush(len(self.text) - held)
+
+    def flush(self, end=None):
+        end = len(self.text) if end is None else end
+        if end > self.sent:
+            piece, self.sent = self.text[self.sent:end], end
+            self.emit(piece)
+
+    def finish(self):
+        """The rest: held text that no stop string followed, and an incomplete last character (as U+FFFD)."""
+        self.text += self.decoder.decode(b'', final=True)
+        self.flush()
+
+
+class Engine:
+    """The model, its tokenizer and chat template, and one KV cache, behind a lock. The cache is kept between
+    requests: clients resend the whole conversation every turn, and only what the cache lacks is computed."""
+
+    def __init__(self, model, tokenizer, style, device, name, max_new_tokens=200, temperature=0.8, top_k=200,
+                 top_p=1.0, chat_context=8192, system='', queue_size=QUEUE_SIZE):
+        self.model, self.tokenizer, self.style, self.device, self.name = model, tokenizer, style, device, name
+        self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.system, self.queue_size = system, queue_size
+        self.end_id = response_end_id(tokenizer, style)
+        self.capacity = min(model.config.block_size, chat_context)
+        self.cache = KVCache(model.config, 1, device, model.lm_head.weight.dtype, self.capacity)
+        self.cached = []  # the token ids the cache holds
+        self.lock = threading.Lock()  # one generation at a time: there is one model and one cache
+        self.pending, self.pending_lock = 0, threading.Lock()  # requests generating or waiting
+
+    @contextmanager
+    def turn(self):
+        """Wait for the model; ApiError(503) at once when QUEUE_SIZE requests are already waiting."""
+        with self.pending_lock:
+            if self.pending > self.queue_size:
+                raise ApiError(503, f"the server is busy ({self.queue_size} requests are waiting); try again later")
+            self.pending += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self.pending_lock:
+                self.pending -= 1
+
+    def health(self):
+        return {'status': 'ok', 'model': self.name, 'generating': self.lock.locked(),
+                'waiting': max(0, self.pending - self.lock.locked()), 'queue_size': self.queue_size}
+
+    def encode(self, messages):
+        return self.tokenizer.encode(format_chat(messages, self.style))
+
+    def prompt(self, req):
+        """(token ids, reply length, notice or None): the conversation in the chat template, its oldest messages
+        dropped (system messages at its start are kept) while it and the reply would outgrow the context; the reply
+        takes at most half of the context, as in sample.py --chat."""
+        messages = req['messages']
+        if self.system and messages[0]['role'] != 'system':
+            messages = [{'role': 'system', 'content': self.system}] + messages
+        reply_tokens = min(req['max_tokens'], self.capacity // 2)
+        room = self.capacity - reply_tokens
+        ids = self.encode(messages)
+        if len(ids) <= room:
+            return ids, reply_tokens, None
+        opening = next((i for i, m in enumerate(messages) if m['role'] != 'system'), len(messages) - 1)
+        # where the kept part may start: at a user turn, or at the last message; dropping more never makes it longer,
+        # so a bisection finds the fewest dropped in a few encodings even for a long conversation
+        starts = [i for i in range(opening + 1, len(messages) - 1) if messages[i]['role'] == 'user']
+        starts.append(len(messages) - 1)
+        lo, hi = 0, len(starts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.encode(messages[:opening] + messages[starts[mid]:])) <= room:
+                hi = mid
+            else:
+                lo = mid + 1
+        ids = self.encode(messages[:opening] + messages[starts[lo]:])
+        notice = (f"the conversation is longer than the context ({self.capacity} tokens, {reply_tokens} of them kept "
+                  f"for the reply): dropped its {starts[lo] - opening} oldest messages")
+        if len(ids) > room:
+            ids = ids[-room:]
+            notice += "; the last message alone is too long: kept its end"
+        return ids, reply_tokens, notice
+
+    def generate(self, req, ids, reply_tokens, emit, gone):
+        """Generate the reply to the prompt `ids`, passing its text to emit(piece) as it comes; stops at the
+        template's end of turn, a stop string, reply_tokens, or when gone() says the client left (ClientGone).
+        Returns (text, finish_reason, completion tokens)."""
+        common = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
+        self.cache.pos = common  # what the cache holds beyond the shared start is overwritten
+        stream, new = TextStream(self.tokenizer, req['stop'], emit), []
+        generator = None if req['seed'] is None else torch.Generator(self.device).manual_seed(req['seed'])
+
+        def on_token(next_id):
+            new.append(int(next_id[0]))
+            if new[-1] != self.end_id:
+                stream.add(new[-1])
+            if gone():  # checked every token: a stopped page or a dropped connection frees the model at once
+                raise ClientGone
+        finish = 'length'
+        try:
+            if gone():  # it left while waiting in the queue
+                raise ClientGone
+            with torch.no_grad():
+                self.model.generate(torch.tensor([ids], device=self.device), reply_tokens,
+                                    temperature=req['temperature'], top_k=req['top_k'] or None, top_p=req['top_p'],
+                                    eos_id=self.end_id, kv_cache=self.cache, on_token=on_token, generator=generator)
+            stream.finish()
+        except StopText:
+            finish = 'stop'
+        except (ClientGone, ConnectionError, TimeoutError):  # raised from on_token: the cache is whole
+            print(f"the client left after {len(new)} tokens; generation stopped", file=sys.stderr, flush=True)
+            raise ClientGone from None
+        except BaseException:  # the cache may hold half a step: forget it
+            self.cache.pos, self.cached = 0, []
+            raise
+        finally:
+            # the prompt fits in the cache with the reply, so its window never slid: it holds (ids + new)'s start
+            self.cached = (ids + new)[:self.cache.pos]
+        if new and new[-1] == self.end_id:
+            finish = 'stop'
+        return stream.text, finish, len(new)
+
+
+# -------------------------------------------------------------------- HTTP
+
+def completion(cid, created, name, text, finish, usage, notice):
+    body = {'id': cid, 'object': 'chat.completion', 'created': created, 'model': name,
+            'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': finish}],
+            'usage': usage}
+    return {**body, 'notice': notice} if notice else body
+
+
+def chunk(cid, created, name, delta, finish=None, **extra):
+    return {'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': name,
+            'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}], **extra}
+
+
+def make_handler(engine, html):
+    """The request handler class: one instance per request, in its own thread (ThreadingHTTPServer)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = 'gpt-from-scratch'
+        timeout = 60  # seconds: a client that stops sending (or reading a stream) frees its thread
+        streaming = False
+
+        def log_message(self, format, *args):
+            print(f"{self.address_string()} {format % args}", file=sys.stderr, flush=True)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own errors (a malformed request line, an unknown method) as JSON too."""
+            self.close_connection = True
+            self.send_json(code, error_body(message or self.responses.get(code, ('error',))[0]))
+
+        def send_json(self, status, body, headers=()):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for key, value in (('Content-Type', 'application/json'), ('Content-Length', str(len(data))), *headers):
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def route(self):
+            routes = {'/': {'GET': self.page}, '/health': {'GET': self.health}, '/v1/models': {'GET': self.models},
+                      '/v1/chat/completions': {'POST': self.completions}}
+            path = urlsplit(self.path).path
+            methods = routes.get(path if path == '/' else path.rstrip('/'))
+            try:
+                if methods is None:
+                    raise ApiError(404, f"no {path} here; try POST /v1/chat/completions, GET /v1/models, /health or /")
+                if self.command not in methods:
+                    self.send_json(405, error_body(f"{self.command} {path}: use {', '.join(methods)}"),
+                                   [('Allow', ', '.join(methods))])
+                    return
+                methods[self.command]()
+            except ApiError as e:
+                self.close_connection = True  # a body we did not read may follow: start afresh
+                self.send_json(e.status, error_body(str(e)))
+            except (ClientGone, ConnectionError, TimeoutError):
+                self.close_connection = True
+            except Exception as e:  # a bug, or the model failing: say so, log it, and keep serving
+                traceback.print_exc()
+                self.close_connection = True
+                if not self.streaming:  # a stream's headers are out: ending it early is all that is left
+                    self.send_json(500, error_body(f"generation failed ({type(e).__name__}: {e})"))
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = route
+
+        def page(self):
+            self.send_response(200)
+            self.send_header('Content-Type', 'text/html; charset=utf-8')
+            self.send_header('Content-Length', str(len(html)))
+            # the page may fetch from this server only: nothing it does needs (or may reach) the network
+            self.send_header('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; "
+                                                        "script-src 'unsafe-inline'; img-src 'self' data:")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def health(self):
+            self.send_json(200, engine.health())
+
+        def models(self):
+            self.send_json(200, {'object': 'list', 'data': [{'id': engine.name, 'object': 'model', 'created': 0,
+                                                              'owned_by': 'local'}]})
+
+        def read_body(self):
+            length = self.headers.get('Content-Length')
+            if length is None or not length.isdigit():
+                raise ApiError(411 if length is None else 400, "send the JSON body with a Content-Length header")
+            if int(length) > MAX_BODY:
+                # read it away (up to a limit) so that the client, still sending, hears the 413 rather than a reset
+                left = min(int(length), 16 * MAX_BODY)
+                while left > 0:
+                    got = len(self.rfile.read(min(left, 65536)))
+                    left = left - got if got else 0
+                raise ApiError(413, f"the body is {int(length):,} bytes; at most {MAX_BODY:,} are accepted")
+            return self.rfile.read(int(length))
+
+        def client_gone(self):
+            """True once the client has closed the connection: it sends nothing after its request, so a socket
+            that turns readable has reached end-of-file (select works on sockets on every platform)."""
+            try:
+                readable = select.select([self.connection], [], [], 0)[0]
+                return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+            except (OSError, ValueError):
+                return True
+
+        def completions(self):
+            req = check_request(self.read_body(), engine.defaults)
+            cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.time()
+            with engine.turn():
+                ids, reply_tokens, notice = engine.prompt(req)
+                if notice:
+                    print(f"notice: {notice}", file=sys.stderr, flush=True)
+                if req['stream']:
+                    text, finish, n = self.stream(req, ids, reply_tokens, notice, cid, created)
+                else:
+                    text, finish, n = engine.generate(req, ids, reply_tokens, lambda piece: None, self.client_gone)
+                    usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+                    self.send_json(200, completion(cid, created, engine.name, text, finish, usage, notice))
+            dt = time.time() - t0
+            print(f"generated {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s; prompt {len(ids)} tokens, "
+                  f"finish: {finish})", file=sys.stderr, flush=True)
+
+        def stream(self, req, ids, reply_tokens, notice, cid, created):
+            """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, then [DONE]."""
+            self.send_response(200)
+            self.send_header('Content-Type', 'text/event-stream')
+            self.send_header('Cache-Control', 'no-cache')
+            self.end_headers()
+            self.streaming = True
+            self.close_connection = True  # the stream ends when the connection does (no Content-Length)
+
+            def send(body):
+                self.wfile.write(b'data: ' + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b'\n\n')
+                self.wfile.flush()
+            send(chunk(cid, created, engine.name, {'role': 'assistant', 'content': ''},
+                       **({'notice': notice} if notice else {})))
+            text, finish, n = engine.generate(req, ids, reply_tokens,
+                                              lambda piece: send(chunk(cid, created, engine.name, {'content': piece})),
+                                              self.client_gone)
+            usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+            send(chunk(cid, created, engine.name, {}, finish, usage=usage))
+            send(b'[DONE]')
+            return text, finish, n
+
+    return Handler
+
+
+def error_body(message):
+    return {'error': {'message': message, 'type': 'invalid_request_error', 'code': None}}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client does not keep the process alive at Ctrl+C
+    request_queue_size = 64  # the listen backlog: 20 clients connecting at once all get in
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6  # --host=::1
+
+
+def make_server(engine, host, port):
+    """The HTTP server (not yet serving); OSError if the address is taken or not this machine's."""
+    return (Server6 if ':' in host else Server)((host, port), make_handler(engine, PAGE.read_bytes()))
+
+
+def run_server(model, tokenizer, style, device, host, port, name, **settings):
+    """Serve until Ctrl+C; settings: sample.py's max_new_tokens, temperature, top_k, top_p, chat_context, system."""
+    engine = Engine(model, tokenizer, style, device, name, **settings)
+    try:
+        httpd = make_server(engine, host, port)
+    except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
+        die(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); is a server already running "
+            f"there? choose another --serve port")
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}"
+    print(f"serving {name} ({style} chat template, {engine.capacity} tokens of context) at {url}/ "
+          f"and {url}/v1; Ctrl+C stops", file=sys.stderr, flush=True)
+    if host not in ('127.0.0.1', 'localhost', '::1'):
+        print(f"notice: listening on {host}: anyone who reaches this port can use the model (no authentication)",
+              file=sys.stderr, flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        httpd.server_close()

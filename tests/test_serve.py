@@ -1,0 +1,430 @@
+"""serve.py (python sample.py --serve=PORT): the OpenAI-compatible API and the chat page, used as clients use them."""
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from conftest import ROOT, make_llama_folder
+from model import GPT, GPTConfig
+from tokenizer import ByteTokenizer, format_chat
+
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """python sample.py --serve=PORT in a subprocess, its log (stderr) collected line by line."""
+
+    def __init__(self, *args):
+        self.url, self.log = None, []
+        port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                                      f'--serve={port}', *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, encoding='utf-8', errors='replace')
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.time() + 120
+        while not any('serving' in line for line in self.log):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.close()
+                raise RuntimeError('the server did not start:\n' + ''.join(self.log))
+            time.sleep(0.05)
+        self.url, self.port = f'http://127.0.0.1:{port}', port
+
+    def post(self, body, **kwargs):
+        return requests.post(f'{self.url}/v1/chat/completions', json=body, timeout=120, **kwargs)
+
+    def wait_for_log(self, pattern, after=0, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [m for m in (re.search(pattern, line) for line in self.log[after:]) if m]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f'no {pattern!r} in the log:\n' + ''.join(self.log[after:]))
+
+    def rss_mb(self):
+        """The server's resident memory in MB, where /proc tells it (Linux), else None."""
+        path = Path(f'/proc/{self.proc.pid}/status')
+        if not path.exists():
+            return None
+        status = path.read_text()
+        return int(re.search(r'VmRSS:\s+(\d+) kB', status).group(1)) / 1024
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def chat_model(tmp_path_factory):
+    """A random Qwen-shaped model (chatml template, <|im_end|> ends a reply) with a 256-token context."""
+    folder = tmp_path_factory.mktemp('serve') / 'qwen'
+    model, tok = make_llama_folder(folder, 'qwen2')
+    return folder, model, tok
+
+
+@pytest.fixture(scope='module')
+def server(chat_model):
+    s = ServerProcess(f'--init_from={chat_model[0]}')
+    yield s
+    s.close()
+
+
+def wait_idle(url, timeout=30):
+    """/health once no generation runs (a request is answered a moment before it lets go of the model)."""
+    deadline = time.time() + timeout
+    while True:
+        health = requests.get(f'{url}/health', timeout=10).json()
+        if not health['generating'] or time.time() > deadline:
+            return health
+        time.sleep(0.02)
+
+
+def user(text):
+    return [{'role': 'user', 'content': text}]
+
+
+def stream_events(response):
+    """The `data:` payloads of a server-sent event stream."""
+    assert response.headers['Content-Type'] == 'text/event-stream'
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith(b'data: ') for line in lines) and lines[-1] == b'data: [DONE]'
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_completion_equals_sample_py_greedy_chat_streamed_or_not(server, chat_model):
+    folder = chat_model[0]
+    # the terminal chat: the same template, greedy; bytes, because a reply may hold a carriage return
+    proc = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                           f'--init_from={folder}', '--chat=True', '--temperature=0', '--max_new_tokens=24'],
+                          input=b'hello there\n', capture_output=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout.decode().split('> ', 1)[1].rsplit('\n> ', 1)[0]
+    body = {'model': 'whatever', 'messages': user('hello there'), 'max_tokens': 24, 'temperature': 0}
+    r = server.post(body)
+    assert r.status_code == 200 and r.headers['Content-Type'] == 'application/json'
+    answer = r.json()
+    text = answer['choices'][0]['message']['content']
+    # (the terminal's streaming decoder never prints a character the last token leaves incomplete; the API sends U+FFFD)
+    assert text in (printed, printed + '\ufffd') and len(printed) > 10
+    assert answer['object'] == 'chat.completion' and answer['choices'][0]['finish_reason'] == 'length'
+    assert answer['usage']['completion_tokens'] == 24 and answer['model'] == str(folder)
+    with server.post({**body, 'stream': True}, stream=True) as r:
+        chunks = stream_events(r)
+    assert chunks[0]['choices'][0]['delta'] == {'role': 'assistant', 'content': ''}
+    assert all(c['object'] == 'chat.completion.chunk' and c['id'] == chunks[0]['id'] for c in chunks)
+    assert ''.join(c['choices'][0]['delta'].get('content', '') for c in chunks) == text
+    assert len(chunks) > 10 and chunks[-1]['choices'][0]['finish_reason'] == 'length'
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server):
+    url, api = server.url, f'{server.url}/v1/chat/completions'
+    ok = {'messages': user('hi'), 'max_tokens': 3}
+    cases = [
+        (requests.post(api, data=b'{"messages": [', timeout=30), 400, 'not valid JSON'),
+        (requests.post(api, data=b'\xff\xfe{}', timeout=30), 400, 'not valid JSON'),
+        (requests.post(api, json=[ok], timeout=30), 400, 'JSON object'),
+        (requests.post(api, json={'model': 'm'}, timeout=30), 400, "'messages'"),
+        (requests.post(api, json={'messages': 'hi'}, timeout=30), 400, "'messages'"),
+        (requests.post(api, json={'messages': [{'role': 'user', 'content': 5}]}, timeout=30), 400, 'content'),
+        (requests.post(api, json={'messages': [{'role': 'wizard', 'content': 'hi'}]}, timeout=30), 400, 'role'),
+        (requests.post(api, json={**ok, 'temperature': 'hot'}, timeout=30), 400, "'temperature'"),
+        (requests.post(api, json={**ok, 'max_tokens': 0}, timeout=30), 400, "'max_tokens'"),
+        (requests.post(api, json={**ok, 'max_tokens': True}, timeout=30), 400, "'max_tokens'"),
+        (requests.post(api, json={**ok, 'stream': 'yes'}, timeout=30), 400, "'stream'"),
+        (requests.post(api, json={**ok, 'stop': [1]}, timeout=30), 400, "'stop'"),
+        (requests.post(api, data=b'{"messages": "' + b'x' * (2 << 20) + b'"}', timeout=30), 413, 'at most'),
+        (requests.get(f'{url}/nope', timeout=30), 404, '/nope'),
+        (requests.get(api, timeout=30), 405, 'POST'),
+        (requests.post(f'{url}/health', timeout=30), 405, 'GET'),
+        (requests.delete(f'{url}/v1/models', timeout=30), 405, 'GET'),
+    ]
+    for r, status, needle in cases:
+        assert r.status_code == status and r.headers['Content-Type'] == 'application/json', (status, r.text[:200])
+        assert needle in r.json()['error']['message'], (needle, r.json())
+    assert requests.get(api, timeout=30).headers['Allow'] == 'POST'
+    with socket.create_connection(('127.0.0.1', server.port), timeout=30) as s:  # not even HTTP
+        s.sendall(b'GET / extra HTTP/1.1\r\n\r\n')
+        reply = s.makefile('rb').read()
+    assert reply.startswith(b'HTTP/1.0 400') and b'"error"' in reply
+    r = server.post(ok)
+    assert r.status_code == 200 and r.json()['usage']['completion_tokens'] == 3
+    assert requests.get(f'{url}/v1/models', timeout=30).json()['data'][0]['object'] == 'model'
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    body = {'messages': user('tell me a long story'), 'max_tokens': 128, 'temperature': 0}
+    full = server.post(body).json()
+    assert full['usage']['completion_tokens'] == 128  # greedy, this reply runs to its limit
+    request = json.dumps({**body, 'stream': True}).encode()
+    for stream in (True, False):
+        mark = len(server.log)
+        with socket.create_connection(('127.0.0.1', server.port), timeout=30) as s:
+            s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                      b'Content-Length: %d\r\n\r\n%s' % (len(request), request))
+            if stream:  # hang up once the first words arrived
+                received = b''
+                while b'"delta": {"content"' not in received:
+                    received += s.recv(4096)
+        left = server.wait_for_log(r'the client left after (\d+) tokens', after=mark)
+        assert int(left.group(1)) < 100, left.group(0)
+        request = json.dumps(body).encode()  # then a plain request that the client leaves before any answer
+    again = server.post(body).json()  # and the model serves the next client from a clean state
+    assert again['choices'][0]['message']['content'] == full['choices'][0]['message']['content']
+
+
+def test_a_long_conversation_loses_its_oldest_turns_with_a_notice(server):
+    messages = [{'role': 'system', 'content': 'Be brief.'}]
+    for i in range(10):
+        messages += [{'role': 'user', 'content': f'question {i} ' + 'x' * 40},
+                     {'role': 'assistant', 'content': 'answer ' + 'y' * 40}]
+    mark = len(server.log)
+    answer = server.post({'messages': messages + user('the last one'), 'max_tokens': 16, 'temperature': 0}).json()
+    assert 'dropped its' in answer['notice'] and answer['usage']['prompt_tokens'] + 16 <= 256
+    server.wait_for_log('notice: the conversation is longer than the context', after=mark)
+    with server.post({'messages': messages + user('the last one'), 'max_tokens': 16, 'stream': True},
+                     stream=True) as r:
+        chunks = stream_events(r)
+    assert chunks[0]['notice'] == answer['notice']  # the page shows it
+
+
+def test_the_page_is_served_whole_and_names_no_other_server(server):
+    r = requests.get(server.url, timeout=30)
+    assert r.status_code == 200 and r.headers['Content-Type'] == 'text/html; charset=utf-8'
+    html = r.text
+    assert html == (ROOT / 'chat.html').read_text(encoding='utf-8')
+    assert not re.search(r'(?i)(https?:)?//[a-z0-9-]+(\.[a-z0-9-]+)+', html), 'a URL elsewhere'
+    assert not re.search(r'(?i)<script[^>]+src|<link|@import|url\(', html), 'a file loaded from elsewhere'
+    assert "default-src 'self'" in r.headers['Content-Security-Policy']  # the browser enforces it too
+    health = requests.get(f'{server.url}/health', timeout=30).json()
+    assert health['status'] == 'ok' and health['queue_size'] == 8
+
+
+def test_load_twenty_concurrent_clients_are_answered_or_refused_cleanly(server):
+    server.post({'messages': user('warm up'), 'max_tokens': 32})  # allocations of a first request
+    rss, results, took = [server.rss_mb()], [], []
+
+    def client(i, start):
+        start.wait()
+        body = {'messages': user(f'client {i} says hi'), 'max_tokens': 32, 'stream': i % 2 == 1}
+        r = server.post(body)
+        if r.status_code == 200 and body['stream']:
+            text = ''.join(c['choices'][0]['delta'].get('content', '') for c in stream_events(r))
+        else:
+            answer = r.json()
+            text = answer['choices'][0]['message']['content'] if r.status_code == 200 else answer['error']['message']
+        results.append((r.status_code, text))
+
+    for _ in range(2):
+        t0, start = time.time(), threading.Barrier(20)
+        threads = [threading.Thread(target=client, args=(i, start)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        took.append(time.time() - t0)
+        rss.append(server.rss_mb())
+    statuses = [status for status, _ in results]
+    print(f"\nload: 2 x 20 clients in {took[0]:.1f} s and {took[1]:.1f} s: {statuses.count(200)} answered, "
+          f"{statuses.count(503)} refused; server RSS (MB) {rss}")
+    # every round: the first 9 to arrive run or wait (one generation + a queue of 8), the rest may be refused
+    assert len(results) == 40 and set(statuses) <= {200, 503} and statuses.count(200) >= 18
+    assert all('busy' in text for status, text in results if status == 503)
+    assert all(text for status, text in results if status == 200)
+    assert max(took) < 90 and server.proc.poll() is None
+    assert wait_idle(server.url)['waiting'] == 0
+    if rss[0] is not None:
+        assert rss[2] - rss[1] < 30, rss  # memory flat: the second round leaves nothing behind
+
+
+def test_the_openai_client_talks_to_it(server, chat_model):
+    openai = pytest.importorskip('openai', reason='the openai package is not installed (pip install openai)')
+    client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='unused')
+    assert [m.id for m in client.models.list()] == [str(chat_model[0])]
+    kwargs = dict(model='local', messages=user('Name a color.'), temperature=0, max_tokens=12)
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = ''.join(c.choices[0].delta.content or '' for c in client.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert text and streamed == text
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    """Chat in chromium: the reply streams in; Stop ends the generation on the server; New chat forgets."""
+    if CHROMIUM is None:
+        pytest.skip('chromium is not installed (apt-get install chromium)')
+    playwright = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install '
+                                                                   'playwright)')
+    expect = playwright.expect  # (locators, not JavaScript strings: the page's CSP forbids eval)
+    slow, steps = slow_server()  # a model that takes 20 ms a token, to press Stop in the middle of a reply
+    errors = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+            page = browser.new_page(viewport={'width': 800, 'height': 520})
+            page.on('pageerror', lambda e: errors.append(str(e)))
+            page.on('requestfailed', lambda r: errors.append(f'{r.url}: {r.failure}'))
+            page.goto(server.url)
+            expect(page.locator('#model')).to_contain_text('qwen')
+            page.click('summary')  # the settings
+            page.fill('#temperature', '0')
+            page.fill('#max_tokens', '40')
+            page.click('summary')
+            page.fill('#input', 'hello there')
+            page.press('#input', 'Enter')
+            expect(page.locator('#send')).to_be_enabled(timeout=60000)  # disabled while the reply streams in
+            reply = page.inner_text('.assistant')
+            page.screenshot(path=str(tmp_path / 'chat.png'))
+            assert page.inner_text('.user') == 'hello there' and len(reply) > 10
+            page.click('#new')
+            assert page.locator('.msg').count() == 0
+            errors.clear()  # (an aborted fetch counts as a failed request; the server is the judge of Stop)
+            page.goto(slow.url)
+            page.fill('#input', 'hello')
+            page.press('#input', 'Enter')
+            deadline = time.time() + 30
+            while len(steps) < 5 and time.time() < deadline:
+                time.sleep(0.01)
+            page.click('#stop')
+            expect(page.locator('.note')).to_have_text('(stopped)')
+            wait_idle(slow.url)
+            assert 5 <= len(steps) < 100  # of the 128 tokens the reply had room for
+            browser.close()
+    finally:
+        slow.close()
+    assert not [e for e in errors if '/v1/chat/completions' not in e], errors
+    assert (tmp_path / 'chat.png').read_bytes().startswith(b'\x89PNG')
+
+
+# -------------------------------------------------------------------- in one process: the queue, the cache, the crop
+
+def tiny_engine(**settings):
+    import serve
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)  # an untrained model that does not just repeat one token
+    return serve.Engine(model, ByteTokenizer(), 'alpaca', 'cpu', 'tiny', **settings), model
+
+
+class InProcessServer:
+    """serve.make_server on a free port, serving from a thread."""
+
+    def __init__(self, engine):
+        import serve
+        self.engine, self.httpd = engine, serve.make_server(engine, '127.0.0.1', 0)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def slow_server(**settings):
+    """An in-process server whose model takes 20 ms a step; and the list its steps are counted in."""
+    engine, model = tiny_engine(temperature=0, **settings)
+    steps, real = [], model.hidden_states
+    model.hidden_states = lambda idx, kv_cache=None: steps.append(time.sleep(0.02)) or real(idx, kv_cache)
+    return InProcessServer(engine), steps
+
+
+def test_one_generation_at_a_time_a_full_queue_gets_503_and_health_answers_meanwhile():
+    server, steps = slow_server(queue_size=2)
+    engine, api, answers = server.engine, f'{server.url}/v1/chat/completions', []
+    ask = lambda n=4: answers.append(requests.post(api, json={'messages': user('hi'), 'max_tokens': n}, timeout=60))
+    try:
+        running = threading.Thread(target=ask, args=(30,))
+        running.start()
+        deadline = time.time() + 30
+        while len(steps) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        health = requests.get(f'{server.url}/health', timeout=2).json()  # in the middle of the reply
+        assert health['generating'] and len(steps) < 30 and not answers
+        assert requests.get(server.url, timeout=2).status_code == 200
+        running.join(timeout=60)
+        with engine.lock:  # as if a long generation were running: the next requests wait
+            waiting = [threading.Thread(target=ask) for _ in range(engine.queue_size + 1)]
+            for t in waiting:
+                t.start()
+            while engine.pending < engine.queue_size + 1 and time.time() < deadline:
+                time.sleep(0.01)
+            refused = requests.post(api, json={'messages': user('hi')}, timeout=30)
+            assert refused.status_code == 503 and 'busy' in refused.json()['error']['message']
+            assert requests.get(f'{server.url}/health', timeout=2).json()['waiting'] == engine.queue_size
+        for t in waiting:
+            t.join(timeout=60)
+        assert [a.status_code for a in answers] == [200] * (engine.queue_size + 2)
+        assert wait_idle(server.url) == {'status': 'ok', 'model': 'tiny', 'generating': False, 'waiting': 0,
+                                         'queue_size': engine.queue_size}
+    finally:
+        server.close()
+
+
+def test_the_cache_kept_between_requests_changes_no_reply():
+    engine, model = tiny_engine(temperature=0)
+    tok, end = ByteTokenizer(), ByteTokenizer().eot_id
+    check = lambda messages: engine.prompt({'messages': messages, 'max_tokens': 12})
+    request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
+    turn1 = user('hello')
+    ids1, n, _ = check(turn1)
+    reply1, finish, _ = engine.generate(request, ids1, n, lambda piece: None, lambda: False)
+    turn2 = turn1 + [{'role': 'assistant', 'content': reply1}] + user('and again?')
+    ids2, n, _ = check(turn2)
+    fed = []
+    real = model.hidden_states
+    model.hidden_states = lambda idx, kv_cache=None: fed.append(idx.size(1)) or real(idx, kv_cache)
+    reply2, _, _ = engine.generate(request, ids2, n, lambda piece: None, lambda: False)
+    assert fed[0] < len(ids2) - len(ids1) + 20  # the prefill: the new turn, not the conversation
+    fresh = model.generate(torch.tensor([ids2]), 12, temperature=0, eos_id=end, use_cache=False)[0, len(ids2):].tolist()
+    assert reply2 == tok.decode(fresh[:fresh.index(end)] if end in fresh else fresh)
+    # a stop string ends the reply before it; the text held back meanwhile never reaches the client
+    pieces = []
+    assert len(reply2) > 8
+    stop = reply2[3:6]
+    text, finish, _ = engine.generate({**request, 'stop': [stop]}, ids2, n, pieces.append, lambda: False)
+    assert text == reply2[:reply2.index(stop)] == ''.join(pieces) and finish == 'stop'
+
+
+def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
+    engine, _ = tiny_engine(chat_context=200)  # bytes: a token per character
+    system = [{'role': 'system', 'content': 'Be brief.'}]
+    turns = []
+    for i in range(6):
+        turns += user(f'question {i}') + [{'role': 'assistant', 'content': f'answer {i} ' + 'y' * 10}]
+    ids, reply_tokens, notice = engine.prompt({'messages': system + turns + user('last'), 'max_tokens': 40})
+    assert reply_tokens == 40 and len(ids) <= 160 and 'dropped its' in notice
+    kept = ByteTokenizer().decode(ids)
+    assert kept.startswith('Be brief.\n\n### Instruction:\nquestion ') and kept.endswith('last\n\n### Response:\n')
+    dropped = int(re.search(r'dropped its (\d+)', notice).group(1))
+    longer = system + (turns + user('last'))[dropped - 2:]  # two messages more do not fit
+    kept_messages = system + (turns + user('last'))[dropped:]
+    assert len(engine.encode(longer)) > 160 and len(ids) == len(engine.encode(kept_messages))
+    ids, _, notice = engine.prompt({'messages': user('z' * 500), 'max_tokens': 400})  # the reply: half the context
+    assert len(ids) == 100 and 'kept its end' in notice
+    assert engine.prompt({'messages': user('short'), 'max_tokens': 8})[2] is None
+
+
+def test_a_taken_port_is_a_one_line_error(chat_model):
+    import serve
+    folder, model, tok = chat_model
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        with pytest.raises(SystemExit, match='cannot listen on 127.0.0.1:.*another --serve port'):
+            serve.run_server(model, tok, 'chatml', 'cpu', '127.0.0.1', taken.getsockname()[1], 'm')
