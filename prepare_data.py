@@ -278,8 +278,12 @@ def _start_worker(spec):  # runs once in each worker process (module-level funct
     _worker_tokenizer = get_tokenizer(spec)
 
 
-def _encode(text):  # runs in worker processes
-    return np.array(_worker_tokenizer.encode(text), dtype=token_dtype(_worker_tokenizer.vocab_size))
+def encode_piece(piece, tokenizer=None):
+    """(text, split, ends a document) -> (token ids, split, ends, characters); in a worker process the
+    tokenizer is the one _start_worker made there."""
+    text, split, ends = piece
+    tokenizer = tokenizer or _worker_tokenizer
+    return np.array(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size)), split, ends, len(text)
 
 
 def train_tokenizer(docs, val_fraction, train_only, vocab_size, max_chars, quiet=False):
@@ -294,8 +298,12 @@ def train_tokenizer(docs, val_fraction, train_only, vocab_size, max_chars, quiet
     return get_tokenizer({'name': f"bpe{vocab_size}", 'json': train_bpe(training_text(), vocab_size, quiet=quiet)})
 
 
-def fingerprint(docs, tokenizer, val_fraction):
+def fingerprint(docs, tokenizer, val_fraction, docstrings_stamp=None):
+    """What the shards are made from: the documents (name, size, modification time), the tokenizer, the
+    split and the shard format; and, for pydoc, which Python's docstrings join the training text."""
     h = hashlib.sha256(json.dumps([tokenizer, val_fraction, SHARD_TOKENS, MAGIC]).encode())
+    if docstrings_stamp is not None:  # hashed as a document of that name would be, so older data is recognised
+        h.update(b"stdlib docstrings|0|0" + docstrings_stamp.encode('utf-8'))
     for name, size, source in docs:
         mtime = source.stat().st_mtime_ns if isinstance(source, Path) else 0
         h.update(f"{name}|{size}|{mtime}".encode())
@@ -304,62 +312,28 @@ def fingerprint(docs, tokenizer, val_fraction):
     return h.hexdigest()
 
 
-def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='', val_fraction=0.1,
-            num_workers=0, quiet=False, vocab_size=4096, tokenizer_max_chars=20_000_000):
-    """Tokenize a data set into shards + meta.json in data_dir (skipped when nothing changed); tokenizer
-    'bpe' first trains our own BPE of vocab_size tokens on the training split. Returns data_dir."""
-    name = Path(input.rstrip('/\\')).stem if input else dataset
-    data_dir = Path(data_dir or Path('data') / name)
-    raw_dir = Path(raw_dir or data_dir)
-    docs = list_documents(dataset, input, raw_dir)
-    # pydoc: the standard library's docstrings are more training text; the validation split stays the
-    # topics' last 10%, so that bits per byte compare with runs on the topics alone. They are a function
-    # of this Python and the skip list, fingerprinted so: parsed (4 s) only when there is work to do
-    with_docstrings = dataset == 'pydoc' and not input
-    stamp = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}"
-    tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
-    fp = fingerprint(([('stdlib docstrings', 0, stamp)] if with_docstrings else []) + docs,
-                     tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction)
-    meta = data_dir / 'meta.json'
-    if meta.is_file() and json.loads(meta.read_text(encoding='utf-8')).get('fingerprint') == fp:
-        if not quiet:
-            print(f"{data_dir}: already prepared from the same input; nothing to do")
-        return data_dir
-    train_only = list(stdlib_docstrings()) if with_docstrings else []
-    docs = train_only + docs
-    total = sum(size for _, size, _ in docs)
-    if total == 0:
-        raise ValueError(f"{input or dataset}: the text is empty; nothing to train on")
-    if tok is None:
-        tok = train_tokenizer(docs, val_fraction, len(train_only), vocab_size, tokenizer_max_chars, quiet)
-    data_dir.mkdir(parents=True, exist_ok=True)
+def tokenize_to_shards(pieces, total_chars, tok, data_dir, name, num_workers, quiet):
+    """Tokenize the (text, split, ends) pieces in order into data_dir's train and val shards, ending each
+    document with end-of-text; in worker processes when the text is large. Returns the flushed writers."""
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(data_dir, name, s, dtype) for s in ('train', 'val')}
-    pieces = iter_pieces(docs, val_fraction, len(train_only))
+    writers = {split: ShardWriter(data_dir, name, split, dtype) for split in ('train', 'val')}
     workers = num_workers or os.cpu_count() or 1
     pool = None
-    if total > 4 * PIECE_CHARS and workers > 1:  # large: tokenize pieces in parallel, in order
+    if total_chars > 4 * PIECE_CHARS and workers > 1:
         import multiprocessing as mp
         pool = mp.get_context('spawn').Pool(workers, initializer=_start_worker, initargs=(tok.spec,))
-    order = []  # (split, ends a document, characters) of each piece, in the order the tokenizer gets them
-
-    def jobs():
-        for text, split, ends in pieces:
-            order.append((split, ends, len(text)))
-            yield text
-    results = pool.imap(_encode, jobs(), chunksize=1) if pool else (np.array(tok.encode(t), dtype) for t in jobs())
+    results = pool.imap(encode_piece, pieces, chunksize=1) if pool else (encode_piece(p, tok) for p in pieces)
     done_chars, t0 = 0, time.time()
     shown = t0
     try:
-        for i, ids in enumerate(results):
-            split, ends, n_chars = order[i]
+        for ids, split, ends, n_chars in results:
             writers[split].add(ids)
             if ends:
-                writers[split].add(np.array([tok.eot_id], dtype))  # documents end with end-of-text
+                writers[split].add(np.array([tok.eot_id], dtype))
             done_chars += n_chars
             if not quiet and time.time() - shown > 1:
                 shown = time.time()
-                print(f"\rtokenizing {name}: {done_chars / 1e6:.1f} of ~{total / 1e6:.1f} M characters "
+                print(f"\rtokenizing {name}: {done_chars / 1e6:.1f} of ~{total_chars / 1e6:.1f} M characters "
                       f"({done_chars / max(shown - t0, 1e-9) / 1e6:.1f} M/s)", end='', file=sys.stderr, flush=True)
     finally:
         if pool:
@@ -370,17 +344,57 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
               file=sys.stderr)
     for w in writers.values():
         w.flush()
+    return writers
+
+
+def write_meta(data_dir, name, tok, writers, fp, source):
+    """meta.json, written last: its presence means the shards beside it are complete. Shards of an
+    earlier, larger run are removed first; a tokenizer.json travels with the shards, so they decode anywhere."""
     keep = {p for w in writers.values() for p in w.paths}
-    for old in data_dir.glob(f"{name}_*.bin"):  # shards of an earlier, larger run
+    for old in data_dir.glob(f"{name}_*.bin"):
         if old.name not in keep:
             old.unlink()
     info = {'tokenizer': tok.name, 'vocab_size': tok.vocab_size, 'eot_id': tok.eot_id, 'fingerprint': fp,
             'train_tokens': writers['train'].total, 'val_tokens': writers['val'].total,
-            'shards': sorted(keep), 'source': input or dataset}
-    if isinstance(tok.spec, dict):  # a tokenizer.json travels with its shards, so that they decode anywhere
+            'shards': sorted(keep), 'source': source}
+    if isinstance(tok.spec, dict):
         write_text(data_dir / 'tokenizer.json', tok.spec['json'])
         info['tokenizer_file'] = 'tokenizer.json'
-    write_text(meta, json.dumps(info, indent=2))  # written last: a meta.json means the shards beside it are complete
+    write_text(data_dir / 'meta.json', json.dumps(info, indent=2))
+    return info
+
+
+def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='', val_fraction=0.1,
+            num_workers=0, quiet=False, vocab_size=4096, tokenizer_max_chars=20_000_000):
+    """Tokenize a data set into shards + meta.json in data_dir (skipped when nothing changed); tokenizer
+    'bpe' first trains our own BPE of vocab_size tokens on the training split. Returns data_dir."""
+    name = Path(input.rstrip('/\\')).stem if input else dataset
+    data_dir = Path(data_dir or Path('data') / name)
+    docs = list_documents(dataset, input, Path(raw_dir or data_dir))
+    # pydoc: the standard library's docstrings are more training text; the validation split stays the
+    # topics' last 10%, so that bits per byte compare with runs on the topics alone. They depend on this
+    # Python and the skip list only, so they are fingerprinted by those and parsed only when there is work
+    docstrings_stamp = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}" \
+        if dataset == 'pydoc' and not input else None
+    tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
+    fp = fingerprint(docs, tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction,
+                     docstrings_stamp)
+    meta = data_dir / 'meta.json'
+    if meta.is_file() and json.loads(meta.read_text(encoding='utf-8')).get('fingerprint') == fp:
+        if not quiet:
+            print(f"{data_dir}: already prepared from the same input; nothing to do")
+        return data_dir
+    train_only = list(stdlib_docstrings()) if docstrings_stamp else []
+    docs = train_only + docs
+    total_chars = sum(size for _, size, _ in docs)
+    if total_chars == 0:
+        raise ValueError(f"{input or dataset}: the text is empty; nothing to train on")
+    if tok is None:
+        tok = train_tokenizer(docs, val_fraction, len(train_only), vocab_size, tokenizer_max_chars, quiet)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pieces = iter_pieces(docs, val_fraction, len(train_only))
+    writers = tokenize_to_shards(pieces, total_chars, tok, data_dir, name, num_workers, quiet)
+    info = write_meta(data_dir, name, tok, writers, fp, input or dataset)
     if not quiet:
         print(f"{data_dir}: {info['train_tokens']:,} train + {info['val_tokens']:,} val tokens ({tok.name})")
     return data_dir
