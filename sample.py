@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from configurator import configure, setup, die, maybe_compile
+from configurator import configure, setup, die, compile_decoding
 from model import KVCache
 from weights import load_pretrained
 from tokenizer import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
@@ -29,7 +29,7 @@ top_p = 1.0  # ... and only from the smallest set holding this much probability 
 seed = 1337
 device = 'auto'
 dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes per token (2.8x faster on our CPU)
-compile = False  # torch.compile the model's trunk (dynamic shapes; meant for GPUs)
+compile = False  # torch.compile each generated token's step into one fixed graph (a CUDA graph on GPUs)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
 chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
@@ -53,7 +53,7 @@ def guess_style(tokenizer, prompt_style):
                             else 'alpaca')
 
 
-def chat_loop(model, tokenizer, style, device, read=input):
+def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
     """A terminal chat (returns its replies): each turn renders the whole conversation in the model's chat format, and
     only what the KV cache does not hold yet (the new user turn) is computed; the cache is kept
     across turns. A conversation too long for chat_context loses its oldest turns, with a notice."""
@@ -94,7 +94,7 @@ def chat_loop(model, tokenizer, style, device, read=input):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids], device=device), reply_tokens, temperature=temperature,
                                  top_k=top_k or None, top_p=top_p, eos_id=end_id, kv_cache=cache,
-                                 on_token=stream_to(sys.stdout, tokenizer, end_id))[0].tolist()
+                                 on_token=stream_to(sys.stdout, tokenizer, end_id), decode_step=decode_step)[0].tolist()
         print()
         cached = out[:cache.pos]
         reply = out[len(ids):]
@@ -154,8 +154,7 @@ if __name__ == '__main__':
     # Generation reads every weight once per token, so we store them in the chosen dtype rather
     # than autocast (which would re-read the float32 weights and convert them at every step).
     model.eval().to(device=device, dtype=getattr(torch, dtype))
-    if compile:
-        model.hidden_states = maybe_compile(model.hidden_states, True, device_type, dynamic=True)
+    decode_step = compile_decoding(model, compile, device_type)
     if serve:  # the same chat, over HTTP
         from serve import run_server
         run_server(model, tokenizer, style, device, host, serve, init_from if init_from != 'resume' else out_dir,
@@ -163,7 +162,7 @@ if __name__ == '__main__':
                    chat_context=chat_context, system=system)
         sys.exit(0)
     if chat:
-        chat_loop(model, tokenizer, style, device)
+        chat_loop(model, tokenizer, style, device, decode_step=decode_step)
         sys.exit(0)
     try:
         x = encode_prompt(start, tokenizer, model.config).to(device)
@@ -173,5 +172,6 @@ if __name__ == '__main__':
         for k in range(num_samples):
             sys.stdout.write(start)
             model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           eos_id=eos_id, use_cache=use_cache, on_token=stream_to(sys.stdout, tokenizer, eos_id))
+                           eos_id=eos_id, use_cache=use_cache, on_token=stream_to(sys.stdout, tokenizer, eos_id),
+                           decode_step=decode_step)
             print('\n---------------')
