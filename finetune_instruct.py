@@ -57,7 +57,7 @@ compile = False
 # responses and judging
 eval_limit = 0  # generate responses for the first N test entries only (0 = all)
 max_new_tokens = 256
-judge = 'ollama'  # ollama (an Ollama-compatible /api/chat) or none
+judge = 'ollama'  # ollama (an Ollama-compatible /api/chat), openai (OpenAI-compatible, judge_url ending in /v1) or none
 judge_url = 'http://localhost:11434'
 judge_model = 'llama3'
 
@@ -255,6 +255,24 @@ def query_judge(prompt, url, model, timeout=120):
     return ''.join(text)
 
 
+def query_openai_judge(prompt, url, model, timeout=120):
+    """Ask any OpenAI-compatible chat API (url ends in /v1: vLLM, llama.cpp, Ollama's /v1, sample.py --serve,
+    OpenAI itself with $OPENAI_API_KEY) with the same settings as query_judge."""
+    import requests
+    key = os.environ.get('OPENAI_API_KEY')
+    payload = {'model': model, 'messages': [{'role': 'user', 'content': prompt}], 'seed': 123, 'temperature': 0}
+    r = requests.post(f"{url.rstrip('/')}/chat/completions", json=payload, timeout=timeout,
+                      headers={'Authorization': f'Bearer {key}'} if key else {})
+    if r.status_code != 200:
+        hint = {401: '; set OPENAI_API_KEY', 404: f'; is {url} the API\'s base URL (ending in /v1)?'}
+        raise OSError(f"the judge at {url} answered HTTP {r.status_code}: {r.text[:100]!r}"
+                      + hint.get(r.status_code, ''))
+    try:
+        return r.json()['choices'][0]['message']['content'] or ''
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise OSError(f"the judge at {url} did not answer like an OpenAI chat API: {r.text[:100]!r}") from None
+
+
 def parse_score(text):
     """The first whole number 0-100 in the judge's answer ("Score: 85." -> 85), else None."""
     for m in re.finditer(r'(?<![\d.])(\d{1,3})(?![\d.]\d)', text):
@@ -263,16 +281,19 @@ def parse_score(text):
     return None
 
 
-def score_responses(entries, url, model):
-    """[score or None] for each entry with a model_response; OSError if the judge is unreachable."""
+def score_responses(entries, url, model, kind='ollama'):
+    """[score or None] for each entry with a model_response, from an ollama or openai(-compatible) judge; OSError
+    if the judge is unreachable."""
     import requests
     scores = []
     for i, entry in enumerate(entries):
         try:
-            answer = query_judge(judge_prompt(entry), url, model)
+            answer = (query_openai_judge if kind == 'openai' else query_judge)(judge_prompt(entry), url, model)
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise OSError(f"the judge at {url} is unreachable ({type(e).__name__}); start Ollama "
-                          f"(ollama serve; ollama pull {model}) or use --judge=none") from None
+            start = ("start an OpenAI-compatible server there" if kind == 'openai'
+                     else f"start Ollama (ollama serve; ollama pull {model})")
+            raise OSError(f"the judge at {url} is unreachable ({type(e).__name__}); {start} "
+                          "or use --judge=none") from None
         scores.append(parse_score(answer))
         print(f"\rscoring {i + 1}/{len(entries)}", end='', file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -284,8 +305,8 @@ def main():
     dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
     if prompt_style not in PROMPT_STYLES:
         die(f"--prompt_style={prompt_style}: use {', '.join(PROMPT_STYLES)}")
-    if judge not in ('ollama', 'none'):
-        die(f"--judge={judge}: use ollama or none")
+    if judge not in ('ollama', 'openai', 'none'):
+        die(f"--judge={judge}: use ollama, openai or none")
     if method not in DATA:
         die(f"--method={method}: use sft or dpo")
     try:
@@ -395,7 +416,7 @@ def main():
     if judge == 'none':
         return
     try:
-        scores = score_responses(test, judge_url, judge_model)
+        scores = score_responses(test, judge_url, judge_model, judge)
     except OSError as e:
         die(e)
     valid = [s for s in scores if s is not None]

@@ -80,6 +80,72 @@ def test_judge_client_against_a_fake_ollama(server):
         fi.score_responses([entry], url, 'llama3')
 
 
+def fake_openai_server(seen, status=200, content='Score: 85'):
+    """A /v1/chat/completions on 127.0.0.1 answering `content`, recording (path, Authorization, JSON) in seen."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            seen.append((self.path, self.headers.get('Authorization'),
+                         json.loads(self.rfile.read(int(self.headers['Content-Length'])))))
+            ok = self.path == '/v1/chat/completions' and status == 200
+            body = json.dumps({'object': 'chat.completion', 'choices': [{'index': 0, 'finish_reason': 'stop',
+                               'message': {'role': 'assistant', 'content': content}}]} if ok else
+                              {'error': {'message': 'no', 'type': 'invalid_request_error'}}).encode()
+            self.send_response(200 if ok else 404 if status == 200 else status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def test_judge_client_against_a_fake_openai_compatible_server(tmp_path, monkeypatch):
+    seen = []
+    httpd, url = fake_openai_server(seen)
+    entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.', 'model_response': 'Red.'}
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-test')
+    assert fi.score_responses([entry], f'{url}/v1', 'gpt-4o-mini', 'openai') == [85]
+    path, auth, payload = seen[-1]
+    assert path == '/v1/chat/completions' and auth == 'Bearer sk-test'
+    assert payload['model'] == 'gpt-4o-mini' and payload['temperature'] == 0 and payload['seed'] == 123
+    assert 'score the model response `Red.`' in payload['messages'][0]['content']
+    monkeypatch.delenv('OPENAI_API_KEY')
+    assert fi.score_responses([entry], f'{url}/v1/', 'm', 'openai') == [85] and seen[-1][1] is None  # no key: no header
+    with pytest.raises(OSError, match='ending in /v1'):
+        fi.score_responses([entry], url, 'm', 'openai')  # the server's root, not its API
+    httpd.shutdown()
+    httpd.server_close()
+    with pytest.raises(OSError, match='unreachable.*OpenAI-compatible'):
+        fi.score_responses([entry], f'{url}/v1', 'm', 'openai')
+    refusing, refusing_url = fake_openai_server(seen, status=401)
+    with pytest.raises(OSError, match='401.*OPENAI_API_KEY'):
+        fi.score_responses([entry], f'{refusing_url}/v1', 'm', 'openai')
+    refusing.shutdown()
+    refusing.server_close()
+    # the script: --judge=openai scores every response through the API, with the key
+    base_checkpoint(tmp_path)
+    judge, judge_url = fake_openai_server(seen, content='70')
+    monkeypatch.setenv('OPENAI_API_KEY', 'sk-script')
+    data = synthetic_entries(tmp_path / 'd.json')
+    proc = run_script('finetune_instruct.py', f'--data={data}', f'--init_from={tmp_path}',
+                      f'--out_dir={tmp_path / "out"}', '--max_iters=1', '--eval_iters=1', '--eval_limit=2',
+                      '--max_new_tokens=2', '--judge=openai', f'--judge_url={judge_url}/v1', '--judge_model=local')
+    judge.shutdown()
+    judge.server_close()
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert metrics['judge_score'] == 70 and metrics['judge_scored'] == 2 and metrics['judge_model'] == 'local'
+    assert seen[-1][1] == 'Bearer sk-script' and seen[-1][2]['model'] == 'local'
+
+
 def test_instruction_tuning_learns_saves_and_is_judged(tmp_path, server):
     base_checkpoint(tmp_path)
     data = synthetic_entries(tmp_path / 'd.json')
