@@ -57,6 +57,7 @@ compile = False
 # responses and judging
 eval_limit = 0  # generate responses for the first N test entries only (0 = all)
 max_new_tokens = 256
+gen_batch_size = 8  # test responses generated at once (left-padded; each equals its prompt's answer alone)
 judge = 'ollama'  # ollama (an Ollama-compatible /api/chat), openai (OpenAI-compatible, judge_url ending in /v1) or none
 judge_url = 'http://localhost:11434'
 judge_model = 'llama3'
@@ -150,18 +151,25 @@ def evaluate(model, encoded, pad_id, max_len, dev, ctx, num_batches=None):
 
 
 @torch.no_grad()
-def respond(model, entry, tokenizer, style, dev, ctx, max_new):
-    """The model's response to an entry: greedy, KV cache, stops at the style's end of a response (7.7)."""
-    ids = tokenizer.encode(format_prompt(entry, style))[-model.config.block_size:]
-    x = torch.tensor([ids], device=dev)
+def respond_batch(model, entries, tokenizer, style, dev, ctx, max_new):
+    """The model's responses to several entries at once (7.7): greedy, KV cache, each row stops at the
+    style's end of a response. Prompts of different lengths are left-padded (the padding is never attended
+    to, and each row's positions start at its first token), so each answer equals the entry's alone."""
+    prompts = [tokenizer.encode(format_prompt(entry, style))[-model.config.block_size:] for entry in entries]
+    longest, end_id = max(len(ids) for ids in prompts), response_end_id(tokenizer, style)
+    x = torch.tensor([[end_id] * (longest - len(ids)) + ids for ids in prompts], device=dev)  # (B, longest)
+    padding = torch.tensor([longest - len(ids) for ids in prompts], device=dev)
     was_training = model.training
     model.eval()  # no dropout while answering (evaluate() leaves the model in training mode)
     with ctx:
-        out = model.generate(x, max_new, temperature=0, eos_id=response_end_id(tokenizer, style))[0, len(ids):].tolist()
+        out = model.generate(x, max_new, temperature=0, eos_id=end_id, padding=padding)[:, longest:].tolist()
     model.train(was_training)
-    if response_end_id(tokenizer, style) in out:
-        out = out[:out.index(response_end_id(tokenizer, style))]
-    return tokenizer.decode(out).strip()
+    return [tokenizer.decode(row[:row.index(end_id)] if end_id in row else row).strip() for row in out]
+
+
+def respond(model, entry, tokenizer, style, dev, ctx, max_new):
+    """The model's response to one entry."""
+    return respond_batch(model, [entry], tokenizer, style, dev, ctx, max_new)[0]
 
 
 # -------------------------------------------------------------------- preference tuning (DPO, the ch07 bonus)
@@ -309,6 +317,8 @@ def main():
         die(f"--judge={judge}: use ollama, openai or none")
     if method not in DATA:
         die(f"--method={method}: use sft or dpo")
+    if gen_batch_size < 1:
+        die(f"--gen_batch_size={gen_batch_size}: give at least 1")
     try:
         url, name, sha = DATA[method]
         path = data or download(url, Path(data_dir) / name, sha256=sha)
@@ -396,9 +406,11 @@ def main():
 
     # responses for the test split (7.7), kept even if the judge fails
     test = splits['test'][:eval_limit or None]
-    for i, entry in enumerate(test):
-        entry['model_response'] = respond(model, entry, tokenizer, prompt_style, dev, ctx, max_new_tokens)
-        print(f"\rresponses {i + 1}/{len(test)}", end='', file=sys.stderr, flush=True)
+    for i in range(0, len(test), gen_batch_size):
+        batch = test[i:i + gen_batch_size]
+        for entry, response in zip(batch, respond_batch(model, batch, tokenizer, prompt_style, dev, ctx, max_new_tokens)):
+            entry['model_response'] = response
+        print(f"\rresponses {i + len(batch)}/{len(test)}", end='', file=sys.stderr, flush=True)
     print(file=sys.stderr)
     with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
         json.dump(test, f, indent=2)

@@ -73,3 +73,29 @@ def test_compiled_step_equals_eager_and_compiles_once():
     cache.restart(0)  # a second generation on the same cache reuses it too
     assert torch.equal(model.generate(idx, 24, temperature=0, kv_cache=cache, decode_step=step), eager)
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+
+def test_chapter7_responses_in_batches_equal_one_at_a_time():
+    """finetune_instruct.py's test-set responses, generated gen_batch_size at a time, are the texts the
+    model gives each prompt alone (float32, greedy, prompts of several lengths). The wide random model
+    answers each prompt differently; a few training steps on the book's data only teach it one answer."""
+    import json
+    from contextlib import nullcontext
+    import finetune_instruct as fi
+    from conftest import SHARED
+    from tokenizer import ByteTokenizer, format_prompt
+    path = SHARED / 'data' / 'instruction-data.json'
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    test = json.loads(path.read_text(encoding='utf-8'))[:6]
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_embd=48)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    assert len({len(tok.encode(format_prompt(e))) for e in test}) >= 4  # several prompt lengths
+    alone = [fi.respond(model, e, tok, 'alpaca', 'cpu', nullcontext(), 24) for e in test]
+    batched = fi.respond_batch(model, test, tok, 'alpaca', 'cpu', nullcontext(), 24)
+    assert batched == alone and len(set(alone)) > 3
