@@ -159,7 +159,7 @@ if __name__ == '__main__':
         from serve import run_server
         run_server(model, tokenizer, style, device, host, serve, init_from if init_from != 'resume' else out_dir,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   chat_context=chat_context, system=system)
+                   chat_context=chat_context, system=system, decode_step=decode_step)
         sys.exit(0)
     if chat:
         chat_loop(model, tokenizer, style, device, decode_step=decode_step)

@@ -150,8 +150,9 @@ class Engine:
     requests: clients resend the whole conversation every turn, and only what the cache lacks is computed."""
 
     def __init__(self, model, tokenizer, style, device, name, max_new_tokens=200, temperature=0.8, top_k=200,
-                 top_p=1.0, chat_context=8192, system='', queue_size=QUEUE_SIZE):
+                 top_p=1.0, chat_context=8192, system='', queue_size=QUEUE_SIZE, decode_step=None):
         self.model, self.tokenizer, self.style, self.device, self.name = model, tokenizer, style, device, name
+        self.decode_step = decode_step  # sample.py --compile=True: the compiled one-token step (else None: eager)
         self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         self.system, self.queue_size = system, queue_size
         self.end_id = response_end_id(tokenizer, style)
@@ -236,7 +237,8 @@ class Engine:
             with torch.no_grad():
                 self.model.generate(torch.tensor([ids], device=self.device), reply_tokens,
                                     temperature=req['temperature'], top_k=req['top_k'] or None, top_p=req['top_p'],
-                                    eos_id=self.end_id, kv_cache=self.cache, on_token=on_token, generator=generator)
+                                    eos_id=self.end_id, kv_cache=self.cache, on_token=on_token, generator=generator,
+                                    decode_step=self.decode_step)
             stream.finish()
         except StopText:
             finish = 'stop'
@@ -418,7 +420,8 @@ def make_server(engine, host, port):
 
 
 def run_server(model, tokenizer, style, device, host, port, name, **settings):
-    """Serve until Ctrl+C; settings: sample.py's max_new_tokens, temperature, top_k, top_p, chat_context, system."""
+    """Serve until Ctrl+C; settings: sample.py's max_new_tokens, temperature, top_k, top_p, chat_context, system,
+    decode_step."""
     engine = Engine(model, tokenizer, style, device, name, **settings)
     try:
         httpd = make_server(engine, host, port)

@@ -401,6 +401,21 @@ def test_the_cache_kept_between_requests_changes_no_reply():
     assert text == reply2[:reply2.index(stop)] == ''.join(pieces) and finish == 'stop'
 
 
+def test_a_decode_step_from_sample_py_compile_runs_every_token_and_changes_no_reply():
+    plain, _ = tiny_engine(temperature=0)
+    engine, model = tiny_engine(temperature=0)
+    steps = []
+    engine.decode_step = lambda token, cache: steps.append(1) or model.decode_step(token, cache)  # (eager here)
+    request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
+    conversation = user('hello')
+    for turn in range(2):  # the second turn reuses the cache the first one left
+        replies = [e.generate(request, *e.prompt({'messages': conversation, 'max_tokens': 12})[:2], lambda piece: None,
+                              lambda: False)[0] for e in (plain, engine)]
+        assert replies[0] == replies[1] and len(replies[0]) > 5
+        conversation = conversation + [{'role': 'assistant', 'content': replies[0]}] + user('and again?')
+    assert len(steps) == 2 * 11  # every token after the first of each reply
+
+
 def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
     engine, _ = tiny_engine(chat_context=200)  # bytes: a token per character
     system = [{'role': 'system', 'content': 'Be brief.'}]
