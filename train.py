@@ -12,8 +12,10 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,11 +67,11 @@ tie_embeddings = True  # the head shares the token embedding's weights
 pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -> 50304), faster; 1 = none
 # (the extra logits are cut off in model.py: never sampled or scored)
 # optimizer
-optimizer = 'muon'  # muon (Muon for the blocks' matrices, AdamW for the rest; README "The default run"), or adamw
+optimizer = 'muon'  # muon (Muon for the blocks' matrices, AdamW for the rest), or adamw
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
 learning_rate = 4e-3  # AdamW's peak (with Muon: the embeddings', norms' and biases')
 max_iters = 1800
-weight_decay = 0.2  # AdamW's matrices and embeddings, and Muon's matrices (README "The default run")
+weight_decay = 0.2  # AdamW's matrices and embeddings, and Muon's matrices
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 = no clipping
@@ -87,13 +89,19 @@ seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
 
 # Python's own docs (the help() topics and the standard library's docstrings: no download), prepared on
-# first use: with our own BPE of 2,048 tokens trained on their training split (the default run: README
-# "The default run"), of 1,024, or as bytes (the whole-book block)
+# first use: with our own BPE of 2,048 tokens trained on their training split (the default run), of 1,024,
+# or as bytes (the whole-book block)
 AUTO_DATA = {'data/pydoc_bpe2048': dict(tokenizer='bpe', vocab_size=2048),
              'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024), 'data/pydoc': dict(tokenizer='bytes')}
 
 NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint in {out_dir} is kept. "
               "Lower --learning_rate, or use --dtype=bfloat16 or float32")
+# Generator keys of the training batches: (seed * SEED_STRIDE + step) * KEYS_PER_STEP + the micro-batch's
+# number among all processes. A prime above any step or epoch count, so that no two (seed, step) pairs
+# share a key (another --seed draws other batches); 4096 leaves room for every micro-batch of a step.
+SEED_STRIDE = 1_000_003
+KEYS_PER_STEP = 4096
+EVAL_KEY = 10**9  # the evaluation batches' keys start here: fixed, so every evaluation sees the same batches
 
 
 def load_split(split, T):
@@ -120,7 +128,7 @@ class OnePass:
         for i in range(k * batch_size, (k + 1) * batch_size):
             epoch, j = divmod(i, self.n)
             if epoch != self.epoch:  # one permutation held at a time (4 bytes a window)
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
                 self.epoch, self.order = epoch, torch.randperm(self.n, generator=g, dtype=torch.int32)
             picked.append(int(self.order[j]))
         pos = torch.tensor(picked)
@@ -147,6 +155,28 @@ def get_batch(shards, key, T, dev, one_pass=None):
     if dev.startswith('cuda'):  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
     return x.to(dev), y.to(dev)
+
+
+class TrainBatches:
+    """The training split's micro-batches in the run's data order (order: random or one_pass, drawn
+    with order_seed): micro-batch `micro` of step `step` in this process is a function of those
+    alone, so a resumed run reads exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, shards, T, order, order_seed, proc):
+        self.shards, self.T, self.order, self.order_seed, self.proc = shards, T, order, order_seed, proc
+        self.one_pass = OnePass(shards, T, order_seed) if order == 'one_pass' else None
+
+    def get(self, step, micro):
+        p = self.proc
+        if self.one_pass is not None:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
+            key = (step * p.world_size + p.rank) * p.micro_steps + micro
+        else:  # unique per (seed, step, micro-batch across all ranks)
+            key = (self.order_seed * SEED_STRIDE + step) * KEYS_PER_STEP + p.rank * p.micro_steps + micro
+        return get_batch(self.shards, key, self.T, p.dev, self.one_pass)
+
+    def after(self, step, micro):
+        """The micro-batch that follows (step, micro): the next of the step, or the first of the next step."""
+        return self.get(step, micro + 1) if micro + 1 < self.proc.micro_steps else self.get(step + 1, 0)
 
 
 def get_lr(it):
@@ -204,7 +234,7 @@ def estimate_loss(model, splits, T, dev, ctx, byte_counts, rank=0, world_size=1,
     for name, shards in splits.items():
         loss_sum, tokens, text_loss, text_bytes = 0.0, 0, 0.0, 0
         for k in my_share(eval_iters, rank, world_size):
-            x, y = get_batch(shards, 10**9 + (k or 0), T, dev)
+            x, y = get_batch(shards, EVAL_KEY + (k or 0), T, dev)
             with ctx:
                 logits, _ = model(x)
             losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction='none')
@@ -268,8 +298,34 @@ def save_loss_plot(log_path, png_path):
     plt.close(fig)
 
 
-def main():
-    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+# ---------------------------------------------------------------- the run's setup, in the order main() calls it
+
+@dataclass
+class Process:
+    """This process's place in the run (rank 0 of 1 without torchrun) and what it computes with."""
+    distributed: bool  # under torchrun
+    rank: int
+    local_rank: int  # its number on this machine
+    world_size: int
+    fsdp: bool  # weights, gradients and optimizer state sharded across the processes (--ddp=fsdp)
+    dev: str
+    device_type: str
+    amp_dtype: str
+    ctx: object  # autocast, or nothing in float32
+    micro_steps: int  # micro-batches per step in this process
+
+    @property
+    def master(self):  # the one that prints, logs and saves
+        return self.rank == 0
+
+    @property
+    def comm_dev(self):  # where small tensors meet for all_reduce
+        return self.dev if self.distributed and self.device_type == 'cuda' else 'cpu'
+
+
+def start_process():
+    """Join torchrun's processes (if started by it), check the settings, pick the device and dtype
+    and seed this process; stops with one line on a setting that cannot work."""
     distributed, rank, local_rank, world_size, dev = init_distributed(device)
     if ddp not in ('ddp', 'fsdp'):
         die(f"--ddp={ddp}: use ddp or fsdp")
@@ -279,25 +335,35 @@ def main():
         die(f"--data_order={data_order}: use random or one_pass")
     if decay_lr and min_lr > learning_rate:  # the cosine would climb from the peak, not decay to min_lr
         die(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}; pass --min_lr={learning_rate / 10:g} (a tenth)")
-    fsdp = distributed and ddp == 'fsdp'
-    master = rank == 0
-    sampling = master or fsdp  # under FSDP every process takes part in each forward, the sample's too
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
-    comm_dev = dev if distributed and device_type == 'cuda' else 'cpu'  # where small tensors meet for all_reduce
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-    micro_steps = gradient_accumulation_steps // world_size  # micro-batches per process
+    return Process(distributed, rank, local_rank, world_size, distributed and ddp == 'fsdp', dev, device_type, amp_dtype,
+                   ctx, gradient_accumulation_steps // world_size)
 
-    # data: prepare the default data set on first use, otherwise insist on shards
+
+def ensure_data(proc):
+    """data_dir's meta.json; the default data sets are prepared on first use, any other must hold shards."""
     if data_dir in AUTO_DATA:  # every rank takes part (the first finds what to do, the others find it done)
-        local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=local_rank > 0, **AUTO_DATA[data_dir]),
-                          distributed, local_rank)
+        local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=proc.local_rank > 0, **AUTO_DATA[data_dir]),
+                          proc.distributed, proc.local_rank)
     if not find_shards(data_dir, 'train'):
         die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
-    meta = read_meta(data_dir)
+    return read_meta(data_dir)
 
-    # model: initialised alike in every process (FSDP shards it as it is), dropout then differs per rank
-    iter_num, best_val_loss, ckpt, data_seed, run_order = 0, float('inf'), None, seed, data_order
+
+class RunStart(NamedTuple):
+    """Where training starts: step 0 of a new run, or where the checkpoint left off."""
+    step: int
+    best_val_loss: float
+    order: str  # the training batches' data order (random or one_pass) ...
+    order_seed: int  # ... and its seed: a resumed run keeps its own, whatever --data_order and --seed say now
+
+
+def build_model(meta, proc):
+    """The model, initialised alike in every process (FSDP shards it as it is): from scratch, from
+    out_dir/ckpt.pt or from published weights. Returns (model, the checkpoint or None, RunStart)."""
+    ckpt, start = None, RunStart(0, float('inf'), data_order, seed)
     torch.manual_seed(seed)
     try:
         if init_from == 'scratch':
@@ -310,28 +376,32 @@ def main():
         elif init_from == 'resume':
             ckpt = load_checkpoint(out_dir, map_location='cpu')
             model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
-            iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-            data_seed = ckpt['data']['seed']  # the run's data order, whatever --seed says now
-            run_order = ckpt['data'].get('order', 'random')
-            if (data_seed, run_order) != (seed, data_order) and master:
-                print(f"notice: resuming the run of --seed={data_seed} --data_order={run_order}; its data order and "
+            start = RunStart(ckpt['iter_num'], ckpt['best_val_loss'], order_seed=ckpt['data']['seed'],
+                             order=ckpt['data'].get('order', 'random'))
+            if (start.order_seed, start.order) != (seed, data_order) and proc.master:
+                print(f"notice: resuming the run of --seed={start.order_seed} --data_order={start.order}; its data order and "
                       f"generators continue (--seed={seed} --data_order={data_order} ignored)")
             if not same_tokenizer(tokenizer_name(ckpt.get('tokenizer')), meta['tokenizer']):
                 die(f"{out_dir}/ckpt.pt was trained on {tokenizer_name(ckpt.get('tokenizer'))} tokens but {data_dir} "
                     f"holds {meta['tokenizer']} tokens")
         else:  # published weights: one process per machine downloads, the others then load from its cache
-            model, info = local_rank0_first(lambda: load_pretrained(init_from, dtype=torch.float32, block_size=block_size,
-                                                                    dropout=dropout), distributed, local_rank)
-            if not same_tokenizer(get_tokenizer(info['tokenizer']).name, meta['tokenizer']):
+            model, published = local_rank0_first(lambda: load_pretrained(init_from, dtype=torch.float32,
+                                                                         block_size=block_size, dropout=dropout),
+                                                 proc.distributed, proc.local_rank)
+            if not same_tokenizer(get_tokenizer(published['tokenizer']).name, meta['tokenizer']):
                 die(f"{init_from} continues on its own tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
-                    f"prepare it with --tokenizer={info['tokenizer']}")
+                    f"prepare it with --tokenizer={published['tokenizer']}")
     except (OSError, ValueError) as e:
         die(e)
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(seed + proc.rank)  # dropout then differs per rank
     if meta['vocab_size'] > model.config.vocab_size:
         die(f"{data_dir} holds {meta['tokenizer']} tokens ({meta['vocab_size']} ids) but the model knows {model.config.vocab_size}")
-    model_args = asdict(model.config)
-    T = model.config.block_size
+    return model, ckpt, start
+
+
+def load_data(T, proc):
+    """The train and val splits (windows of T + 1 tokens), their tokenizer, the bytes each token id
+    stands for (for bits per byte) and, if asked, the HellaSwag examples."""
     try:
         splits = {'train': load_split('train', T), 'val': load_split('val', T)}
     except ValueError as e:
@@ -344,183 +414,266 @@ def main():
         tokenizer = data_tokenizer(data_dir)  # travels in the checkpoint, so sample.py decodes on any machine
     except (OSError, ValueError) as e:
         die(e)
-    byte_counts = torch.from_numpy(token_bytes(tokenizer)).to(dev)
+    byte_counts = torch.from_numpy(token_bytes(tokenizer)).to(proc.dev)
     hellaswag = None
     if eval_hellaswag:  # every process scores its share of the examples
-        hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), distributed, local_rank)
+        hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), proc.distributed, proc.local_rank)
         hellaswag = hellaswag[:hellaswag_limit or None]
-    model.to(dev)
-    if eval_only:  # the same eval_iters batches of the validation split as every eval: models compare on equal tokens
-        losses = estimate_loss(model, {'val': splits['val']}, T, dev, ctx, byte_counts, rank, world_size, comm_dev)
-        if hellaswag:
-            losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, dev, ctx, rank, world_size, comm_dev)
-        if master:
-            print(f"{init_from}: val loss {losses['val']:.4f}, {losses['val_bpb']:.4f} bits per byte on "
-                  f"{eval_iters} x {batch_size} x {T} tokens of {data_dir}"
-                  + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
-        if distributed:
-            torch.distributed.destroy_process_group()
-        return
-    if fsdp:  # each block's weights (then the rest) split across processes, gathered only while in use
-        if optimizer == 'muon':
-            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if amp_dtype == 'bfloat16' \
-            else MixedPrecisionPolicy()
-        compile_blocks = compile and compile_available(device_type)
-        for block in model.transformer.h:
-            if compile_blocks:  # each block on its own: compiling the root would break the graph at every block
-                block.compile()
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+    return splits, tokenizer, byte_counts, hellaswag
+
+
+def hellaswag_text(losses, hellaswag):
+    return f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""
+
+
+def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
+    """--eval_only: the same eval_iters batches of the validation split as every eval, so that models
+    compare on equal tokens; printed, nothing written."""
+    T = model.config.block_size
+    losses = estimate_loss(model, {'val': splits['val']}, T, proc.dev, proc.ctx, byte_counts, proc.rank, proc.world_size,
+                           proc.comm_dev)
+    if hellaswag:
+        losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
+                                                 proc.world_size, proc.comm_dev)
+    if proc.master:
+        print(f"{init_from}: val loss {losses['val']:.4f}, {losses['val_bpb']:.4f} bits per byte on "
+              f"{eval_iters} x {batch_size} x {T} tokens of {data_dir}" + hellaswag_text(losses, hellaswag))
+    if proc.distributed:
+        torch.distributed.destroy_process_group()
+
+
+def shard_with_fsdp(model, proc):
+    """--ddp=fsdp: each block's weights (then the rest) split across the processes, gathered only while in use."""
+    if optimizer == 'muon':
+        die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
+    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if proc.amp_dtype == 'bfloat16' else MixedPrecisionPolicy()
+    compile_blocks = compile and compile_available(proc.device_type)
+    for block in model.transformer.h:
+        if compile_blocks:  # each block on its own: compiling the root would break the graph at every block
+            block.compile()
+        fully_shard(block, mp_policy=mixed_precision)
+    fully_shard(model, mp_policy=mixed_precision)
+
+
+def make_optimizer(model, proc):
     try:
         # Muon's Newton-Schulz in bfloat16 wherever the hardware computes it natively (even in a float32 run)
-        native_bf16 = amp_dtype == 'bfloat16' or pick_dtype('auto', device_type) == 'bfloat16'
-        optim = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
-                                           torch.bfloat16 if native_bf16 else torch.float32)
+        native_bf16 = proc.amp_dtype == 'bfloat16' or pick_dtype('auto', proc.device_type) == 'bfloat16'
+        return model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), proc.device_type, optimizer, muon_lr,
+                                          torch.bfloat16 if native_bf16 else torch.float32)
     except ValueError as e:
         die(e)
-    model.grad_checkpoint = grad_checkpoint
-    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
-    if ckpt is not None:  # the exact state the run was in
-        if ckpt.get('fsdp', False) != fsdp:  # the two keep optimizer state in different layouts
-            die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
-                "resume it the same way")
-        saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')
-        if saved_optimizer != optimizer:  # (the default changed to muon on 2026-11-29)
-            die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; "
-                f"resume it with --optimizer={saved_optimizer}")
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-            set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
-        else:
-            optim.load_state_dict(ckpt['optimizer'])
-        if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler then
-            scaler.load_state_dict(ckpt['scaler'])
-        rng = ckpt['rng']  # each rank's own generators (a rank beyond those saved keeps its seed + rank)
-        if rank < len(rng['torch']):
-            torch.set_rng_state(rng['torch'][rank])
-        if device_type == 'cuda' and rank < len(rng['cuda']) and rng['cuda'][rank] is not None:
-            torch.cuda.set_rng_state(rng['cuda'][rank], dev)
-        ckpt = None  # free the memory
-    raw_model = model
-    if not fsdp:  # (under FSDP the blocks were compiled before sharding)
-        model = maybe_compile(model, compile, device_type)
-    if distributed and not fsdp:
+
+
+def restore_training_state(ckpt, model, optim, scaler, proc):
+    """The exact state the checkpointed run was in: optimizer, GradScaler and every rank's generators."""
+    if ckpt.get('fsdp', False) != proc.fsdp:  # the two keep optimizer state in different layouts
+        die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
+            "resume it the same way")
+    saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')  # (checkpoints without the key are AdamW's)
+    if saved_optimizer != optimizer:
+        die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; "
+            f"resume it with --optimizer={saved_optimizer}")
+    if proc.fsdp:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+        set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
+    else:
+        optim.load_state_dict(ckpt['optimizer'])
+    if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler then
+        scaler.load_state_dict(ckpt['scaler'])
+    rng = ckpt['rng']  # each rank's own generators (a rank beyond those saved keeps its seed + rank)
+    if proc.rank < len(rng['torch']):
+        torch.set_rng_state(rng['torch'][proc.rank])
+    if proc.device_type == 'cuda' and proc.rank < len(rng['cuda']) and rng['cuda'][proc.rank] is not None:
+        torch.cuda.set_rng_state(rng['cuda'][proc.rank], proc.dev)
+
+
+def compile_and_wrap_ddp(model, proc):
+    """The model compiled (if asked) and, under torchrun, wrapped in DDP: each process holds the whole
+    model, and backward averages the gradients across the processes."""
+    model = maybe_compile(model, compile, proc.device_type)
+    if proc.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-    peak = peak_flops or gpu_peak_flops(dev, amp_dtype)
-    tokens_per_step = gradient_accumulation_steps * batch_size * T
-    start_iter = iter_num
-    if master:
-        print(f"{raw_model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
-              f"({world_size} x {micro_steps} x {batch_size} x {T}) | {dev} {amp_dtype} | data {data_dir} ({meta['tokenizer']})")
-        os.makedirs(out_dir, exist_ok=True)
-        log_path = os.path.join(out_dir, 'log.jsonl')
-        if init_from == 'resume' and os.path.exists(log_path):  # forget what came after the checkpoint
-            with open(log_path, encoding='utf-8') as f:
-                kept = [line for line in f if json.loads(line)['step'] <= iter_num]
-            with open(log_path, 'w', encoding='utf-8') as f:
-                f.writelines(kept)
-        elif init_from != 'resume' and os.path.exists(log_path):
-            os.remove(log_path)
-        log_file = open(log_path, 'a', encoding='utf-8')
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
+    return model
 
-    def log_json(**row):
-        log_file.write(json.dumps(row) + '\n')
-        log_file.flush()
 
-    def checkpoint():
-        # every rank's own generators (CPU, and its GPU's for dropout there), so that a resumed run continues exactly
-        mine = (torch.get_rng_state(), torch.cuda.get_rng_state(dev) if device_type == 'cuda' else None)
-        rngs = [mine]
-        if distributed:
-            rngs = [None] * world_size
-            torch.distributed.all_gather_object(rngs, mine)
-        if fsdp:  # gathered whole onto rank 0's CPU, so that the checkpoint loads anywhere
-            from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-            model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def open_log(step):
+    """out_dir/log.jsonl, opened for appending: a resumed run forgets the rows after its checkpoint's step,
+    a new run starts it afresh."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, 'log.jsonl')
+    if init_from == 'resume' and os.path.exists(log_path):
+        with open(log_path, encoding='utf-8') as f:
+            kept = [line for line in f if json.loads(line)['step'] <= step]
+        with open(log_path, 'w', encoding='utf-8') as f:
+            f.writelines(kept)
+    elif init_from != 'resume' and os.path.exists(log_path):
+        os.remove(log_path)
+    return open(log_path, 'a', encoding='utf-8')
+
+
+def log_json(log_file, **row):
+    log_file.write(json.dumps(row) + '\n')
+    log_file.flush()
+
+
+# ---------------------------------------------------------------- what the loop calls
+
+def any_process(flag, proc):
+    """True if this or (under torchrun) any process says so: every rank then acts at the same step."""
+    return sum_across_ranks([float(flag)], proc.comm_dev)[0] > 0
+
+
+def set_gradient_sync(model, proc, on):
+    """Under torchrun, whether this backward averages the gradients across the processes: only a step's last does."""
+    if proc.fsdp:
+        model.set_requires_gradient_sync(on)
+    elif proc.distributed:
+        model.require_backward_grad_sync = on
+
+
+def sample_text(raw_model, tokenizer, proc):
+    """The model's greedy continuation of sample_prompt (the book prints one at each evaluation)."""
+    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-raw_model.config.block_size:]], device=proc.dev)
+    if proc.fsdp:
+        raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
+    with proc.ctx:
+        out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
+    if proc.fsdp:
+        raw_model.reshard()
+    raw_model.train()
+    return tokenizer.decode(out[0, prompt.size(1):].tolist())
+
+
+def evaluate(raw_model, splits, tokenizer, byte_counts, hellaswag, proc):
+    """Train and val loss (and HellaSwag, if asked) and a sample; (losses, sample). The generators are
+    left as they were, so that a run with evaluations draws the same dropout as one without."""
+    T = raw_model.config.block_size
+    with torch.random.fork_rng(devices=[proc.dev] if proc.device_type == 'cuda' else []):
+        losses = estimate_loss(raw_model, splits, T, proc.dev, proc.ctx, byte_counts, proc.rank, proc.world_size,
+                               proc.comm_dev)
+        if hellaswag:
+            losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
+                                                     proc.world_size, proc.comm_dev)
+        sample = ''
+        if (proc.master or proc.fsdp) and sample_prompt:  # under FSDP every process takes part in each forward
+            sample = sample_text(raw_model, tokenizer, proc)
+    return losses, sample
+
+
+def checkpoint_state(raw_model, optim, scaler, proc, about_run, iter_num, best_val_loss, batches):
+    """What out_dir/ckpt.pt holds; about_run: what stays the same all run (model_args, tokenizer, config). Every
+    rank calls it (the gathers are collective)."""
+    # every rank's own generators (CPU, and its GPU's for dropout there), so that a resumed run continues exactly
+    own_rng = (torch.get_rng_state(), torch.cuda.get_rng_state(proc.dev) if proc.device_type == 'cuda' else None)
+    rngs = [own_rng]
+    if proc.distributed:
+        rngs = [None] * proc.world_size
+        torch.distributed.all_gather_object(rngs, own_rng)
+    if proc.fsdp:  # gathered whole onto rank 0's CPU, so that the checkpoint loads anywhere
+        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+        model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
+    return {'model': model_sd, 'model_args': about_run['model_args'], 'tokenizer': about_run['tokenizer'],
+            'config': about_run['config'], 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+            'optimizer': optim_sd, 'fsdp': proc.fsdp, 'scaler': scaler.state_dict(),
+            'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
+            'data': {'seed': batches.order_seed, 'step': iter_num, 'order': batches.order}}
+
+
+def finish(proc, interrupted, iter_num, log_file):
+    if proc.master:
+        log_file.close()
+        if interrupted:
+            print(f"interrupted: saved step {iter_num} to {out_dir}/ckpt.pt; continue with --init_from=resume")
         else:
-            model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
-        return {'model': model_sd, 'model_args': model_args, 'tokenizer': tokenizer.spec,
-                'config': config, 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-                'optimizer': optim_sd, 'fsdp': fsdp, 'scaler': scaler.state_dict(),
-                'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
-                'data': {'seed': data_seed, 'step': iter_num, 'order': run_order}}
+            save_loss_plot(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
+            print(f"done: {out_dir}/ckpt.pt (step {iter_num}); try python sample.py --out_dir={out_dir}")
+    if proc.distributed:
+        torch.distributed.barrier()  # no process tears gloo/nccl down while another still talks to it
+        torch.distributed.destroy_process_group()
+    if interrupted:
+        sys.exit(130)
 
-    stop = {'signal': False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # finish the step, save, exit
 
-    def stop_requested(local_flag):
-        """True if this or (under torchrun) any process asks to stop: every rank stops at the same step."""
-        return sum_across_ranks([float(local_flag)], comm_dev)[0] > 0
-
-    one_pass = OnePass(splits['train'], T, data_seed) if run_order == 'one_pass' else None
-
-    def batch_key(it, micro):  # unique per (step, micro-batch across all ranks)
-        if one_pass is not None:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
-            return (it * world_size + rank) * micro_steps + micro
-        return (data_seed * 1_000_003 + it) * 4096 + rank * micro_steps + micro
-
-    X, Y = get_batch(splits['train'], batch_key(iter_num, 0), T, dev, one_pass)
-    t_log, it_log = time.time(), iter_num
-    lossf = float('nan')
+def main():
+    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    proc = start_process()
+    meta = ensure_data(proc)
+    model, ckpt, start = build_model(meta, proc)
+    T = model.config.block_size
+    splits, tokenizer, byte_counts, hellaswag = load_data(T, proc)
+    about_run = {'model_args': asdict(model.config), 'tokenizer': tokenizer.spec, 'config': config}  # in every checkpoint
+    model.to(proc.dev)
+    if eval_only:
+        return evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc)
+    if proc.fsdp:
+        shard_with_fsdp(model, proc)
+    optim = make_optimizer(model, proc)
+    model.grad_checkpoint = grad_checkpoint
+    scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.amp_dtype == 'float16')
+    if ckpt is not None:
+        restore_training_state(ckpt, model, optim, scaler, proc)
+        ckpt = None  # free the memory
+    raw_model = model  # the model itself: evaluation, sampling and the checkpoint use it
+    if not proc.fsdp:  # (under FSDP the blocks were compiled before sharding)
+        model = compile_and_wrap_ddp(model, proc)
+    peak = peak_flops or gpu_peak_flops(proc.dev, proc.amp_dtype)
+    tokens_per_step = gradient_accumulation_steps * batch_size * T
+    if proc.master:
+        print(f"{raw_model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
+              f"({proc.world_size} x {proc.micro_steps} x {batch_size} x {T}) | {proc.dev} {proc.amp_dtype} | "
+              f"data {data_dir} ({meta['tokenizer']})")
+    log_file = open_log(start.step) if proc.master else None
+    ctrl_c = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: ctrl_c.set())  # finish the step, save, exit
+    batches = TrainBatches(splits['train'], T, start.order, start.order_seed, proc)
+    iter_num, best_val_loss = start.step, start.best_val_loss
+    X, Y = batches.get(iter_num, 0)
+    timer_start, timer_step = time.time(), iter_num  # ms/step is measured from here
     while True:
         lr = get_lr(iter_num)
         for group in optim.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
-        interrupted = stop_requested(stop['signal']) if (not distributed or iter_num % log_interval == 0) else False
+        # under torchrun asking the others is a collective: only at log steps
+        interrupted = any_process(ctrl_c.is_set(), proc) if (not proc.distributed or iter_num % log_interval == 0) else False
         at_end = iter_num >= max_iters or interrupted
-        if (iter_num % eval_interval == 0 and (iter_num != start_iter or init_from != 'resume')) or at_end:
-            dt_est = (time.time() - t_log) / max(1, iter_num - it_log)
-            with torch.random.fork_rng(devices=[dev] if device_type == 'cuda' else []):  # eval leaves no trace
-                losses = estimate_loss(raw_model, splits, T, dev, ctx, byte_counts, rank, world_size, comm_dev)
-                if hellaswag:
-                    losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, dev, ctx, rank, world_size,
-                                                             comm_dev)
-                sample = ''
-                if sampling and sample_prompt:
-                    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-T:]], device=dev)
-                    if fsdp:
-                        raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
-                    with ctx:
-                        out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
-                    if fsdp:
-                        raw_model.reshard()
-                    raw_model.train()
-                    sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
+        if (iter_num % eval_interval == 0 and (iter_num != start.step or init_from != 'resume')) or at_end:
+            seconds_per_step = (time.time() - timer_start) / max(1, iter_num - timer_step)
+            losses, sample = evaluate(raw_model, splits, tokenizer, byte_counts, hellaswag, proc)
             if not all(math.isfinite(v) for v in losses.values()):  # the same sums on every rank: all stop
                 die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
-            if master:
+            if proc.master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                       f"(perplexity {math.exp(min(losses['val'], 50)):.1f}, {losses['val_bpb']:.4f} bits per byte)"
-                      + (f", HellaSwag acc_norm {100 * losses['hellaswag']:.2f}% of {len(hellaswag)}" if hellaswag else ""))
+                      + hellaswag_text(losses, hellaswag))
                 if sample:
                     print(f"  sample: {sample_prompt + sample!r}")
-                log_json(step=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=losses['val_bpb'], lr=lr,
-                         tokens_seen=iter_num * tokens_per_step, ms_per_step=None, tokens_per_s=None, mfu=None,
-                         **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
+                log_json(log_file, step=iter_num, train_loss=losses['train'], val_loss=losses['val'],
+                         val_bpb=losses['val_bpb'], lr=lr, tokens_seen=iter_num * tokens_per_step, ms_per_step=None,
+                         tokens_per_s=None, mfu=None, **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
                 best_val_loss = min(best_val_loss, losses['val'])
             # all ranks join the gathers; under FSDP not before the first step, as gathering an optimizer
             # without state would make one (a zero-gradient step that advances Adam's step count)
-            ck = None if fsdp and not optim.state else checkpoint()
-            if master and ck is not None:
-                save_checkpoint(ck, os.path.join(out_dir, 'ckpt.pt'))
+            if not (proc.fsdp and not optim.state):
+                state = checkpoint_state(raw_model, optim, scaler, proc, about_run, iter_num, best_val_loss, batches)
+                if proc.master:
+                    save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
             if at_end:
                 break
-            t_log = time.time() - (iter_num - it_log) * dt_est  # eval time is not step time
+            timer_start = time.time() - (iter_num - timer_step) * seconds_per_step  # eval time is not step time
         # one optimizer step: micro_steps micro-batches, gradients averaged (and synced across ranks once)
-        for micro in range(micro_steps):
-            if fsdp:
-                raw_model.set_requires_gradient_sync(micro == micro_steps - 1)
-            elif distributed:
-                model.require_backward_grad_sync = micro == micro_steps - 1  # all-reduce only after the last micro-batch
-            with ctx:
+        for micro in range(proc.micro_steps):
+            set_gradient_sync(model, proc, on=micro == proc.micro_steps - 1)
+            with proc.ctx:
                 _, loss = model(X, Y)
-                loss = loss / micro_steps  # the sum over micro-batches is then the mean
-            next_key = batch_key(iter_num, micro + 1) if micro + 1 < micro_steps else batch_key(iter_num + 1, 0)
-            X, Y = get_batch(splits['train'], next_key, T, dev, one_pass)  # fetched while the GPU works
+                loss = loss / proc.micro_steps  # the sum over micro-batches is then the mean
+            X, Y = batches.after(iter_num, micro)  # the next micro-batch, fetched while the GPU works
             scaler.scale(loss).backward()
         if grad_clip:
             scaler.unscale_(optim)
@@ -529,36 +682,25 @@ def main():
         scaler.update()
         optim.zero_grad(set_to_none=True)
         iter_num += 1
-        if iter_num == start_iter + 1 and iter_num % log_interval:  # the first step compiles and warms up: not timed
-            t_log, it_log = time.time(), iter_num
+        if iter_num == start.step + 1 and iter_num % log_interval:  # the first step compiles and warms up: not timed
+            timer_start, timer_step = time.time(), iter_num
         if iter_num % log_interval == 0:
-            lossf = loss.item() * micro_steps  # .item() waits for the GPU: only here, at log steps
-            if stop_requested(not math.isfinite(lossf)):
+            lossf = loss.item() * proc.micro_steps  # .item() waits for the GPU: only here, at log steps
+            if any_process(not math.isfinite(lossf), proc):
                 die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
             if grad_clip:  # under FSDP the norm is a sharded tensor: gathering it is a collective, on every rank
-                grad_norm = float(total_norm.full_tensor() if fsdp else total_norm)
-            if master:
-                dt = (time.time() - t_log) / (iter_num - it_log)
-                t_log, it_log = time.time(), iter_num
+                grad_norm = float(total_norm.full_tensor() if proc.fsdp else total_norm)
+            if proc.master:
+                dt = (time.time() - timer_start) / (iter_num - timer_step)
+                timer_start, timer_step = time.time(), iter_num
                 tok_s = tokens_per_step / dt
-                mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
-                gn = f" | grad norm {grad_norm:.2f}" if grad_clip else ""
-                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{gn} | {dt * 1000:.0f} ms/step | "
+                mfu = raw_model.estimate_mfu(tok_s / proc.world_size, peak)
+                grad_norm_text = f" | grad norm {grad_norm:.2f}" if grad_clip else ""
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{grad_norm_text} | {dt * 1000:.0f} ms/step | "
                       f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
-                log_json(step=iter_num, train_loss=lossf, val_loss=None, val_bpb=None, lr=lr, tokens_seen=iter_num * tokens_per_step,
-                         ms_per_step=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
-    if master:
-        log_file.close()
-        if interrupted:
-            print(f"interrupted: saved step {iter_num} to {out_dir}/ckpt.pt; continue with --init_from=resume")
-        else:
-            save_loss_plot(os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'loss.png'))
-            print(f"done: {out_dir}/ckpt.pt (step {iter_num}); try python sample.py --out_dir={out_dir}")
-    if distributed:
-        torch.distributed.barrier()  # no process tears gloo/nccl down while another still talks to it
-        torch.distributed.destroy_process_group()
-    if interrupted:
-        sys.exit(130)
+                log_json(log_file, step=iter_num, train_loss=lossf, val_loss=None, val_bpb=None, lr=lr,
+                         tokens_seen=iter_num * tokens_per_step, ms_per_step=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
+    finish(proc, interrupted, iter_num, log_file)
 
 
 if __name__ == '__main__':
