@@ -541,7 +541,9 @@ def sample_text(raw_model, tokenizer, proc):
     prompt = torch.tensor([tokenizer.encode(sample_prompt)[-raw_model.config.block_size:]], device=proc.dev)
     if proc.fsdp:
         raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
-    with proc.ctx:
+    # eagerly: under FSDP the blocks are compiled in place, and one token at a time through a KV cache
+    # would compile each block again (another shape, another cache slot) for a few dozen tokens
+    with proc.ctx, torch.compiler.set_stance('force_eager'):
         out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
     if proc.fsdp:
         raw_model.reshard()
