@@ -6,9 +6,10 @@
 #   python prepare_data.py --dataset=fineweb10B --num_shards=33     # 3.3B tokens, ~7 GB
 #   python train.py config/train_gpt2_3090.py
 # Tokens: 163M parameters (124M + an untied 38.6M head) x 20 = 3.26B = 6,220 steps of 524,288.
-# Time, a projection rather than a measurement: 6N + 12LTd = 1.09 GFLOP per token, 3.6e18 in
-# all; a 3090 peaks at 71 TFLOP/s in bf16, so ~35 h at 40% MFU and ~47 h at 30%. train.py prints
-# its MFU from the first log line: 3.6e18 / (71e12 x MFU) seconds is your own projection.
+# Time, from our measured throughput: 6N + 12LTd = 1.09 GFLOP per token, 3.6e18 in all; train.py
+# ran this config at 47.5% MFU on an H200 (RESULTS.md, "The first GPU run"), and at that MFU a 3090
+# (71 TFLOP/s bf16) takes 3.6e18 / (71e12 x 0.475) = ~30 h. train.py prints its MFU from the first
+# log line: 3.6e18 / (71e12 x MFU) seconds is your own figure.
 out_dir = 'out-gpt2-3090'
 data_dir = 'data/fineweb10B'
 n_layer, n_head, n_embd = 12, 12, 768
