@@ -4,6 +4,7 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py --ablate=True                    # the book's speed-ups one at a time
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
     python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
+    python bench.py --mode=optimizer                 # one optimizer step alone, GPT-2 124M: fused AdamW vs Muon
 """
 import math
 import sys
@@ -20,7 +21,7 @@ from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
 from weights import from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
-mode = 'train'  # train (ms/step, tokens/s, MFU, memory) or generate (tokens/s with and without the KV cache)
+mode = 'train'  # train (ms/step, tokens/s, MFU, memory), generate (tokens/s with and without the KV cache) or optimizer
 init_from = 'scratch'  # 'scratch' (random weights in the shape below) or a GPT-2 size / HF-layout folder
 shape = ''  # generate: a published model's shape with random weights instead (qwen3-0.6b, llama-3.2-1b, smollm2-135m)
 n_layer = 12
@@ -144,6 +145,33 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
     tok_s = bs * block_size / dt
     mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name) if tf32 or dtype_name != 'float32' else None)  # plain FP32: no peak listed
     return dt * 1000, tok_s, mfu, peak_memory(device_type)
+
+
+def optimizer_speed(dev, device_type, dtype_name):
+    """ms per optimizer step alone (random gradients, no forward or backward): fused AdamW and Muon
+    on the same model, in alternation, medians. Muon's Newton-Schulz in bfloat16 where that is the
+    dtype (as train.py picks it), else float32."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
+                          padded_vocab_size=math.ceil(vocab_size / pad_vocab) * pad_vocab)).to(dev)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    ns_dtype = torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32
+    opts = {name: model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, name, muon_dtype=ns_dtype)
+            for name in ('adamw', 'muon')}
+    times = {name: [] for name in opts}
+    for i in range(warmup_steps + steps):
+        for name, opt in opts.items():
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            opt.step()
+            synchronize(device_type)
+            if i >= warmup_steps:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    ms = {name: float(np.median(t)) for name, t in times.items()}
+    print(f"optimizer step alone, GPT {n_layer}x{n_embd} ({model.get_num_params() / 1e6:.1f}M params), {dev}, "
+          f"threads={torch.get_num_threads()}, Muon's Newton-Schulz in {str(ns_dtype)[6:]}, median of {steps}")
+    print(f"adamw {ms['adamw']:.2f} ms/step | muon {ms['muon']:.2f} ms/step ({ms['muon'] / ms['adamw']:.2f}x)")
 
 
 def peak_memory(device_type):
@@ -281,8 +309,10 @@ if __name__ == '__main__':
     dev, device_type, dtype_name, _ = setup(device, dtype, seed)
     if mode == 'generate':
         generate_speed(dev, dtype_name)
+    elif mode == 'optimizer':
+        optimizer_speed(dev, device_type, dtype_name)
     elif mode != 'train':
-        die(f"--mode={mode}: use train or generate")
+        die(f"--mode={mode}: use train, generate or optimizer")
     elif ablate:  # cumulative, in the book's order; what a CPU lacks is shown as n/a
         cuda = device_type == 'cuda'
         rows = [('baseline: float32, the book\'s LayerNorm/GELU/attention', {}),

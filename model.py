@@ -468,59 +468,120 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     quintic Newton-Schulz iteration (coefficients from Keller Jordan's Muon), in bfloat16 as
     Muon does where that is fast, else float32. G: (m, n), or a stack (k, m, n) done at once."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(dtype)
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n), k = 1 for a single matrix
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # work on the wide side: X @ X^T is then the smaller square
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X.mT if tall else X).to(G.dtype)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A: the scaling and the sum done by the matmul
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    return (X.mT if tall else X).reshape(G.shape).to(G.dtype)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for
     groups with use_muon, plain AdamW for the others, in one optimizer so that train.py's loop,
-    schedule, GradScaler and checkpoints treat it like AdamW."""
+    schedule, GradScaler and checkpoints treat it like AdamW.
+    Under DDP (torch.distributed initialized, every process holding every matrix whole, with the
+    same averaged gradients) each process orthogonalizes its share of the matrices and gathers
+    the others' updates (modded-nanogpt's way): every process applies the same update, and the
+    Newton-Schulz work is divided among them instead of repeated by each. The momentum buffers
+    are kept by every process (updating them is cheap), so any one's state_dict is the whole
+    state, and a checkpoint resumes on one process or many alike."""
 
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
 
     @torch.no_grad()
     def step(self, closure=None):
+        gathers = []  # other processes' updates, in flight while this one orthogonalizes the next shape
         for group in self.param_groups:
-            lr, wd = group['lr'], group['weight_decay']
             params = [p for p in group['params'] if p.grad is not None]
+            if not params:
+                continue
             if group['use_muon']:
-                # momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's
-                # blocks share a few shapes, and a few large matmuls beat many small ones. One
-                # shape's updates at a time are held, not the whole model's.
-                by_shape = {}
-                for p in params:
-                    by_shape.setdefault(p.shape, []).append(p)
-                for (rows, cols), same in by_shape.items():
-                    nesterov = []
-                    for p in same:
-                        buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-                        buf.lerp_(p.grad, 1 - group['momentum'])
-                        nesterov.append(p.grad.lerp(buf, group['momentum']))
-                    updates = orthogonalize(torch.stack(nesterov), dtype=group.get('ns_dtype', torch.bfloat16))
-                    del nesterov
-                    for p, update in zip(same, updates):
-                        p.mul_(1 - lr * wd).add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
+                gathers += self.muon_step(group, params)
             else:
-                for p in params:
-                    state = self.state[p]
-                    if not state:
-                        state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                    b1, b2 = group['betas']
-                    state['step'] += 1
-                    state['exp_avg'].lerp_(p.grad, 1 - b1)
-                    state['exp_avg_sq'].lerp_(p.grad.square(), 1 - b2)
-                    step = state['step'].item()  # a CPU tensor: no device sync
-                    denom = (state['exp_avg_sq'] / (1 - b2 ** step)).sqrt_().add_(group['eps'])
-                    p.mul_(1 - lr * wd).addcdiv_(state['exp_avg'], denom, value=-lr / (1 - b1 ** step))
+                self.adamw_step(group, params)
+        for gather, params, updates, first, alpha in gathers:
+            gather.wait()
+            self.add_updates(params, updates, first, alpha)
+
+    def muon_step(self, group, params):
+        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's blocks
+        share a few shapes, and a few large matmuls beat many small ones. Returns the gathers
+        launched (under DDP; on one process each shape's update is applied at once)."""
+        lr, momentum, dtype = group['lr'], group['momentum'], group.get('ns_dtype', torch.bfloat16)
+        rank, world = self.share_of_work(params)
+        for p in params:
+            if 'momentum_buffer' not in self.state[p]:
+                self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+        torch._foreach_lerp_([self.state[p]['momentum_buffer'] for p in params], [p.grad for p in params], 1 - momentum)
+        torch._foreach_mul_(params, 1 - lr * group['weight_decay'])
+        by_shape = {}
+        for p in params:
+            by_shape.setdefault(p.shape, []).append(p)
+        gathers, first = [], 0
+        for (rows, cols), same in by_shape.items():
+            # the matrices dealt round-robin, shape after shape, so that each process gets an even
+            # share of the whole (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
+            mine = same[(rank - first) % world::world]
+            alpha = -lr * max(1.0, rows / cols) ** 0.5
+            if world == 1:
+                self.add_updates(same, orthogonalize(self.nesterov(same, momentum), dtype=dtype)[None], 0, alpha)
+                continue
+            share = -(-len(same) // world)  # every process sends as many (ceil), the short ones padded with zeros
+            local = torch.zeros(share, rows, cols, dtype=dtype, device=same[0].device)
+            if mine:
+                local[:len(mine)] = orthogonalize(self.nesterov(mine, momentum).to(dtype), dtype=dtype)
+            updates = local.new_empty(world, share, rows, cols)  # process r's share in updates[r]
+            gathers.append((torch.distributed.all_gather(list(updates), local, async_op=True), same, updates, first, alpha))
+            first += len(same)
+        return gathers
+
+    def nesterov(self, params, momentum):
+        """(k, rows, cols): the k gradients blended with their momentum (Nesterov), stacked."""
+        grads, bufs = [p.grad for p in params], [self.state[p]['momentum_buffer'] for p in params]
+        return torch.stack(torch._foreach_lerp(grads, bufs, momentum))
+
+    @staticmethod
+    def add_updates(params, updates, first, alpha):
+        """p += alpha * its update, for the i-th of params at updates[(first + i) % world, i // world]."""
+        updates = updates.to(params[0].dtype)
+        world = updates.size(0)
+        torch._foreach_add_(params, [updates[(first + i) % world, i // world] for i in range(len(params))], alpha=alpha)
+
+    @staticmethod
+    def share_of_work(params):
+        """(rank, world size) of the processes that share the Newton-Schulz work: under DDP all of
+        them; (0, 1) on one process, and under FSDP, whose parameters are DTensor shards rather
+        than whole matrices (train.py refuses Muon there)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return 0, 1
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(p, DTensor) for p in params):
+            return 0, 1
+        return dist.get_rank(), dist.get_world_size()
+
+    def adamw_step(self, group, params):
+        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is
+        one (one pass over all the group's tensors), else PyTorch's default for the device."""
+        from torch.optim.adamw import adamw
+        fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            step_device = p.device if fused else torch.device('cpu')  # where AdamW keeps its step count
+            if state['step'].device != step_device:  # (a checkpoint from a run on another device)
+                state['step'] = state['step'].to(step_device, torch.float32)
+        states = [self.state[p] for p in params]
+        adamw(params, [p.grad for p in params], [s['exp_avg'] for s in states], [s['exp_avg_sq'] for s in states], [],
+              [s['step'] for s in states], fused=fused or None, amsgrad=False, beta1=group['betas'][0],
+              beta2=group['betas'][1], lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'], maximize=False)
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)
