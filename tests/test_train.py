@@ -1,5 +1,6 @@
 """train.py end to end on tiny configs: learning, logging, exact resume, torchrun, interrupts, bad input."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -104,6 +105,13 @@ def test_one_pass_reads_every_window_once_per_epoch(monkeypatch):
     assert [tuple(r.tolist()) for r in x] == second[4:8] and torch.equal(y[:, :-1], x[:, 1:])
     assert epoch(0) != [tuple(r.tolist()) for k in range(3) for r in
                         train.get_batch(shards, k, T, 'cpu', train.OnePass(shards, T, seed=2))[0]]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def torchrun(*args):
@@ -231,14 +239,15 @@ def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, mon
 
 
 def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_path):
-    args = tiny(data, tmp_path / 'fsdp', '--optimizer=adamw', '--max_iters=10', '--gradient_accumulation_steps=2',
-                '--ddp=fsdp')  # (Muon needs whole matrices: --ddp=ddp)
+    # every run's schedule decays to step 12, so that the 10-step run resumed to 12 is the 12-step run
+    args = tiny(data, tmp_path / 'fsdp', '--lr_decay_iters=12', '--optimizer=adamw', '--max_iters=10',
+                '--gradient_accumulation_steps=2', '--ddp=fsdp')  # (Muon needs whole matrices: --ddp=ddp)
     run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                           str(ROOT / 'train.py'), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'sample:' in run.stdout and run.stdout.count('step 10:') == 1
-    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--optimizer=adamw', '--max_iters=10',
-                                          '--gradient_accumulation_steps=2'))
+    single = run_script('train.py', *tiny(data, tmp_path / 'one', '--lr_decay_iters=12', '--optimizer=adamw',
+                                          '--max_iters=10', '--gradient_accumulation_steps=2'))
     assert single.returncode == 0, single.stderr
     a, b = load_checkpoint(tmp_path / 'fsdp'), load_checkpoint(tmp_path / 'one')
     assert set(a['model']) == set(b['model'])
@@ -249,6 +258,19 @@ def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_pat
                               '--ddp=fsdp', '--init_from=resume'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(tmp_path / 'fsdp')['iter_num'] == 12
+    # the same FSDP run uninterrupted: the sharded optimizer state came back whole, so the weights and the
+    # logged losses are those of the run that never stopped
+    whole = torchrun(*tiny(data, tmp_path / 'whole', '--lr_decay_iters=12', '--optimizer=adamw', '--max_iters=12',
+                           '--gradient_accumulation_steps=2', '--ddp=fsdp'))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / 'fsdp'), load_checkpoint(tmp_path / 'whole')
+    assert a['iter_num'] == b['iter_num'] == 12
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], rtol=0, atol=1e-6), (k, (a['model'][k] - b['model'][k]).abs().max())
+    losses = [[(r['step'], r['train_loss'], r['val_loss']) for r in log_rows(tmp_path / d)] for d in ('fsdp', 'whole')]
+    assert [r[0] for r in losses[0]] == [0, 5, 10, 10, 12] == [r[0] for r in losses[1]]
+    for x, y in zip(*losses):
+        assert x == pytest.approx(y, abs=1e-6), (x, y)
 
 
 def test_continue_a_llama_family_model_on_its_own_tokens_and_eval_only(tmp_path):
@@ -321,3 +343,99 @@ def test_the_speedrun_config_learns_with_muon(data, tmp_path):
     evals = [r['val_loss'] for r in log_rows(tmp_path) if r['val_loss'] is not None]
     assert len(evals) == 2 and evals[1] < evals[0] - 2.0  # from ~5.5 (uniform over 257 bytes)
     assert load_checkpoint(tmp_path)['config']['optimizer'] == 'muon'
+
+
+def test_get_lr_warms_up_then_follows_the_cosine_to_min_lr(monkeypatch):
+    import train
+    for key, value in dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110, lr_decay_iters=0,
+                           decay_lr=True).items():
+        monkeypatch.setattr(train, key, value)
+    # warmup: lr * (it + 1) / (warmup_iters + 1), so that step 0 does not stand still
+    assert train.get_lr(0) == pytest.approx(1e-3 / 11, rel=1e-12)
+    assert train.get_lr(4) == pytest.approx(5e-3 / 11, rel=1e-12)
+    assert train.get_lr(9) == pytest.approx(1e-2 / 11, rel=1e-12)
+    # cosine from the peak at the end of warmup to min_lr at max_iters (lr_decay_iters=0), then min_lr
+    assert train.get_lr(10) == pytest.approx(1e-3, rel=1e-12)
+    assert train.get_lr(35) == pytest.approx(1e-4 + 0.5 * (1 + np.cos(np.pi / 4)) * 9e-4, rel=1e-12)
+    assert train.get_lr(60) == pytest.approx(5.5e-4, rel=1e-12)  # half way: the mean of the two
+    assert train.get_lr(85) == pytest.approx(1e-4 + 0.5 * (1 - np.cos(np.pi / 4)) * 9e-4, rel=1e-12)
+    assert train.get_lr(110) == train.get_lr(111) == train.get_lr(10**6) == 1e-4
+    monkeypatch.setattr(train, 'lr_decay_iters', 50)  # the decay ends at lr_decay_iters instead
+    assert train.get_lr(30) == pytest.approx(5.5e-4, rel=1e-12) and train.get_lr(50) == train.get_lr(80) == 1e-4
+    monkeypatch.setattr(train, 'decay_lr', False)  # a constant learning rate, warmup included
+    assert [train.get_lr(it) for it in (0, 5, 10, 60, 110, 10**6)] == [1e-3] * 6
+
+
+SHORT = ('--max_iters=8', '--optimizer=adamw', '--log_interval=2', '--eval_interval=8', '--sample_prompt=')
+
+
+@pytest.fixture(scope='module')
+def eager_float32(data, tmp_path_factory):
+    """A short float32 run without compile: what the bfloat16 and the compiled runs are measured against."""
+    out = tmp_path_factory.mktemp('eager') / 'out'
+    proc = run_script('train.py', *tiny(data, out, *SHORT))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def losses(out):
+    return [(r['step'], r['train_loss'], r['val_loss']) for r in log_rows(out)]
+
+
+def test_bfloat16_autocast_trains_like_float32(data, tmp_path, eager_float32):
+    proc = run_script('train.py', *tiny(data, tmp_path, *SHORT, '--dtype=bfloat16'))
+    assert proc.returncode == 0, proc.stderr
+    assert '| cpu bfloat16 |' in proc.stdout
+    bf16, fp32 = losses(tmp_path), losses(eager_float32)
+    assert [r[0] for r in bf16] == [r[0] for r in fp32] == [0, 2, 4, 6, 8, 8]
+    assert all(np.isfinite(x) for r in bf16 for x in r[1:] if x is not None)
+    assert bf16[-1][2] < bf16[0][2] - 0.4  # learning: ~5.40 -> ~4.9 in 8 steps
+    for x, y in zip(bf16, fp32):  # measured: within 2e-4 of float32 at every row (loss and softmax in float32)
+        assert x == pytest.approx(y, abs=0.02), (x, y)
+    assert bf16 != fp32  # ... but not equal: the matmuls did run in bfloat16
+    assert load_checkpoint(tmp_path)['model']['lm_head.weight'].dtype == torch.float32  # autocast keeps float32 weights
+
+
+def test_compiled_training_equals_eager(data, tmp_path, eager_float32):
+    from configurator import compile_available
+    if not compile_available('cpu'):
+        pytest.skip('torch.compile cannot run on this CPU (no C compiler)')
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path, *SHORT, '--compile=True')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'TORCH_LOGS': 'dynamo'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'compiler function inductor' in proc.stderr  # (TORCH_LOGS=dynamo) it did compile, not fall back to eager
+    compiled, eager = losses(tmp_path), losses(eager_float32)
+    assert [r[0] for r in compiled] == [r[0] for r in eager] == [0, 2, 4, 6, 8, 8]
+    for x, y in zip(compiled, eager):  # measured: within ~1e-6
+        assert x == pytest.approx(y, abs=1e-4), (x, y)
+    a, b = load_checkpoint(tmp_path), load_checkpoint(eager_float32)
+    assert set(a['model']) == set(b['model'])  # (no torch.compile _orig_mod. prefix)
+    for k in a['model']:
+        assert torch.allclose(a['model'][k], b['model'][k], atol=1e-4), k
+
+
+def test_bad_setup_gives_one_line_errors(data, tmp_path, monkeypatch):
+    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--pad_vocab=0', '--max_iters=2')),
+                          '--pad_vocab=0')
+    # a torchrun process beyond the machine's GPUs (here: a local rank of 64 on a machine with fewer GPUs)
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '64', 'WORLD_SIZE': '1'}
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'o', '--device=cuda', '--max_iters=2')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(proc, 'torchrun started process 64', '--nproc_per_node')
+    # the check itself, with two GPUs mocked: local rank 2 is one process too many
+    import configurator
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for key, value in dict(RANK='2', LOCAL_RANK='2', WORLD_SIZE='3').items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match=r'^error: torchrun started process 2 of this machine but only 2 GPU\(s\)'):
+        configurator.init_distributed('auto')
+    # Muon orthogonalizes whole matrices: not with FSDP's shards (one process under torchrun's variables)
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'o', '--ddp=fsdp',
+                                                                          '--optimizer=muon', '--max_iters=2')],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(proc, '--optimizer=muon', '--ddp=fsdp')
+    assert not (tmp_path / 'o').exists()
+
