@@ -1,15 +1,25 @@
 """sample.py as a user runs it: from a checkpoint, streaming, long prompts, bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
-from conftest import assert_one_line_error, make_llama_folder, run_script
+from conftest import ROOT, assert_one_line_error, make_llama_folder, run_script
 from model import GPT, GPTConfig
 from weights import save_checkpoint
 from tokenizer import ByteTokenizer
 
 
-def make_checkpoint(out_dir):
+def make_checkpoint(out_dir, spread=1.0):
+    """spread: the blocks' matrices times this (an untrained model then does not just repeat one token)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and '.h.' in name:
+                p.mul_(spread)
     save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
                     out_dir / 'ckpt.pt')
     return model
@@ -112,3 +122,45 @@ def test_chat_with_a_small_context_crops_old_turns_not_the_new_message(tmp_path,
     out = capsys.readouterr()
     assert len(replies) == 3 and all(n == 32 and prompt + n <= 64 for prompt, n in asked)  # a reply: half the context
     assert 'dropped its oldest exchange' in out.err and 'message alone is too long' not in out.err
+
+
+def test_chat_reads_stdin_to_its_end(tmp_path):
+    """--chat=True as a user pipes it: two lines on stdin, each answered with the greedy reply to the whole
+    conversation so far (computed here without the cache), then end of input ends the chat with exit code 0."""
+    from tokenizer import format_chat
+    model, tok = make_llama_folder(tmp_path / 'm', 'qwen2')
+    proc = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                           f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0', '--max_new_tokens=12',
+                           '--system=Be brief.'], input='hello\nand again?\n', capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    end = tok.encode('<|im_end|>')[0]
+    messages, replies = [{'role': 'system', 'content': 'Be brief.'}], []
+    for line in ('hello', 'and again?'):
+        messages.append({'role': 'user', 'content': line})
+        ids = tok.encode(format_chat(messages, 'chatml'))
+        gen = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=end, use_cache=False)[0, len(ids):].tolist()
+        replies.append(tok.decode(gen[:gen.index(end)] if end in gen else gen))
+        messages.append({'role': 'assistant', 'content': replies[-1]})
+    assert len(set(replies[0])) > 3 and replies[0] != replies[1]
+    header, rest = proc.stdout.split('\n', 1)
+    assert header.startswith('chat (chatml format, up to 256 tokens)')
+    # input() writes its '> ' prompt to stdout when stdin is a pipe; each reply streams, then a new line
+    assert rest == ''.join(f'> {r}\n' for r in replies) + '> ', (rest, replies)
+
+
+def test_compiled_sampling_equals_eager(tmp_path):
+    from configurator import compile_available
+    if not compile_available('cpu'):
+        pytest.skip('torch.compile cannot run on this CPU (no C compiler)')
+    model = make_checkpoint(tmp_path, spread=4.0)  # an untrained model that does not repeat one byte
+    tok = ByteTokenizer()
+    tokens = model.generate(torch.tensor([tok.encode('abc')]), 12, temperature=0)[0, 3:].tolist()
+    assert len(set(tokens)) > 6
+    proc = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                           f'--out_dir={tmp_path}', '--start=abc', '--temperature=0', '--max_new_tokens=12',
+                           '--num_samples=1', '--compile=True'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'TORCH_LOGS': 'dynamo'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'compiler function inductor' in proc.stderr  # (TORCH_LOGS=dynamo) it did compile, not fall back to eager
+    assert proc.stdout.split('\n---')[0] == 'abc' + tok.decode(tokens)
