@@ -217,3 +217,22 @@ def test_the_same_tokenizer_in_two_folders_is_the_same():
     assert train.same_tokenizer('qwen3-0.6b-ba2ffe2c1234', 'Qwen--Qwen3-0.6B-ba2ffe2c1234')
     assert not train.same_tokenizer('qwen-ba2ffe2c1234', 'qwen-000000000000')
     assert train.same_tokenizer('bytes', 'bytes') and not train.same_tokenizer('bytes', 'gpt2')
+
+
+def test_unsupported_rope_scaling_is_named(tmp_path):
+    folder, _, _ = fixture('tiny-llama3')
+    hf = json.loads((folder / 'config.json').read_text())
+    yarn = {**hf, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0, 'rope_theta': 500000.0,
+                                      'original_max_position_embeddings': 64}}
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported"):
+        weights.llama_config(yarn)
+    hub_style = {k: v for k, v in hf.items() if k != 'rope_parameters'}
+    with pytest.raises(ValueError, match="'yarn'"):  # the hub's older key, with 'type'
+        weights.llama_config({**hub_style, 'rope_theta': 500000.0, 'rope_scaling': {'type': 'yarn', 'factor': 4.0}})
+    assert weights.llama_config(hf).rope_scaling['factor'] == 32.0  # (the fixture itself loads)
+    # a folder with such a config.json: the scripts stop with that one line
+    shutil.copytree(folder, tmp_path / 'm')
+    (tmp_path / 'm' / 'config.json').write_text(json.dumps(yarn))
+    from conftest import assert_one_line_error, run_script
+    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path / "m"}', '--max_new_tokens=2', '--num_samples=1'),
+                          "RoPE scaling 'yarn' is not supported")

@@ -190,3 +190,16 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert_one_line_error(run_script('prepare_data.py', '--dataset=wikipedia'), 'unknown dataset')
     assert_one_line_error(run_script('prepare_data.py', '--tokenizer=sp'), 'unknown tokenizer')
     assert not (tmp_path / 'o' / 'meta.json').exists()
+
+
+def test_bad_fraction_and_shard_count_give_one_line_errors(tmp_path):
+    (tmp_path / 'a.txt').write_text('some text to split\n' * 50, encoding='utf-8')
+    for bad in ('1.0', '-0.1'):
+        assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/a.txt', f'--data_dir={tmp_path}/o',
+                                         f'--val_fraction={bad}'), f'--val_fraction={bad}', '[0, 1)')
+    # checked before anything is downloaded (there is no server to reach here)
+    assert_one_line_error(run_script('prepare_data.py', '--dataset=fineweb10B', f'--data_dir={tmp_path}/fw',
+                                     '--num_shards=0'), '--num_shards=0', '1 to 103')
+    with pytest.raises(ValueError, match='--num_shards=104: FineWeb10B has 1 to 103'):
+        prepare_data.prepare_fineweb(tmp_path / 'fw', 104)
+    assert not (tmp_path / 'o').exists() and not (tmp_path / 'fw').exists()
