@@ -34,6 +34,21 @@ def base_checkpoint(folder, block_size=256):
     return model
 
 
+def greedy_response(out_dir, instruction, max_new_tokens):
+    """(prompt, response) as sample.py --temperature=0 should print them for an instruction-tuned checkpoint:
+    the instruction in the checkpoint's template, continued greedily (here without the KV cache) until the
+    template's end of a response, which is not printed."""
+    from tokenizer import get_tokenizer, response_end_id
+    from weights import load_pretrained
+    model, info = load_pretrained(str(out_dir))
+    tok = get_tokenizer(info['tokenizer'])
+    prompt = format_prompt({'instruction': instruction, 'input': ''}, info['prompt_style'])
+    ids = tok.encode(prompt)
+    end = response_end_id(tok, info['prompt_style'])
+    out = model.eval().generate(torch.tensor([ids]), max_new_tokens, temperature=0, eos_id=end, use_cache=False)
+    return prompt, tok.decode([t for t in out[0, len(ids):].tolist() if t != end])
+
+
 def test_prompt_templates():
     entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.'}
     assert format_prompt(entry) == ('Below is an instruction that describes a task. Write a response that '
@@ -165,6 +180,9 @@ def test_instruction_tuning_learns_saves_and_is_judged(tmp_path, server):
     # sample.py sees an instruction-tuned checkpoint and wraps --start in the template, stopping at end-of-text
     proc = run_script('sample.py', f'--out_dir={out}', '--start=Say yes.', '--temperature=0', '--num_samples=1')
     assert proc.returncode == 0 and '### Instruction:\nSay yes.\n\n### Response:\n' in proc.stdout, proc.stdout
+    # ... and prints the learned answer (the greedy continuation of the same tokens), then stops
+    prompt, response = greedy_response(out, 'Say yes.', 200)
+    assert proc.stdout == prompt + response + '\n---------------\n' and response == 'yes', (proc.stdout, response)
 
 
 def test_lora_trains_only_adapters_and_saves_plain_weights(tmp_path):
