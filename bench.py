@@ -290,15 +290,16 @@ def generate_speed(dev, dtype_name):
 
 def memory_bandwidth(dev, dtype, megabytes, tries=5):
     """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`):
-    the speed limit of decoding one token, which does the same with every weight."""
+    the speed limit of decoding one token, which does the same with every weight. As a Linear layer
+    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs."""
     cols = 4096
     W = torch.randn(megabytes * 2**20 // (cols * torch.finfo(dtype).bits // 8), cols, device=dev).to(dtype)
-    x = torch.randn(cols, 1, device=dev, dtype=dtype)
+    x = torch.randn(1, cols, device=dev, dtype=dtype)
     best = float('inf')
     for _ in range(tries + 1):  # the first is a warm-up
         synchronize(dev.split(':')[0])
         t0 = time.perf_counter()
-        W @ x
+        nn.functional.linear(x, W)
         synchronize(dev.split(':')[0])
         best = min(best, time.perf_counter() - t0)
     return W.numel() * W.element_size() / best
