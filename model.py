@@ -178,15 +178,14 @@ class KVCache:
     positions count from its first real token, so each row reads as it would alone."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
-        length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
-        shape = (config.n_layer, batch_size, config.n_kv_head, length, config.head_dim)
-        # zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN would still be NaN
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = shape[3]
-        self.pos = 0  # how many slots are filled
-        self.offset = 0  # which token of the text is in slot 0 (> 0 once the window has slid)
+        self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
+        shape = (batch_size, config.n_kv_head, self.length, config.head_dim)
+        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor
+        # would be copied whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.padding = padding
+        self.restart(0)
         self.slot = None  # compiled decoding: the slot to write, as a tensor (a Python int would recompile per step)
 
     def update(self, layer_idx, k, v):
@@ -197,14 +196,14 @@ class KVCache:
             self.v[layer_idx].index_copy_(2, self.slot, v)
             return self.k[layer_idx], self.v[layer_idx]
         end = self.pos + k.size(2)
-        self.k[layer_idx, :, :, self.pos:end] = k
-        self.v[layer_idx, :, :, self.pos:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        self.k[layer_idx][:, :, self.pos:end] = k
+        self.v[layer_idx][:, :, self.pos:end] = v
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
     def positions_and_mask(self, T):
         """For T new tokens: their positions (1 or B, T), and which slots each may attend to, a bool
         mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
-        device = self.k.device
+        device = self.k[0].device
         if self.slot is not None:  # one token at slot `slot`, every slot given to attention
             slots, keys = self.slot.view(1, 1), torch.arange(self.length, device=device)
         else:
@@ -214,13 +213,17 @@ class KVCache:
         sees = keys <= slots[..., None]  # causal: (1, T, S)
         if self.padding is None:
             return slots, sees[:, None]
-        pads = (self.padding - self.offset).clamp(min=0)[:, None, None]  # (B, 1, 1) padding left in the window
+        pads = self.window_padding[:, None, None]  # (B, 1, 1)
         sees = sees & ((keys >= pads) | (keys == slots[..., None]))  # a padding query sees itself: no empty row (NaN)
         return (slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
 
     def restart(self, offset):
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
-        self.pos, self.offset = 0, offset
+        self.pos = 0  # how many slots are filled
+        self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
+        # the padding left in the window, as a tensor: a compiled step reading the int offset would
+        # recompile at every slide
+        self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -381,8 +384,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         if cache is not None:
             cache.pos = min(cache.pos, T - 1)  # at least the last token is fed again: its logits are needed
             if decode_step is not None and cache.slot is None:
-                torch._dynamo.mark_static_address(cache.k, guard=False)  # CUDA graphs may then write it in place
-                torch._dynamo.mark_static_address(cache.v, guard=False)
+                for tensor in cache.k + cache.v:  # CUDA graphs may then write them in place
+                    torch._dynamo.mark_static_address(tensor, guard=False)
         out = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)  # filled in place: no growing copies
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):

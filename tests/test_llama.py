@@ -61,7 +61,7 @@ def test_both_rope_config_styles_load_the_same_model(tmp_path):
 def test_kv_cache_holds_the_shared_heads_only():
     model = from_pretrained(str(FIXTURES / 'tiny-qwen3'))
     cache = KVCache(model.config, 1, 'cpu', torch.float32, length=16)
-    assert cache.k.shape == (2, 1, 2, 16, 32)  # layers, batch, n_kv_head (not n_head=4), positions, head_dim
+    assert len(cache.k) == 2 and cache.k[0].shape == (1, 2, 16, 32)  # layers; batch, n_kv_head (not n_head=4), positions, head_dim
 
 
 @pytest.mark.parametrize('name', FAMILIES)
