@@ -16,7 +16,7 @@ import torch
 from configurator import configure, setup, die, compile_decoding
 from model import KVCache
 from weights import load_pretrained
-from tokenizer import PROMPT_STYLES, format_chat, format_prompt, get_tokenizer, response_end_id
+from tokenizer import PROMPT_STYLES, fit_chat, format_prompt, get_tokenizer, response_end_id
 
 init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
@@ -80,14 +80,12 @@ def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
         if not line.strip():
             continue
         messages.append({'role': 'user', 'content': line})
-        ids = tokenizer.encode(format_chat(messages, style))
-        while len(ids) + reply_tokens > capacity and len(messages) > len(opening) + 1:
-            del messages[len(opening):len(opening) + 2]  # the oldest exchange (a user turn and its answer)
-            ids = tokenizer.encode(format_chat(messages, style))
-            print(f"notice: the conversation is longer than {capacity} tokens; dropped its oldest exchange",
-                  file=sys.stderr)
-        if len(ids) + reply_tokens > capacity:
-            ids = ids[-(capacity - reply_tokens):]
+        ids, dropped, cut = fit_chat(messages, tokenizer, style, capacity - reply_tokens)
+        if dropped:  # gone from the conversation for good: later turns do not bring them back
+            del messages[len(opening):len(opening) + dropped]
+            print(f"notice: the conversation is longer than {capacity} tokens; dropped its oldest exchange"
+                  f"{'s' if dropped > 2 else ''} ({dropped} messages)", file=sys.stderr)
+        if cut:
             print("notice: the message alone is too long; keeping its end", file=sys.stderr)
         common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), min(len(cached), len(ids)))
         cache.pos = common  # what the cache holds beyond the shared start is overwritten

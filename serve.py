@@ -33,7 +33,7 @@ import torch
 
 from configurator import die
 from model import KVCache
-from tokenizer import format_chat, response_end_id
+from tokenizer import fit_chat, format_chat, response_end_id
 
 QUEUE_SIZE = 8  # requests that may wait for the model; more get 503 at once instead of piling up threads
 MAX_BODY = 1 << 20  # bytes; a conversation that fills an 8k-token context is ~32 KB of text
@@ -191,27 +191,12 @@ class Engine:
         if self.system and messages[0]['role'] != 'system':
             messages = [{'role': 'system', 'content': self.system}] + messages
         reply_tokens = min(req['max_tokens'], self.capacity // 2)
-        room = self.capacity - reply_tokens
-        ids = self.encode(messages)
-        if len(ids) <= room:
+        ids, dropped, cut = fit_chat(messages, self.tokenizer, self.style, self.capacity - reply_tokens)
+        if not (dropped or cut):
             return ids, reply_tokens, None
-        opening = next((i for i, m in enumerate(messages) if m['role'] != 'system'), len(messages) - 1)
-        # where the kept part may start: at a user turn, or at the last message; dropping more never makes it longer,
-        # so a bisection finds the fewest dropped in a few encodings even for a long conversation
-        starts = [i for i in range(opening + 1, len(messages) - 1) if messages[i]['role'] == 'user']
-        starts.append(len(messages) - 1)
-        lo, hi = 0, len(starts) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(self.encode(messages[:opening] + messages[starts[mid]:])) <= room:
-                hi = mid
-            else:
-                lo = mid + 1
-        ids = self.encode(messages[:opening] + messages[starts[lo]:])
         notice = (f"the conversation is longer than the context ({self.capacity} tokens, {reply_tokens} of them kept "
-                  f"for the reply): dropped its {starts[lo] - opening} oldest messages")
-        if len(ids) > room:
-            ids = ids[-room:]
+                  f"for the reply): dropped its {dropped} oldest messages")
+        if cut:
             notice += "; the last message alone is too long: kept its end"
         return ids, reply_tokens, notice
 

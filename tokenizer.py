@@ -454,6 +454,31 @@ def format_chat(messages, style='alpaca'):
     return start + ''.join(turns[message['role']].format(message['content']) for message in messages) + header
 
 
+def fit_chat(messages, tokenizer, style, room):
+    """The conversation's token ids in `style`, at most `room` of them: the oldest messages after the opening
+    system messages are dropped, as few as possible, the kept part starting at a user turn (or at the last
+    message); if the last message alone is still too long, its end is kept. Returns (ids, how many messages
+    were dropped, whether the ids were cut). sample.py --chat and serve.py crop conversations with it."""
+    encode = lambda kept: tokenizer.encode(format_chat(kept, style))  # noqa: E731
+    ids = encode(messages)
+    if len(ids) <= room:
+        return ids, 0, False
+    opening = next((i for i, m in enumerate(messages) if m['role'] != 'system'), len(messages) - 1)
+    # where the kept part may start; dropping more never makes it longer, so a bisection finds the fewest
+    # to drop in a few encodings even for a long conversation
+    starts = [i for i in range(opening + 1, len(messages) - 1) if messages[i]['role'] == 'user']
+    starts.append(len(messages) - 1)
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(encode(messages[:opening] + messages[starts[mid]:])) <= room:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = encode(messages[:opening] + messages[starts[lo]:])
+    return ids[-room:], starts[lo] - opening, len(ids) > room
+
+
 def response_end_id(tokenizer, style):
     """The token id that ends a response in `style`: the tokenizer's end-of-text for alpaca and phi3, the
     end-of-turn token for llama3 and chatml, which only a tokenizer that has it (Llama 3; Qwen, SmolLM2) knows."""
