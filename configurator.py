@@ -1,6 +1,6 @@
 """
 The setup every script shares: config overrides, device and dtype choice, autocast,
-distributed init, seeding, compile. Imports nothing from this project.
+distributed init, seeding, compile, atomic writes and the training plots. Imports nothing from this project.
 
 Config (nanoGPT's idea, made safer): each script keeps its settings as plain globals at the
 top and calls `configure(globals())`. Then
@@ -14,7 +14,8 @@ import difflib
 import os
 import re
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -270,3 +271,39 @@ def synchronize(device_type):
         torch.cuda.synchronize()
     elif device_type == 'mps':
         torch.mps.synchronize()
+
+
+@contextmanager
+def atomic_write(path):
+    """`with atomic_write(path) as tmp:` write to tmp; it replaces `path` only when the block ends without an
+    error, so a crash never leaves half a file where a whole one was (os.replace is atomic on every platform)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_plot(path, xlabel, panels):
+    """The book's training plots (ch05's losses, ch06's losses and accuracies): one panel per
+    (name, x, training values, validation values). matplotlib is an optional extra: without it, a notice."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(pip install matplotlib for {path})")
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4), squeeze=False)
+    for ax, (name, x, train, val) in zip(axes[0], panels):
+        ax.plot(x, train, label=f'Training {name.lower()}')
+        ax.plot(x, val, linestyle='-.', label=f'Validation {name.lower()}')
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
