@@ -78,9 +78,86 @@ def test_export_loads_back_here_and_in_transformers(name, tmp_path):
     try:
         import transformers  # noqa: F401
     except ImportError:
-        pytest.skip('transformers is not installed: the export was checked against it when the fixtures were made')
+        pytest.skip('transformers is not installed: test_export_equals_transformers_files compares the files instead')
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out', dtype=torch.float32).eval()
     assert (hf_model(ids).logits - expected).abs().max().item() <= 1e-4
+
+
+# Keys transformers writes into config.json that neither our loader nor the network depends on; the export
+# leaves them out, and the comparison below skips them (and checks that the loader reads none of them).
+TRANSFORMERS_BOOKKEEPING = {
+    'transformers_version': 'the version that wrote the file',
+    'initializer_range': "a new model's init; a loaded one has its weights",
+    'use_cache': "generate()'s default",
+    'pretraining_tp': "how Meta's training was sharded: 1, and the same math whatever it is",
+    'bos_token_id': 'the tokenizer names its special tokens (tokenizer.json)', 'eos_token_id': 'as bos_token_id',
+    'pad_token_id': 'as bos_token_id',
+    'layer_types': 'all full_attention, which use_sliding_window false already says',
+    'max_window_layers': 'as layer_types', 'sliding_window': 'as layer_types',
+    'is_llama_config': "SmolLM2's hub extra, ignored by transformers' Llama",
+    'rope_interleaved': "SmolLM2's hub extra (false: rotate-half RoPE, the only kind here)",
+}
+# keys only the export writes: each is what transformers assumes for the family when the key is absent
+EXPORT_ONLY = {'head_dim', 'attention_bias', 'mlp_bias', 'use_sliding_window'}
+
+
+def comparable(hf):
+    """A config.json as {key: value} with RoPE in one form (theta, type, scaling) whichever key style the file
+    uses (rope_theta + rope_scaling, or rope_parameters), dtype under one name, and the bookkeeping left out."""
+    rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
+    theta = rope.pop('rope_theta', None)
+    kind = rope.pop('rope_type', rope.pop('type', 'default'))
+    out = {k: v for k, v in hf.items() if k not in TRANSFORMERS_BOOKKEEPING and
+           k not in ('rope_theta', 'rope_scaling', 'rope_parameters', 'dtype', 'torch_dtype')}
+    out['rope'] = (hf.get('rope_theta', theta), kind, rope)
+    out['dtype'] = hf.get('dtype', hf.get('torch_dtype'))
+    return out
+
+
+class Reads(dict):
+    """A dict that remembers which keys were asked for."""
+    def __init__(self, d):
+        super().__init__(d)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_export_equals_transformers_files(name, tmp_path):
+    """Without transformers: the fixture folders are what transformers' save_pretrained wrote, so ours must
+    write the same tensors (names, dtypes, shapes, values) and a config.json that says the same things."""
+    folder = FIXTURES / name
+    save_pretrained(from_pretrained(str(folder)), tmp_path)  # the files' own dtype (bfloat16 for the sharded one)
+    ours = weights.load_safetensors(tmp_path / 'model.safetensors')
+    theirs = {}
+    for shard in weights.weight_files(folder):
+        theirs.update(weights.load_safetensors(shard))
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape and torch.equal(ours[key], t), key
+    raw = (tmp_path / 'model.safetensors').read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], 'little')])
+    assert header['__metadata__'] == {'format': 'pt'}  # transformers refuses a file without it
+
+    exported = json.loads((tmp_path / 'config.json').read_text())
+    styles = [folder / 'config.json'] + sorted(folder.glob('config.hub-style.json'))  # both RoPE key styles
+    for path in styles:
+        hf = json.loads(path.read_text())
+        loader = Reads(hf)
+        assert weights.llama_config(loader) == weights.llama_config(exported)
+        assert not loader.read & TRANSFORMERS_BOOKKEEPING.keys()
+        ours_c, theirs_c = comparable(exported), comparable(hf)
+        for key, value in theirs_c.items():
+            assert ours_c.get(key, 'absent') == value, (path.name, key)
+        assert set(ours_c) - set(theirs_c) <= EXPORT_ONLY
+    assert len(styles) == (2 if name == 'tiny-llama3' else 1)
 
 
 def test_lora_finds_the_llama_projections():
