@@ -108,7 +108,7 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
 
-    def forward(self, x, rope=None, kv_cache=None, mask=None):
+    def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         # (B, T, heads * hs) -> (B, heads, T, hs): each head attends on its own; k and v have n_kv_head heads
@@ -120,7 +120,7 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, hs): the cached keys and values too
+            k, v = kv_cache.update(self.layer_idx, k, v, slot)  # (B, n_kv_head, S, hs): the cached keys and values too
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
         # no mask: the whole sequence (causal), or one new token that may see every cached one; else the
@@ -161,21 +161,23 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, kv_cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask)
+    def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slot)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, so that each new token
-    costs one position of work instead of the whole sequence. Allocated once, for `length`
+    costs one position of work instead of the whole sequence (the book's ch04 bonus KV cache:
+    keys and values appended per layer, read back with the new ones). Allocated once, for `length`
     slots, in the dtype the attention computes in; a fixed shape, so a compiled decoding step is
     one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies per
     query head (Llama 3.2 1B: 4x smaller).
     padding: (B,) how many left-padding tokens open each row of the text (prompts of different
     lengths in one batch), None when no row is padded. Padding is never attended to, and a row's
-    positions count from its first real token, so each row reads as it would alone."""
+    positions count from its first real token, so each row reads as it would alone.
+    Its fields are written here and by GPT only; callers ask: restart, truncate."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
@@ -185,45 +187,52 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.padding = padding
+        # the compiled step's write slot, one tensor refilled each step: a Python int would recompile per step
+        self.step_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.restart(0)
-        self.slot = None  # compiled decoding: the slot to write, as a tensor (a Python int would recompile per step)
 
-    def update(self, layer_idx, k, v):
-        """Store (B, n_kv_head, T, hs) new keys/values of one layer; return all of its so far
-        (B, n_kv_head, pos+T, hs), or, in the compiled step, every slot (the mask hides the empty ones)."""
-        if self.slot is not None:
-            self.k[layer_idx].index_copy_(2, self.slot, k)
-            self.v[layer_idx].index_copy_(2, self.slot, v)
+    def update(self, layer_idx, k, v, slot=None):
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return
+        all of its so far (B, n_kv_head, filled+T, hs); in the compiled one-token step, write them at
+        the tensor `slot` and return every slot (the mask hides the empty ones)."""
+        if slot is not None:
+            self.k[layer_idx].index_copy_(2, slot, k)
+            self.v[layer_idx].index_copy_(2, slot, v)
             return self.k[layer_idx], self.v[layer_idx]
-        end = self.pos + k.size(2)
-        self.k[layer_idx][:, :, self.pos:end] = k
-        self.v[layer_idx][:, :, self.pos:end] = v
+        end = self.filled + k.size(2)
+        self.k[layer_idx][:, :, self.filled:end] = k
+        self.v[layer_idx][:, :, self.filled:end] = v
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
-    def positions_and_mask(self, T):
-        """For T new tokens: their positions (1 or B, T), and which slots each may attend to, a bool
-        mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
+    def positions_and_mask(self, T, slot=None):
+        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend
+        to, a bool mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
         device = self.k[0].device
-        if self.slot is not None:  # one token at slot `slot`, every slot given to attention
-            slots, keys = self.slot.view(1, 1), torch.arange(self.length, device=device)
+        if slot is not None:  # one token at slot `slot`, every slot given to attention
+            query_slots, key_slots = slot.view(1, 1), torch.arange(self.length, device=device)
         else:
-            slots, keys = torch.arange(self.pos, self.pos + T, device=device)[None], torch.arange(self.pos + T, device=device)
-            if self.padding is None and (T == 1 or self.pos == 0):
-                return slots, None
-        sees = keys <= slots[..., None]  # causal: (1, T, S)
+            query_slots = torch.arange(self.filled, self.filled + T, device=device)[None]
+            key_slots = torch.arange(self.filled + T, device=device)
+            if self.padding is None and (T == 1 or self.filled == 0):
+                return query_slots, None
+        sees = key_slots <= query_slots[..., None]  # causal: (1, T, S)
         if self.padding is None:
-            return slots, sees[:, None]
+            return query_slots, sees[:, None]
         pads = self.window_padding[:, None, None]  # (B, 1, 1)
-        sees = sees & ((keys >= pads) | (keys == slots[..., None]))  # a padding query sees itself: no empty row (NaN)
-        return (slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
+        sees = sees & ((key_slots >= pads) | (key_slots == query_slots[..., None]))  # a padding query sees itself: no empty row (NaN)
+        return (query_slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
 
-    def restart(self, offset):
+    def restart(self, offset=0):
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
-        self.pos = 0  # how many slots are filled
+        self.filled = 0  # how many slots hold a token
         self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
         # the padding left in the window, as a tensor: a compiled step reading the int offset would
         # recompile at every slide
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
+
+    def truncate(self, n):
+        """Keep only the first n filled slots: the next text shares just those tokens with the last."""
+        self.filled = min(self.filled, n)
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -274,17 +283,18 @@ class GPT(nn.Module):  # ch04: the GPT model
         """All parameters, the tied head counted once (124,439,808 for GPT-2 124M)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx, kv_cache=None):
+    def hidden_states(self, idx, kv_cache=None, slot=None):
         """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head).
-        With a kv_cache, idx continues what it holds, and it then holds idx too."""
+        With a kv_cache, idx continues what it holds, and it then holds idx too; with a slot (a tensor),
+        idx is one token written at that slot (the compiled decoding step)."""
         B, T = idx.size()
-        filled = 0 if kv_cache is None or kv_cache.slot is not None else kv_cache.pos
+        filled = 0 if kv_cache is None or slot is not None else kv_cache.filled
         if filled + T > self.config.block_size:
             raise ValueError(f"sequence of {filled + T} tokens is longer than block_size {self.config.block_size}")
         if kv_cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None  # (1, T)
         else:
-            pos, mask = kv_cache.positions_and_mask(T)  # (1 or B, T)
+            pos, mask = kv_cache.positions_and_mask(T, slot)  # (1 or B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == 'learned':
@@ -296,9 +306,9 @@ class GPT(nn.Module):  # ch04: the GPT model
             if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache, mask)
-        if kv_cache is not None and kv_cache.slot is None:
-            kv_cache.pos += T
+                x = block(x, rope, kv_cache, mask, slot)
+        if kv_cache is not None and slot is None:
+            kv_cache.filled += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -373,7 +383,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         generation stops once every row has. Within block_size the tokens equal use_cache=False's
         (which recomputes the whole cropped sequence every step, as nanoGPT).
         on_token(next_ids (B,)) is called after each step, e.g. to stream text.
-        kv_cache: a KVCache that already holds idx's first kv_cache.pos tokens (a chat's earlier
+        kv_cache: a KVCache that already holds idx's first kv_cache.filled tokens (a chat's earlier
         turns): only the rest is computed, and it is left holding the text for the next call.
         padding: (B,) left-padding tokens in each row of idx (prompts of different lengths).
         decode_step: torch.compile(model.decode_step) to run each one-token step as one fixed graph."""
@@ -382,8 +392,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         if cache is None and (use_cache or padding is not None):
             cache = self.new_kv_cache(B, min(self.config.block_size, T + max_new_tokens), idx.device, padding)
         if cache is not None:
-            cache.pos = min(cache.pos, T - 1)  # at least the last token is fed again: its logits are needed
-            if decode_step is not None and cache.slot is None:
+            cache.truncate(T - 1)  # at least the last token is fed again: its logits are needed
+            if decode_step is not None:
                 for tensor in cache.k + cache.v:  # CUDA graphs may then write them in place
                     torch._dynamo.mark_static_address(tensor, guard=False)
         out = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)  # filled in place: no growing copies
@@ -419,26 +429,21 @@ class GPT(nn.Module):  # ch04: the GPT model
         lacks. When they do not fit, the window slides: the cache restarts from the last half of it (a
         prompt longer than the cache: from its last cache.length tokens)."""
         if text.size(1) - cache.offset > cache.length:
-            keep = cache.length if cache.pos == 0 else cache.length // 2
+            keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
-        new = text[:, cache.offset + cache.pos:]
+        new = text[:, cache.offset + cache.filled:]
         if decode_step is not None and new.size(1) == 1:
-            if cache.slot is None:
-                cache.slot = torch.zeros(1, dtype=torch.long, device=text.device)
-            cache.slot.fill_(cache.pos)
-            logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache)  # same strides every call
-            cache.pos += 1
+            cache.step_slot.fill_(cache.filled)
+            logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache, cache.step_slot)  # same strides every call
+            cache.filled += 1
             return logits
-        slot, cache.slot = cache.slot, None  # the prompt: a variable length, computed eagerly
-        logits = self.lm_head(self.hidden_states(new, cache)[:, -1])
-        cache.slot = slot
-        return logits
+        return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
 
-    def decode_step(self, token, cache):
+    def decode_step(self, token, cache, slot):
         """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and
-        written at cache.slot (a tensor), so torch.compile makes one graph (CUDA graphs with
+        written at `slot` (a tensor), so torch.compile makes one graph (CUDA graphs with
         mode='reduce-overhead') that serves every step."""
-        return self.lm_head(self.hidden_states(token, cache)[:, -1])
+        return self.lm_head(self.hidden_states(token, cache, slot)[:, -1])
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -7,16 +7,15 @@ Sample text from a trained model or from GPT-2 (book chapter 5.3; nanoGPT's samp
     python sample.py --init_from=smollm2-135m-instruct --chat=True            # a terminal chat
     python sample.py --init_from=smollm2-135m-instruct --serve=8000           # a web page and an OpenAI-style API
 """
-import codecs
 import os
 import sys
 
 import torch
 
 from configurator import configure, setup, die, compile_decoding
-from model import KVCache
+from serve import ChatSession, TextStream, run_server
 from weights import load_pretrained
-from tokenizer import PROMPT_STYLES, fit_chat, format_prompt, get_tokenizer, response_end_id
+from tokenizer import PROMPT_STYLES, format_prompt, get_tokenizer, response_end_id
 
 init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
@@ -37,6 +36,7 @@ system = ''  # chat: a system message to open the conversation with
 chat_context = 8192  # chat: the longest conversation kept, in tokens (at most the model's block_size)
 serve = 0  # a port: serve an OpenAI-compatible API and a chat page there instead (serve.py; 0 = off)
 host = '127.0.0.1'  # serve: the address to listen on (0.0.0.0 = every network; there is no authentication)
+allow_origin = ''  # serve: web pages (origins, comma-separated, e.g. http://localhost:3000) allowed to call the API
 
 
 def load_model(init_from, out_dir):
@@ -54,18 +54,12 @@ def guess_style(tokenizer, prompt_style):
 
 
 def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
-    """A terminal chat (returns its replies): each turn renders the whole conversation in the model's chat format, and
-    only what the KV cache does not hold yet (the new user turn) is computed; the cache is kept
-    across turns. A conversation too long for chat_context loses its oldest turns, with a notice."""
-    capacity = min(model.config.block_size, chat_context)
-    cache = KVCache(model.config, 1, device, model.lm_head.weight.dtype, capacity)
-    cached = []  # the token ids the cache holds
-    opening = [{'role': 'system', 'content': system}] if system else []
-    messages = list(opening)
-    end_id = response_end_id(tokenizer, style)
-    reply_tokens = min(max_new_tokens, capacity // 2)  # a reply never takes more than half the conversation
-    print(f"chat ({style} format, up to {capacity} tokens); /reset forgets the conversation, /exit ends it")
-    replies = []
+    """A terminal chat (returns its replies), a thin caller of serve.ChatSession: each turn sends the whole
+    conversation, and only what the KV cache does not hold yet (the new user turn) is computed. A conversation too
+    long for chat_context loses its oldest exchanges for good, with a notice."""
+    session = ChatSession(model, tokenizer, style, device, chat_context, system, decode_step)
+    print(f"chat ({style} format, up to {session.capacity} tokens); /reset forgets the conversation, /exit ends it")
+    messages, replies = [], []
     while True:
         try:
             line = read('> ')
@@ -74,30 +68,24 @@ def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
         if line.strip() == '/exit':
             break
         if line.strip() == '/reset':
-            messages, cached, cache.pos = list(opening), [], 0
+            messages = []
+            session.reset()
             print('(conversation forgotten)')
             continue
         if not line.strip():
             continue
         messages.append({'role': 'user', 'content': line})
-        ids, dropped, cut = fit_chat(messages, tokenizer, style, capacity - reply_tokens)
+        ids, reply_tokens, dropped, cut = session.fit(messages, max_new_tokens)
         if dropped:  # gone from the conversation for good: later turns do not bring them back
-            del messages[len(opening):len(opening) + dropped]
-            print(f"notice: the conversation is longer than {capacity} tokens; dropped its oldest exchange"
+            del messages[:dropped]
+            print(f"notice: the conversation is longer than {session.capacity} tokens; dropped its oldest exchange"
                   f"{'s' if dropped > 2 else ''} ({dropped} messages)", file=sys.stderr)
         if cut:
             print("notice: the message alone is too long; keeping its end", file=sys.stderr)
-        common = next((i for i, (a, b) in enumerate(zip(cached, ids)) if a != b), min(len(cached), len(ids)))
-        cache.pos = common  # what the cache holds beyond the shared start is overwritten
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids], device=device), reply_tokens, temperature=temperature,
-                                 top_k=top_k or None, top_p=top_p, eos_id=end_id, kv_cache=cache,
-                                 on_token=stream_to(sys.stdout, tokenizer, end_id), decode_step=decode_step)[0].tolist()
+        reply, _, _ = session.reply(ids, reply_tokens, write, temperature, top_k, top_p)
         print()
-        cached = out[:cache.pos]
-        reply = out[len(ids):]
-        replies.append(tokenizer.decode(reply[:reply.index(end_id)] if end_id in reply else reply))
-        messages.append({'role': 'assistant', 'content': replies[-1]})
+        replies.append(reply)
+        messages.append({'role': 'assistant', 'content': reply})
     return replies
 
 
@@ -115,16 +103,9 @@ def encode_prompt(text, tokenizer, config):
     return torch.tensor([ids], dtype=torch.long)
 
 
-def stream_to(out, tokenizer, eos_id=None):
-    """An on_token callback writing each new token's text as it comes (not eos_id); a character
-    split across tokens is printed once complete."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-
-    def on_token(next_id):
-        if int(next_id[0]) != eos_id:
-            out.write(decoder.decode(tokenizer.decode_bytes([int(next_id[0])])))
-            out.flush()
-    return on_token
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 if __name__ == '__main__':
@@ -154,10 +135,9 @@ if __name__ == '__main__':
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     decode_step = compile_decoding(model, compile, device_type)
     if serve:  # the same chat, over HTTP
-        from serve import run_server
         run_server(model, tokenizer, style, device, host, serve, init_from if init_from != 'resume' else out_dir,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   chat_context=chat_context, system=system, decode_step=decode_step)
+                   [o for o in allow_origin.split(',') if o], max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, chat_context=chat_context, system=system, decode_step=decode_step)
         sys.exit(0)
     if chat:
         chat_loop(model, tokenizer, style, device, decode_step=decode_step)
@@ -169,7 +149,9 @@ if __name__ == '__main__':
     with torch.no_grad():
         for k in range(num_samples):
             sys.stdout.write(start)
+            text = TextStream(tokenizer, (), write)
             model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                           eos_id=eos_id, use_cache=use_cache, on_token=stream_to(sys.stdout, tokenizer, eos_id),
-                           decode_step=decode_step)
+                           eos_id=eos_id, use_cache=use_cache, decode_step=decode_step,
+                           on_token=lambda ids: text.add(int(ids[0])) if int(ids[0]) != eos_id else None)
+            text.finish()
             print('\n---------------')

@@ -1,5 +1,6 @@
 """
-An OpenAI-compatible HTTP server and a chat page for one model, from the standard library alone:
+An OpenAI-compatible HTTP server and a chat page for one model, from the standard library alone, and the chat
+session it shares with sample.py --chat:
     python sample.py --serve=8000                                     # the checkpoint in out/
     python sample.py --init_from=smollm2-135m-instruct --serve=8000   # then open http://127.0.0.1:8000/
 
@@ -9,11 +10,15 @@ An OpenAI-compatible HTTP server and a chat page for one model, from the standar
     GET  /health                {"status": "ok", ...}, also while a generation runs
     GET  /                      chat.html, a chat page that needs no network
 
-A conversation is written in the model's own chat template (the one sample.py --chat uses: llama3, chatml, alpaca,
-phi3); one that outgrows the context loses its oldest messages, with a notice in the log and in the answer. The
-model is loaded once and has one KV cache: generations run one at a time, at most QUEUE_SIZE requests wait, and
-more are refused with 503. There is no authentication: whoever reaches the port uses the model, which is why it
-listens on 127.0.0.1 unless --host says otherwise.
+A conversation is written in the model's own chat template (llama3, chatml, alpaca, phi3); one that outgrows the
+context loses its oldest messages, with a notice in the log and in the answer. The model is loaded once and has
+one KV cache: generations run one at a time, at most QUEUE_SIZE requests wait, and more are refused with 503.
+
+There is no authentication, and every web page the user opens can send requests to 127.0.0.1 too. So the server
+answers only its own page and clients: a POST must be JSON (415), a browser's request from another origin is
+refused (403) unless --allow_origin names it, and a Host header that is not this machine's name (DNS rebinding) is
+refused (421; bound to 0.0.0.0 or ::, any Host is accepted). Each request's work and memory are bounded: the body,
+the stop strings, the reply's tokens, the open connections; replies name the model, never a path.
 """
 import codecs
 import json
@@ -33,10 +38,14 @@ import torch
 
 from configurator import die
 from model import KVCache
-from tokenizer import fit_chat, format_chat, response_end_id
+from tokenizer import fit_chat, response_end_id
 
 QUEUE_SIZE = 8  # requests that may wait for the model; more get 503 at once instead of piling up threads
+MAX_CONNECTIONS = 32  # open connections (a thread each); more get 503 at once
 MAX_BODY = 1 << 20  # bytes; a conversation that fills an 8k-token context is ~32 KB of text
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request, and their length: the text held back per token
+STALL_TIMEOUT = 5  # seconds a client may stop reading a stream before it counts as gone (it holds the model)
+LOCAL_NAMES = ('localhost', '127.0.0.1', '[::1]')
 PAGE = Path(__file__).with_name('chat.html')
 
 
@@ -94,8 +103,9 @@ def check_request(body, defaults):
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...}")
     number, count = (int, float), (int,)
-    stop = get_field(req, 'stop', (str, list), [], lambda v: v != '' and (isinstance(v, str) or (
-        len(v) <= 4 and all(isinstance(s, str) and s for s in v))), 'a string or a list of up to 4 strings')
+    stop = get_field(req, 'stop', (str, list), [], lambda v: 0 < len(v) <= MAX_STOP_CHARS if isinstance(v, str) else (
+        len(v) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v)),
+        f'a string or a list of up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters')
     get_field(req, 'n', count, 1, lambda v: v == 1, '1 (one reply per request)')
     max_tokens = get_field(req, 'max_completion_tokens', count, defaults['max_new_tokens'], lambda v: v > 0,
                            'a positive whole number')
@@ -110,56 +120,124 @@ def check_request(body, defaults):
             'stop': [stop] if isinstance(stop, str) else stop}
 
 
-# -------------------------------------------------------------------- the model behind a lock
+# -------------------------------------------------------------------- the chat session
 
 class TextStream:
     """Token ids -> pieces of text for emit(text): a UTF-8 character split across tokens is sent once whole, and
-    text that could be the start of a stop string is held back until it cannot (a stop string is never sent)."""
+    text that could be the start of a stop string is held back until it cannot (a stop string is never sent).
+    Only the held-back text is searched, so a token costs as much at the end of a long reply as at its start."""
 
     def __init__(self, tokenizer, stop, emit):
         self.tokenizer, self.stop, self.emit = tokenizer, stop, emit
         self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        self.text, self.sent = '', 0  # all the text so far; how much of it was emitted
+        self.sent, self.held = [], ''  # the pieces emitted; the text after them, not emitted yet
+
+    @property
+    def text(self):
+        return ''.join(self.sent)
 
     def add(self, token_id):
-        """Take one token; StopText once a stop string appears (the text ends before it)."""
-        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
-        # a stop string cannot start in the emitted part: it would have been held back
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        """Take one token; StopText once a stop string appears (the text ends before it). A stop string cannot
+        start in the emitted text: that text would have been held back."""
+        self.held += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if found:
-            self.text = self.text[:min(found)]
-            self.flush()
+            self.send(len(self.held[:min(found)]))
             raise StopText
-        held = max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-        self.flush(len(self.text) - held)
+        # keep back the longest end of the text that a stop string begins with
+        keep = max((n for s in self.stop for n in range(1, min(len(s), len(self.held) + 1))
+                    if self.held.endswith(s[:n])), default=0)
+        self.send(len(self.held) - keep)
 
-    def flush(self, end=None):
-        end = len(self.text) if end is None else end
-        if end > self.sent:
-            piece, self.sent = self.text[self.sent:end], end
+    def send(self, n):
+        """Emit the first n held characters."""
+        if n > 0:
+            piece, self.held = self.held[:n], self.held[n:]
+            self.sent.append(piece)
             self.emit(piece)
 
     def finish(self):
         """The rest: held text that no stop string followed, and an incomplete last character (as U+FFFD)."""
-        self.text += self.decoder.decode(b'', final=True)
-        self.flush()
+        self.held += self.decoder.decode(b'', final=True)
+        self.send(len(self.held))
 
 
-class Engine:
-    """The model, its tokenizer and chat template, and one KV cache, behind a lock. The cache is kept between
-    requests: clients resend the whole conversation every turn, and only what the cache lacks is computed."""
+class ChatSession:
+    """One model talking, for sample.py --chat and the server alike: a conversation in the model's chat template,
+    cropped to the context, and one KV cache kept between turns. Each turn resends the whole conversation (as HTTP
+    clients do), and only what the cache lacks is computed."""
 
-    def __init__(self, model, tokenizer, style, device, name, max_new_tokens=200, temperature=0.8, top_k=200,
-                 top_p=1.0, chat_context=8192, system='', queue_size=QUEUE_SIZE, decode_step=None):
-        self.model, self.tokenizer, self.style, self.device, self.name = model, tokenizer, style, device, name
+    def __init__(self, model, tokenizer, style, device, chat_context=8192, system='', decode_step=None):
+        self.model, self.tokenizer, self.style, self.device = model, tokenizer, style, device
+        self.system = system  # opens every conversation that has no system message of its own
         self.decode_step = decode_step  # sample.py --compile=True: the compiled one-token step (else None: eager)
-        self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        self.system, self.queue_size = system, queue_size
         self.end_id = response_end_id(tokenizer, style)
         self.capacity = min(model.config.block_size, chat_context)
         self.cache = KVCache(model.config, 1, device, model.lm_head.weight.dtype, self.capacity)
         self.cached = []  # the token ids the cache holds
-        self.lock = threading.Lock()  # one generation at a time: there is one model and one cache
+
+    def reset(self):
+        self.cache.restart()
+        self.cached = []
+
+    def fit(self, messages, max_tokens):
+        """(token ids, reply length, messages dropped, whether the last was cut): the conversation in the chat
+        template, its oldest messages after the system message dropped while it and the reply would outgrow the
+        context (tokenizer.fit_chat); the reply takes at most half of the context."""
+        if self.system and messages[0]['role'] != 'system':
+            messages = [{'role': 'system', 'content': self.system}] + messages
+        reply_tokens = min(max_tokens, self.capacity // 2)
+        ids, dropped, cut = fit_chat(messages, self.tokenizer, self.style, self.capacity - reply_tokens)
+        return ids, reply_tokens, dropped, cut
+
+    def reply(self, ids, reply_tokens, emit, temperature, top_k, top_p, stop=(), seed=None, gone=None):
+        """Generate the reply to the prompt `ids`, passing its text to emit(piece) as it comes; it ends at the
+        template's end of turn, a stop string, reply_tokens, or when gone() says the listener left (ClientGone).
+        Returns (text, finish_reason, completion tokens)."""
+        common = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
+        self.cache.truncate(common)  # what the cache holds beyond the shared start is overwritten
+        stream, new = TextStream(self.tokenizer, stop, emit), []
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        gone = gone or (lambda: False)
+
+        def on_token(next_id):
+            new.append(int(next_id[0]))
+            if new[-1] != self.end_id:
+                stream.add(new[-1])
+            if gone():  # checked every token: a stopped page or a dropped connection frees the model at once
+                raise ClientGone
+        finish = 'length'
+        try:
+            if gone():  # it left while waiting in the queue
+                raise ClientGone
+            with torch.no_grad():
+                self.model.generate(torch.tensor([ids], device=self.device), reply_tokens, temperature=temperature,
+                                    top_k=top_k or None, top_p=top_p, eos_id=self.end_id, kv_cache=self.cache,
+                                    on_token=on_token, generator=generator, decode_step=self.decode_step)
+            stream.finish()
+        except StopText:
+            finish = 'stop'
+        except (ClientGone, ConnectionError, TimeoutError):  # raised from on_token: the cache is whole
+            print(f"the client left after {len(new)} tokens; generation stopped", file=sys.stderr, flush=True)
+            raise ClientGone from None
+        except BaseException:  # the cache may hold half a step: forget it
+            self.reset()
+            raise
+        # the prompt fits in the cache with the reply, so its window never slid: it holds (ids + new)'s start
+        self.cached = (ids + new)[:self.cache.filled]
+        if new and new[-1] == self.end_id:
+            finish = 'stop'
+        return stream.text, finish, len(new)
+
+
+class Engine:
+    """The server's chat session behind a lock, with a bounded queue: one model, one cache, one generation at a time."""
+
+    def __init__(self, session, name, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0,
+                 queue_size=QUEUE_SIZE):
+        self.session, self.name, self.queue_size = session, name, queue_size
+        self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.lock = threading.Lock()
         self.pending, self.pending_lock = 0, threading.Lock()  # requests generating or waiting
 
     @contextmanager
@@ -180,65 +258,20 @@ class Engine:
         return {'status': 'ok', 'model': self.name, 'generating': self.lock.locked(),
                 'waiting': max(0, self.pending - self.lock.locked()), 'queue_size': self.queue_size}
 
-    def encode(self, messages):
-        return self.tokenizer.encode(format_chat(messages, self.style))
-
     def prompt(self, req):
-        """(token ids, reply length, notice or None): the conversation in the chat template, its oldest messages
-        dropped (system messages at its start are kept) while it and the reply would outgrow the context; the reply
-        takes at most half of the context, as in sample.py --chat."""
-        messages = req['messages']
-        if self.system and messages[0]['role'] != 'system':
-            messages = [{'role': 'system', 'content': self.system}] + messages
-        reply_tokens = min(req['max_tokens'], self.capacity // 2)
-        ids, dropped, cut = fit_chat(messages, self.tokenizer, self.style, self.capacity - reply_tokens)
+        """(token ids, reply length, notice or None) of a request's conversation (ChatSession.fit)."""
+        ids, reply_tokens, dropped, cut = self.session.fit(req['messages'], req['max_tokens'])
         if not (dropped or cut):
             return ids, reply_tokens, None
-        notice = (f"the conversation is longer than the context ({self.capacity} tokens, {reply_tokens} of them kept "
-                  f"for the reply): dropped its {dropped} oldest messages")
+        notice = (f"the conversation is longer than the context ({self.session.capacity} tokens, {reply_tokens} of "
+                  f"them kept for the reply): dropped its {dropped} oldest messages")
         if cut:
             notice += "; the last message alone is too long: kept its end"
         return ids, reply_tokens, notice
 
     def generate(self, req, ids, reply_tokens, emit, gone):
-        """Generate the reply to the prompt `ids`, passing its text to emit(piece) as it comes; stops at the
-        template's end of turn, a stop string, reply_tokens, or when gone() says the client left (ClientGone).
-        Returns (text, finish_reason, completion tokens)."""
-        common = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
-        self.cache.pos = common  # what the cache holds beyond the shared start is overwritten
-        stream, new = TextStream(self.tokenizer, req['stop'], emit), []
-        generator = None if req['seed'] is None else torch.Generator(self.device).manual_seed(req['seed'])
-
-        def on_token(next_id):
-            new.append(int(next_id[0]))
-            if new[-1] != self.end_id:
-                stream.add(new[-1])
-            if gone():  # checked every token: a stopped page or a dropped connection frees the model at once
-                raise ClientGone
-        finish = 'length'
-        try:
-            if gone():  # it left while waiting in the queue
-                raise ClientGone
-            with torch.no_grad():
-                self.model.generate(torch.tensor([ids], device=self.device), reply_tokens,
-                                    temperature=req['temperature'], top_k=req['top_k'] or None, top_p=req['top_p'],
-                                    eos_id=self.end_id, kv_cache=self.cache, on_token=on_token, generator=generator,
-                                    decode_step=self.decode_step)
-            stream.finish()
-        except StopText:
-            finish = 'stop'
-        except (ClientGone, ConnectionError, TimeoutError):  # raised from on_token: the cache is whole
-            print(f"the client left after {len(new)} tokens; generation stopped", file=sys.stderr, flush=True)
-            raise ClientGone from None
-        except BaseException:  # the cache may hold half a step: forget it
-            self.cache.pos, self.cached = 0, []
-            raise
-        finally:
-            # the prompt fits in the cache with the reply, so its window never slid: it holds (ids + new)'s start
-            self.cached = (ids + new)[:self.cache.pos]
-        if new and new[-1] == self.end_id:
-            finish = 'stop'
-        return stream.text, finish, len(new)
+        return self.session.reply(ids, reply_tokens, emit, req['temperature'], req['top_k'], req['top_p'],
+                                  req['stop'], req['seed'], gone)
 
 
 # -------------------------------------------------------------------- HTTP
@@ -255,170 +288,254 @@ def chunk(cid, created, name, delta, finish=None, **extra):
             'choices': [{'index': 0, 'delta': delta, 'finish_reason': finish}], **extra}
 
 
-def make_handler(engine, html):
-    """The request handler class: one instance per request, in its own thread (ThreadingHTTPServer)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = 'gpt-from-scratch'
-        timeout = 60  # seconds: a client that stops sending (or reading a stream) frees its thread
-        streaming = False
-
-        def log_message(self, format, *args):
-            print(f"{self.address_string()} {format % args}", file=sys.stderr, flush=True)
-
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own errors (a malformed request line, an unknown method) as JSON too."""
-            self.close_connection = True
-            self.send_json(code, error_body(message or self.responses.get(code, ('error',))[0]))
-
-        def send_json(self, status, body, headers=()):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            for key, value in (('Content-Type', 'application/json'), ('Content-Length', str(len(data))), *headers):
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def route(self):
-            routes = {'/': {'GET': self.page}, '/health': {'GET': self.health}, '/v1/models': {'GET': self.models},
-                      '/v1/chat/completions': {'POST': self.completions}}
-            path = urlsplit(self.path).path
-            methods = routes.get(path if path == '/' else path.rstrip('/'))
-            try:
-                if methods is None:
-                    raise ApiError(404, f"no {path} here; try POST /v1/chat/completions, GET /v1/models, /health or /")
-                if self.command not in methods:
-                    self.send_json(405, error_body(f"{self.command} {path}: use {', '.join(methods)}"),
-                                   [('Allow', ', '.join(methods))])
-                    return
-                methods[self.command]()
-            except ApiError as e:
-                self.close_connection = True  # a body we did not read may follow: start afresh
-                self.send_json(e.status, error_body(str(e)))
-            except (ClientGone, ConnectionError, TimeoutError):
-                self.close_connection = True
-            except Exception as e:  # a bug, or the model failing: say so, log it, and keep serving
-                traceback.print_exc()
-                self.close_connection = True
-                if not self.streaming:  # a stream's headers are out: ending it early is all that is left
-                    self.send_json(500, error_body(f"generation failed ({type(e).__name__}: {e})"))
-
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = route
-
-        def page(self):
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/html; charset=utf-8')
-            self.send_header('Content-Length', str(len(html)))
-            # the page may fetch from this server only: nothing it does needs (or may reach) the network
-            self.send_header('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; "
-                                                        "script-src 'unsafe-inline'; img-src 'self' data:")
-            self.end_headers()
-            self.wfile.write(html)
-
-        def health(self):
-            self.send_json(200, engine.health())
-
-        def models(self):
-            self.send_json(200, {'object': 'list', 'data': [{'id': engine.name, 'object': 'model', 'created': 0,
-                                                              'owned_by': 'local'}]})
-
-        def read_body(self):
-            length = self.headers.get('Content-Length')
-            if length is None or not length.isdigit():
-                raise ApiError(411 if length is None else 400, "send the JSON body with a Content-Length header")
-            if int(length) > MAX_BODY:
-                # read it away (up to a limit) so that the client, still sending, hears the 413 rather than a reset
-                left = min(int(length), 16 * MAX_BODY)
-                while left > 0:
-                    got = len(self.rfile.read(min(left, 65536)))
-                    left = left - got if got else 0
-                raise ApiError(413, f"the body is {int(length):,} bytes; at most {MAX_BODY:,} are accepted")
-            return self.rfile.read(int(length))
-
-        def client_gone(self):
-            """True once the client has closed the connection: it sends nothing after its request, so a socket
-            that turns readable has reached end-of-file (select works on sockets on every platform)."""
-            try:
-                readable = select.select([self.connection], [], [], 0)[0]
-                return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
-            except (OSError, ValueError):
-                return True
-
-        def completions(self):
-            req = check_request(self.read_body(), engine.defaults)
-            cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.time()
-            with engine.turn():
-                ids, reply_tokens, notice = engine.prompt(req)
-                if notice:
-                    print(f"notice: {notice}", file=sys.stderr, flush=True)
-                if req['stream']:
-                    text, finish, n = self.stream(req, ids, reply_tokens, notice, cid, created)
-                else:
-                    text, finish, n = engine.generate(req, ids, reply_tokens, lambda piece: None, self.client_gone)
-                    usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
-                    self.send_json(200, completion(cid, created, engine.name, text, finish, usage, notice))
-            dt = time.time() - t0
-            print(f"generated {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s; prompt {len(ids)} tokens, "
-                  f"finish: {finish})", file=sys.stderr, flush=True)
-
-        def stream(self, req, ids, reply_tokens, notice, cid, created):
-            """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, then [DONE]."""
-            self.send_response(200)
-            self.send_header('Content-Type', 'text/event-stream')
-            self.send_header('Cache-Control', 'no-cache')
-            self.end_headers()
-            self.streaming = True
-            self.close_connection = True  # the stream ends when the connection does (no Content-Length)
-
-            def send(body):
-                self.wfile.write(b'data: ' + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b'\n\n')
-                self.wfile.flush()
-            send(chunk(cid, created, engine.name, {'role': 'assistant', 'content': ''},
-                       **({'notice': notice} if notice else {})))
-            text, finish, n = engine.generate(req, ids, reply_tokens,
-                                              lambda piece: send(chunk(cid, created, engine.name, {'content': piece})),
-                                              self.client_gone)
-            usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
-            send(chunk(cid, created, engine.name, {}, finish, usage=usage))
-            send(b'[DONE]')
-            return text, finish, n
-
-    return Handler
-
-
 def error_body(message):
     return {'error': {'message': message, 'type': 'invalid_request_error', 'code': None}}
 
 
+class Handler(BaseHTTPRequestHandler):
+    """One request, in its own thread; self.server is the Server (its engine, page and allowed names)."""
+    server_version = 'gpt-from-scratch'
+    timeout = 60  # seconds: a client that stops sending frees its thread
+    streaming = False
+
+    def log_message(self, format, *args):
+        print(f"{self.address_string()} {format % args}", file=sys.stderr, flush=True)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, an unknown method) as JSON too."""
+        self.close_connection = True
+        self.send_json(code, error_body(message or self.responses.get(code, ('error',))[0]))
+
+    def send_json(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in (('Content-Type', 'application/json'), ('Content-Length', str(len(data))), *headers,
+                           *self.cors_headers()):
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def cors_headers(self):
+        origin = self.headers.get('Origin') if hasattr(self, 'headers') else None  # (none before a request parses)
+        return [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin')] \
+            if origin in self.server.allowed_origins else []
+
+    def check_caller(self):
+        """421 for a Host that is not this server's (a page under another name: DNS rebinding), 403 for a page of
+        another origin (a browser sends any page's simple POST without asking first)."""
+        host = (self.headers.get('Host') or '').lower()
+        name = host.rsplit(':', 1)[0] if not host.endswith(']') else host  # [::1]:8000 -> [::1]
+        if self.server.allowed_hosts is not None and name not in self.server.allowed_hosts:
+            raise ApiError(421, f"this server answers to {', '.join(self.server.allowed_hosts)}, not {name[:60]!r}")
+        origin = self.headers.get('Origin')
+        if origin is not None and origin.lower() != f'http://{host}' and origin not in self.server.allowed_origins:
+            raise ApiError(403, f"requests from pages of {origin[:60]} are refused; to allow them, start the server "
+                                f"with --allow_origin={origin[:60]}")
+
+    def route(self):
+        routes = {'/': {'GET': self.page}, '/health': {'GET': self.health}, '/v1/models': {'GET': self.models},
+                  '/v1/chat/completions': {'POST': self.completions}}
+        path = urlsplit(self.path).path
+        methods = routes.get(path if path == '/' else path.rstrip('/'))
+        try:
+            self.check_caller()
+            if self.command == 'OPTIONS' and self.cors_headers():  # an allowed origin's preflight
+                self.send_response(204)
+                for key, value in (('Access-Control-Allow-Methods', 'GET, POST'), *self.cors_headers(),
+                                   ('Access-Control-Allow-Headers', 'Content-Type, Authorization')):
+                    self.send_header(key, value)
+                self.end_headers()
+                return
+            if methods is None:
+                raise ApiError(404, f"no {path[:60]} here; try POST /v1/chat/completions, GET /v1/models, /health or /")
+            if self.command not in methods:
+                self.send_json(405, error_body(f"{self.command} {path[:60]}: use {', '.join(methods)}"),
+                               [('Allow', ', '.join(methods))])
+                return
+            methods[self.command]()
+        except ApiError as e:
+            self.refuse(e)
+        except (ClientGone, ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # a bug, or the model failing: log it whole, answer without the details, keep serving
+            traceback.print_exc()
+            self.close_connection = True
+            if not self.streaming:  # a stream's headers are out: ending it early is all that is left
+                self.send_json(500, error_body("generation failed; the server's log says why"))
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+
+    def refuse(self, error):
+        """Answer an ApiError and close: a body we did not read may follow. A client still sending one hears the
+        status if we read it away briefly before closing (closing on unread data resets the connection)."""
+        self.close_connection = True
+        self.send_json(error.status, error_body(str(error)))
+        if self.command == 'POST':
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.2)
+                deadline = time.time() + 1
+                while time.time() < deadline and self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    def page(self):
+        html = self.server.page
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/html; charset=utf-8')
+        self.send_header('Content-Length', str(len(html)))
+        # the page may fetch from this server only (nothing it does needs the network), and no other page may
+        # frame it (a click on it would be the other page's)
+        self.send_header('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; script-src "
+                                                    "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")
+        self.end_headers()
+        self.wfile.write(html)
+
+    def health(self):
+        self.send_json(200, self.server.engine.health())
+
+    def models(self):
+        self.send_json(200, {'object': 'list', 'data': [{'id': self.server.engine.name, 'object': 'model',
+                                                          'created': 0, 'owned_by': 'local'}]})
+
+    def read_body(self):
+        """The JSON body; 415 for another kind (a page's form or text/plain POST, which a browser sends anywhere)."""
+        kind = (self.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+        if kind != 'application/json':
+            raise ApiError(415, f"send the body as JSON (Content-Type: application/json), not {kind[:40]!r}")
+        length = self.headers.get('Content-Length')
+        if length is None or not length.isdigit():
+            raise ApiError(411 if length is None else 400, "send the JSON body with a Content-Length header")
+        if int(length) > MAX_BODY:  # said by the header: refused before a byte of it is read
+            raise ApiError(413, f"the body is {int(length):,} bytes; at most {MAX_BODY:,} are accepted")
+        return self.rfile.read(int(length))
+
+    def client_gone(self):
+        """True once the client has closed the connection: it sends nothing after its request, so a socket
+        that turns readable has reached end-of-file (select works on sockets on every platform)."""
+        try:
+            readable = select.select([self.connection], [], [], 0)[0]
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
+
+    def completions(self):
+        engine = self.server.engine
+        req = check_request(self.read_body(), engine.defaults)
+        cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.time()
+        with engine.turn():
+            self.connection.settimeout(STALL_TIMEOUT)  # a client that stops reading must not hold the model
+            ids, reply_tokens, notice = engine.prompt(req)
+            if notice:
+                print(f"notice: {notice}", file=sys.stderr, flush=True)
+            if req['stream']:
+                text, finish, n = self.stream(req, ids, reply_tokens, notice, cid, created)
+            else:
+                text, finish, n = engine.generate(req, ids, reply_tokens, lambda piece: None, self.client_gone)
+                usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+                self.send_json(200, completion(cid, created, engine.name, text, finish, usage, notice))
+        dt = time.time() - t0
+        print(f"generated {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s; prompt {len(ids)} tokens, "
+              f"finish: {finish})", file=sys.stderr, flush=True)
+
+    def stream(self, req, ids, reply_tokens, notice, cid, created):
+        """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, then [DONE]."""
+        name = self.server.engine.name
+        self.send_response(200)
+        for key, value in (('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), *self.cors_headers()):
+            self.send_header(key, value)
+        self.end_headers()
+        self.streaming = True
+        self.close_connection = True  # the stream ends when the connection does (no Content-Length)
+
+        def send(body):
+            self.wfile.write(b'data: ' + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b'\n\n')
+            self.wfile.flush()
+        send(chunk(cid, created, name, {'role': 'assistant', 'content': ''}, **({'notice': notice} if notice else {})))
+        text, finish, n = self.server.engine.generate(
+            req, ids, reply_tokens, lambda piece: send(chunk(cid, created, name, {'content': piece})), self.client_gone)
+        usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+        send(chunk(cid, created, name, {}, finish, usage=usage))
+        send(b'[DONE]')
+        return text, finish, n
+
+
 class Server(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, at most MAX_CONNECTIONS of them (more get 503 at once)."""
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl+C
     request_queue_size = 64  # the listen backlog: 20 clients connecting at once all get in
+
+    def __init__(self, address, engine, allow_origin=()):
+        host = address[0]
+        self.engine, self.page = engine, PAGE.read_bytes()
+        self.allowed_origins = {o.rstrip('/') for o in allow_origin}
+        # bound to every address, a user wants to be reached by any name; else only by this machine's own names
+        named = f'[{host}]' if ':' in host else host
+        self.allowed_hosts = None if host in ('0.0.0.0', '::') else tuple(dict.fromkeys((*LOCAL_NAMES, named.lower())))
+        self.connections, self.connections_lock = 0, threading.Lock()
+        super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            full = self.connections >= MAX_CONNECTIONS
+            self.connections += not full
+        if full:
+            body = json.dumps(error_body(f"the server has {MAX_CONNECTIONS} open connections; try again later"))
+            try:
+                request.sendall(f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
 
 class Server6(Server):
     address_family = socket.AF_INET6  # --host=::1
 
 
-def make_server(engine, host, port):
+def make_server(engine, host, port, allow_origin=()):
     """The HTTP server (not yet serving); OSError if the address is taken or not this machine's."""
-    return (Server6 if ':' in host else Server)((host, port), make_handler(engine, PAGE.read_bytes()))
+    return (Server6 if ':' in host else Server)((host, port), engine, allow_origin)
 
 
-def run_server(model, tokenizer, style, device, host, port, name, **settings):
-    """Serve until Ctrl+C; settings: sample.py's max_new_tokens, temperature, top_k, top_p, chat_context, system,
+def public_name(source):
+    """The model's id in replies: a published name as given; a checkpoint or folder by its folder's own name,
+    never the path (a reply says nothing about the machine)."""
+    path = Path(source)
+    if not path.exists():
+        return source
+    path = path.resolve()
+    return (path.parent if path.is_file() else path).name
+
+
+def run_server(model, tokenizer, style, device, host, port, source, allow_origin=(), max_new_tokens=200,
+               temperature=0.8, top_k=200, top_p=1.0, **session):
+    """Serve until Ctrl+C; source: what the model was loaded from; session: ChatSession's chat_context, system,
     decode_step."""
-    engine = Engine(model, tokenizer, style, device, name, **settings)
+    engine = Engine(ChatSession(model, tokenizer, style, device, **session), public_name(source),
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     try:
-        httpd = make_server(engine, host, port)
+        httpd = make_server(engine, host, port, allow_origin)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         die(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); is a server already running "
             f"there? choose another --serve port")
     url = f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}"
-    print(f"serving {name} ({style} chat template, {engine.capacity} tokens of context) at {url}/ "
+    print(f"serving {engine.name} ({style} chat template, {engine.session.capacity} tokens of context) at {url}/ "
           f"and {url}/v1; Ctrl+C stops", file=sys.stderr, flush=True)
-    if host not in ('127.0.0.1', 'localhost', '::1'):
-        print(f"notice: listening on {host}: anyone who reaches this port can use the model (no authentication)",
-              file=sys.stderr, flush=True)
+    if httpd.allowed_hosts is None:
+        print(f"notice: listening on {host}: anyone who reaches this port, by any name, can use the model (no "
+              f"authentication)", file=sys.stderr, flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
