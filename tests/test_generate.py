@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from configurator import compile_available
-from model import GPT, GPTConfig
+from configurator import compile_available, compile_decoding
+from model import GPT, GPTConfig, KVCache
 
 LLAMA_STYLE = dict(norm='rmsnorm', pos_emb='rope', mlp='swiglu', n_kv_head=2, bias=False)
 
@@ -72,6 +72,44 @@ def test_compiled_step_equals_eager_and_compiles_once():
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
     cache.restart(0)  # a second generation on the same cache reuses it too
     assert torch.equal(model.generate(idx, 24, temperature=0, kv_cache=cache, decode_step=step), eager)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+
+
+def sliding_window_reference(model, prompts, T, n):
+    """The n greedy tokens after the left-padded prompts (padded to T), computed without a cache: when the text
+    outgrows the window, the window restarts from its last half, and each row reads its own tokens in the window
+    (never padding) from position 0."""
+    window, rows, offset = model.config.block_size, [p.tolist() for p in prompts], 0
+    pads = [T - len(p) for p in prompts]
+    for length in range(T, T + n):
+        if length - offset > window:
+            offset = length - window // 2
+        for row, pad in zip(rows, pads):
+            start = max(offset - pad, 0)  # where the window starts among the row's own tokens
+            row.append(int(model(torch.tensor([row[start:]]))[0][0, -1].argmax()))
+    return torch.tensor([row[-n:] for row in rows])
+
+
+@pytest.mark.skipif(not compile_available('cpu'), reason="torch.compile needs a C compiler here")
+def test_static_cache_past_its_window_compiled_and_eager():
+    """A left-padded Llama batch decoded 60 tokens past its 48-token window: the cache slides three times,
+    the first time with padding still in it; decode_step eager and compiled give plain generate()'s tokens,
+    and the compiled step is one graph for every token and every slide."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny(**LLAMA_STYLE)
+    torch.manual_seed(2)
+    prompts = [torch.randint(1, 96, (n,)) for n in (40, 30, 3, 17)]
+    batch, padding = left_padded(prompts, pad_id=7)
+    T, window = batch.size(1), model.config.block_size
+    n = window + 60 - T
+    plain = model.generate(batch, n, temperature=0, padding=padding)
+    assert len(set(plain[:, T:].flatten().tolist())) > 20  # the model's next token depends on what it reads
+    assert torch.equal(plain[:, T:], sliding_window_reference(model, prompts, T, n))
+    for step in (model.decode_step, compile_decoding(model, True, 'cpu')):
+        cache = KVCache(model.config, len(prompts), 'cpu', torch.float32, length=window, padding=padding)
+        assert torch.equal(model.generate(batch, n, temperature=0, kv_cache=cache, padding=padding, decode_step=step),
+                           plain)
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
 
 
