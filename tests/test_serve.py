@@ -1,5 +1,7 @@
 """serve.py (python sample.py --serve=PORT): the OpenAI-compatible API and the chat page, used as clients use them."""
+import importlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -19,6 +21,19 @@ from tokenizer import ByteTokenizer, format_chat
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 JSON = {'Content-Type': 'application/json'}
+
+
+def need(found, reason):
+    """Skip with `reason` when a tool the test drives is absent; in CI (CI=true), where .ci/run installs it, fail."""
+    if not found:
+        (pytest.fail if os.environ.get('CI') == 'true' else pytest.skip)(reason)
+
+
+def import_or_need(name, reason):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        need(False, reason)
 
 
 def free_port():
@@ -204,16 +219,21 @@ def test_a_long_conversation_loses_its_oldest_turns_with_a_notice(server):
     assert chunks[0]['notice'] == answer['notice']  # the page shows it
 
 
-def test_the_page_is_served_whole_and_names_no_other_server(server):
+def test_the_page_is_served_whole_and_names_no_other_server(server, chat_model):
     r = requests.get(server.url, timeout=30)
     assert r.status_code == 200 and r.headers['Content-Type'] == 'text/html; charset=utf-8'
     html = r.text
     assert html == (ROOT / 'chat.html').read_text(encoding='utf-8')
     assert not re.search(r'(?i)(https?:)?//[a-z0-9-]+(\.[a-z0-9-]+)+', html), 'a URL elsewhere'
     assert not re.search(r'(?i)<script[^>]+src|<link|@import|url\(', html), 'a file loaded from elsewhere'
-    assert "default-src 'self'" in r.headers['Content-Security-Policy']  # the browser enforces it too
+    csp = r.headers['Content-Security-Policy']  # the browser enforces it too
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp  # no other page frames it
     health = requests.get(f'{server.url}/health', timeout=30).json()
     assert health['status'] == 'ok' and health['queue_size'] == 8
+    models = requests.get(f'{server.url}/v1/models', timeout=30).json()
+    folder = chat_model[0]  # its name, never its path: a reply says nothing about the machine
+    assert health['model'] == folder.name and [m['id'] for m in models['data']] == [folder.name]
+    assert str(folder.parent) not in json.dumps([health, models])
 
 
 def test_load_twenty_concurrent_clients_are_answered_or_refused_cleanly(server):
@@ -254,7 +274,7 @@ def test_load_twenty_concurrent_clients_are_answered_or_refused_cleanly(server):
 
 
 def test_the_openai_client_talks_to_it(server, chat_model):
-    openai = pytest.importorskip('openai', reason='the openai package is not installed (pip install openai)')
+    openai = import_or_need('openai', 'the openai package is not installed (pip install openai)')
     client = openai.OpenAI(base_url=f'{server.url}/v1', api_key='unused')
     assert [m.id for m in client.models.list()] == [chat_model[0].name]
     kwargs = dict(model='local', messages=user('Name a color.'), temperature=0, max_tokens=12)
@@ -266,16 +286,16 @@ def test_the_openai_client_talks_to_it(server, chat_model):
 
 def test_the_page_in_a_real_browser(server, tmp_path):
     """Chat in chromium: the reply streams in; Stop ends the generation on the server; New chat forgets."""
-    if CHROMIUM is None:
-        pytest.skip('chromium is not installed (apt-get install chromium)')
-    playwright = pytest.importorskip('playwright.sync_api', reason='playwright is not installed (pip install '
-                                                                   'playwright)')
+    need(CHROMIUM, 'chromium is not installed (apt-get install chromium)')
+    playwright = import_or_need('playwright.sync_api', 'playwright is not installed (pip install playwright)')
     expect = playwright.expect  # (locators, not JavaScript strings: the page's CSP forbids eval)
     slow, steps = slow_server()  # a model that takes 20 ms a token, to press Stop in the middle of a reply
     errors = []
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[  # no network: nothing to look up
+                '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+                '--disable-component-update', '--disable-sync'])
             page = browser.new_page(viewport={'width': 800, 'height': 520})
             page.on('pageerror', lambda e: errors.append(str(e)))
             page.on('requestfailed', lambda r: errors.append(f'{r.url}: {r.failure}'))
@@ -328,10 +348,11 @@ def tiny_engine(**settings):
 class InProcessServer:
     """serve.make_server on a free port, serving from a thread."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, host='127.0.0.1', allow_origin=()):
         import serve
-        self.engine, self.httpd = engine, serve.make_server(engine, '127.0.0.1', 0)
-        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        self.engine, self.httpd = engine, serve.make_server(engine, host, 0, allow_origin)
+        self.port = self.httpd.server_address[1]
+        self.url = f'http://127.0.0.1:{self.port}'
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
@@ -447,3 +468,196 @@ def test_a_taken_port_is_a_one_line_error(chat_model):
         taken.listen()
         with pytest.raises(SystemExit, match='cannot listen on 127.0.0.1:.*another --serve port'):
             serve.run_server(model, tok, 'chatml', 'cpu', '127.0.0.1', taken.getsockname()[1], 'm')
+
+
+
+# -------------------------------------------------------------------- only its own page and clients; bounded work
+
+@pytest.fixture(scope='module')
+def tiny_server():
+    engine, model = tiny_engine(temperature=0)
+    server = InProcessServer(engine)
+    server.model = model
+    yield server
+    server.close()
+
+
+def refused(r, status, needle, t0):
+    """A refusal: its status, a one-line JSON error naming `needle`, well under a second."""
+    message = r.json()['error']['message']
+    assert (r.status_code, r.headers['Content-Type']) == (status, 'application/json'), (status, r.text[:200])
+    assert needle in message and '\n' not in message and time.time() - t0 < 1, (needle, message)
+
+
+def raw(port, head):
+    """Send a request's head as bytes (no library fixing it up) and read the answer to its end."""
+    with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+        s.sendall(head)
+        return s.makefile('rb').read()
+
+
+def test_a_page_of_another_origin_or_name_is_refused_and_own_clients_are_answered(tiny_server):
+    api, port = f'{tiny_server.url}/v1/chat/completions', tiny_server.port
+    body = json.dumps({'messages': user('hi'), 'max_tokens': 3})
+    cases = [  # (method, path, headers, status, what the error names)
+        ('post', api, {'Content-Type': 'text/plain', 'Origin': 'http://evil.example'}, 403, '--allow_origin='),
+        ('post', api, {'Content-Type': 'application/json', 'Origin': 'http://localhost:3000'}, 403, 'localhost:3000'),
+        ('post', api, {'Content-Type': 'application/json', 'Origin': 'null'}, 403, 'null'),
+        ('post', api, {'Content-Type': 'text/plain'}, 415, 'application/json'),
+        ('post', api, {'Content-Type': 'application/x-www-form-urlencoded'}, 415, 'application/json'),
+        ('post', api, {}, 415, 'application/json'),
+        ('get', f'{tiny_server.url}/v1/models', {'Host': f'evil.example:{port}'}, 421, 'evil.example'),
+        ('get', tiny_server.url, {'Host': 'evil.example'}, 421, 'localhost'),
+        ('post', api, {'Content-Type': 'application/json', 'Host': f'rebound.example:{port}'}, 421, 'rebound'),
+    ]
+    for method, url, headers, status, needle in cases:
+        t0 = time.time()
+        refused(requests.request(method, url, data=body, headers=headers, timeout=10), status, needle, t0)
+    for headers in ({'Origin': f'http://127.0.0.1:{port}'}, {'Host': f'localhost:{port}'},
+                    {'Host': f'[::1]:{port}', 'Origin': f'http://[::1]:{port}'}, {'Host': '127.0.0.1'}):
+        r = requests.post(api, data=body, headers={**JSON, **headers}, timeout=30)
+        assert r.status_code == 200 and r.json()['usage']['completion_tokens'] == 3, (headers, r.text)
+        assert 'Access-Control-Allow-Origin' not in r.headers
+    assert raw(port, b'GET /health HTTP/1.1\r\n\r\n').startswith(b'HTTP/1.0 421')  # no Host at all
+
+
+def test_allow_origin_lets_one_page_call_the_api_and_binding_every_address_takes_any_name():
+    engine, _ = tiny_engine(temperature=0)
+    server = InProcessServer(engine, allow_origin=['http://localhost:3000/'])
+    api, page = f'{server.url}/v1/chat/completions', {'Origin': 'http://localhost:3000'}
+    try:
+        preflight = requests.options(api, headers={**page, 'Access-Control-Request-Method': 'POST',
+                                                   'Access-Control-Request-Headers': 'content-type'}, timeout=10)
+        assert preflight.status_code == 204 and preflight.headers['Access-Control-Allow-Origin'] == page['Origin']
+        assert 'POST' in preflight.headers['Access-Control-Allow-Methods']
+        assert 'Content-Type' in preflight.headers['Access-Control-Allow-Headers']
+        r = requests.post(api, json={'messages': user('hi'), 'max_tokens': 3}, headers=page, timeout=30)
+        assert r.status_code == 200 and r.headers['Access-Control-Allow-Origin'] == page['Origin']
+        t0 = time.time()
+        other = requests.post(api, json={'messages': user('hi')}, headers={'Origin': 'http://localhost:4000'}, timeout=10)
+        refused(other, 403, 'localhost:4000', t0)
+        assert 'Access-Control-Allow-Origin' not in other.headers
+    finally:
+        server.close()
+    everywhere = InProcessServer(engine, host='0.0.0.0')  # (reached here through loopback only)
+    try:
+        r = requests.get(f'{everywhere.url}/v1/models', headers={'Host': f'my-laptop.lan:{everywhere.port}'}, timeout=10)
+        assert r.status_code == 200 and r.json()['data'][0]['id'] == 'tiny'
+        t0 = time.time()
+        refused(requests.post(f'{everywhere.url}/v1/chat/completions', json={'messages': user('hi')},
+                              headers={'Origin': 'http://evil.example'}, timeout=10), 403, 'evil.example', t0)
+    finally:
+        everywhere.close()
+
+
+def test_each_request_s_work_and_memory_are_bounded(tiny_server):
+    import serve
+    api, port = f'{tiny_server.url}/v1/chat/completions', tiny_server.port
+    t0 = time.time()  # a body announced at 50 MB: 413 from its header, nothing of it read
+    reply = raw(port, b'POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                      b'Content-Length: 50000000\r\n\r\n{"messages": [')
+    assert reply.startswith(b'HTTP/1.0 413') and b'at most 1,048,576' in reply and time.time() - t0 < 1.5
+    t0 = time.time()
+    refused(requests.post(api, json={'messages': user('hi'), 'stop': 'x' * 300_000}, timeout=10), 400, '256 characters', t0)
+    refused(requests.post(api, json={'messages': user('hi'), 'stop': ['a'] * 5}, timeout=10), 400, 'up to 4', t0)
+    # matching stop strings looks only at the text held back, at most a stop string's length
+    pieces, held = [], []
+    stream = serve.TextStream(ByteTokenizer(), ['a' * 255 + 'b', 'c' * 256, 'ab', 'zz'], pieces.append)
+    text = ('a' * 300 + 'c' * 200 + 'z') * 40
+    for byte in text.encode():
+        stream.add(byte)
+        held.append(len(stream.held))
+    stream.finish()
+    assert ''.join(pieces) == stream.text == text and max(held) == 255
+    # open connections beyond MAX_CONNECTIONS: 503 at once; the server answers again once they close
+    idle = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(serve.MAX_CONNECTIONS)]
+    try:
+        deadline = time.time() + 10
+        while tiny_server.httpd.connections < serve.MAX_CONNECTIONS and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.time()
+        reply = raw(port, b'GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+        assert reply.startswith(b'HTTP/1.0 503') and b'open connections' in reply and time.time() - t0 < 1
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.time() + 10
+    while tiny_server.httpd.connections and time.time() < deadline:
+        time.sleep(0.01)
+    assert requests.get(f'{tiny_server.url}/health', timeout=10).json()['status'] == 'ok'
+
+
+def test_exact_answers_to_the_requests_clients_send(tiny_server):
+    api = f'{tiny_server.url}/v1/chat/completions'
+    post = lambda body: requests.post(api, json={'max_tokens': 4, **body}, timeout=30)  # noqa: E731
+    cases = [({'messages': []}, 400), ({'messages': [{'role': 'system', 'content': 'Be brief.'}]}, 200),
+             ({'messages': [{'role': 'developer', 'content': 'Be brief.'}, *user('hi')]}, 200),
+             ({'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'hi'}]}]}, 200),
+             ({'messages': user('hi'), 'n': 2}, 400)]
+    assert [post(body).status_code for body, _ in cases] == [status for _, status in cases]
+    # content as parts is the same request as content as text
+    parts = post({'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'h'}, {'type': 'text', 'text': 'i'}]}]})
+    assert parts.json()['choices'][0]['message'] == post({'messages': user('hi')}).json()['choices'][0]['message']
+    body = json.dumps({'messages': user('hi')}).encode()
+    assert raw(tiny_server.port, b'POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                                 b'Content-Type: application/json\r\n\r\n' + body).startswith(b'HTTP/1.0 411')
+
+
+def test_a_stop_string_ends_the_reply_and_never_reaches_the_client(tiny_server):
+    ask = {'messages': user('hello'), 'max_tokens': 40, 'temperature': 0}
+    api = f'{tiny_server.url}/v1/chat/completions'
+    full = requests.post(api, json=ask, timeout=30).json()['choices'][0]['message']['content']
+    assert len(full) > 12
+    stop = full[6:10]
+    answer = requests.post(api, json={**ask, 'stop': [stop, 'never there']}, timeout=30).json()
+    assert answer['choices'][0] == {'index': 0, 'finish_reason': 'stop',
+                                    'message': {'role': 'assistant', 'content': full[:full.index(stop)]}}
+    with requests.post(api, json={**ask, 'stop': stop, 'stream': True}, stream=True, timeout=30) as r:
+        chunks = stream_events(r)
+    deltas = [c['choices'][0]['delta'].get('content', '') for c in chunks]
+    assert ''.join(deltas) == full[:full.index(stop)] and chunks[-1]['choices'][0]['finish_reason'] == 'stop'
+    assert not any(stop[:2] in d for d in deltas[-2:])  # nor its start: held back, then dropped
+
+
+def test_the_same_seed_repeats_and_concurrent_greedy_clients_get_the_sequential_replies(tiny_server):
+    api = f'{tiny_server.url}/v1/chat/completions'
+    ask = lambda body: requests.post(api, json=body, timeout=60).json()['choices'][0]['message']['content']  # noqa: E731
+    sampled = {'messages': user('tell me'), 'max_tokens': 24, 'temperature': 1.0}
+    first = ask({**sampled, 'seed': 7})
+    assert ask({**sampled, 'seed': 7}) == first
+    assert len({first, *(ask({**sampled, 'seed': s}) for s in (8, 9, 10))}) > 1  # the seed is what repeats it
+    prompts = [user(f'question number {i}' + '?' * i) for i in range(6)]
+    sequential = [ask({'messages': m, 'max_tokens': 16, 'temperature': 0}) for m in prompts]
+    results = {}
+
+    def client(i):
+        results[i] = ask({'messages': prompts[i], 'max_tokens': 16, 'temperature': 0, 'stream': False})
+    threads = [threading.Thread(target=client, args=(i,)) for i in reversed(range(6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i in range(6)] == sequential and len(set(sequential)) > 1
+
+
+def test_a_model_exception_is_a_500_that_names_nothing_and_the_next_request_is_answered(capfd):
+    engine, model = tiny_engine(temperature=0)
+    server, real, failed = InProcessServer(engine), model.hidden_states, []
+
+    def fails_once(idx, kv_cache=None, slot=None):
+        if len(failed) == 0 and idx.size(1) == 1:  # in the middle of a reply, the cache half written
+            failed.append(1)
+            raise RuntimeError('cannot read /home/someone/secret')
+        return real(idx, kv_cache, slot)
+    api, ask = f'{server.url}/v1/chat/completions', {'messages': user('hello'), 'max_tokens': 12}
+    try:
+        expected = requests.post(api, json=ask, timeout=30).json()['choices'][0]['message']['content']
+        model.hidden_states = fails_once
+        t0, r = time.time(), requests.post(api, json=ask, timeout=30)
+        refused(r, 500, "the server's log says why", t0)
+        assert 'secret' not in r.text and 'RuntimeError' not in r.text
+        answer = requests.post(api, json=ask, timeout=30).json()
+        assert answer['choices'][0]['message']['content'] == expected and failed == [1]
+    finally:
+        server.close()
+    assert 'cannot read /home/someone/secret' in capfd.readouterr().err  # the log has it whole
