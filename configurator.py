@@ -111,7 +111,7 @@ def pick_device(device='auto'):
 
 def cpu_has_native_bf16():
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX: recent Xeons, AMD Zen 4+).
-    Elsewhere (AVX2-only CPUs, most laptops) bfloat16 is emulated: 10-15x slower than float32.
+    Elsewhere (AVX2-only CPUs, most laptops) bfloat16 is emulated, many times slower than float32 (RESULTS.md).
     PyTorch kernels held to AVX2 (ATEN_CPU_CAPABILITY=avx2) count as no: they cannot use it."""
     cpu = getattr(torch, 'cpu', None)
     if 'AVX512' not in torch.backends.cpu.get_cpu_capability():

@@ -336,8 +336,7 @@ class GPT(nn.Module):  # ch04: the GPT model
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
         """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
-        LayerNorm gains; the fused kernel on CUDA and CPU (one pass over all params: on 2 CPU cores
-        4x faster than the default per-tensor loop).
+        LayerNorm gains; the fused kernel on CUDA and CPU (one pass over all params, not a loop over tensors).
         optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
         head, biases, gains), as modded-nanogpt and nanochat. Muon's matrices decay too, the
         AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at Muon's larger
@@ -345,7 +344,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its learning rate relative to
         learning_rate, for the schedule. muon_dtype: what its
         Newton-Schulz iteration computes in: bfloat16 where that is native (GPUs, recent CPUs),
-        float32 where bfloat16 is emulated (AVX2 CPUs: 10x slower in bfloat16)."""
+        float32 where bfloat16 is emulated (AVX2 CPUs, where it is many times slower: RESULTS.md)."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},

@@ -27,7 +27,7 @@ top_k = 200  # sample only from the k most likely tokens (0 = all)
 top_p = 1.0  # ... and only from the smallest set holding this much probability (1.0 = all)
 seed = 1337
 device = 'auto'
-dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes per token (2.8x faster on our CPU)
+dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes each token reads
 compile = False  # torch.compile each generated token's step into one fixed graph (a CUDA graph on GPUs)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
