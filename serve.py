@@ -115,7 +115,7 @@ def check_request(body, defaults):
                                      'a number >= 0 (0 = greedy)'),
             'top_p': get_field(req, 'top_p', number, defaults['top_p'], lambda v: 0 < v <= 1, 'a number in (0, 1]'),
             'top_k': get_field(req, 'top_k', count, defaults['top_k'], lambda v: v >= 0, 'a whole number >= 0'),
-            'seed': get_field(req, 'seed', count, None, lambda v: True, 'a whole number'),
+            'seed': get_field(req, 'seed', count, None, lambda v: -2**63 <= v < 2**64, 'a 64-bit whole number'),
             'stream': get_field(req, 'stream', (bool,), False, lambda v: True, 'true or false'),
             'stop': [stop] if isinstance(stop, str) else stop}
 

@@ -163,6 +163,7 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server):
         (requests.post(api, json={**ok, 'max_tokens': True}, timeout=30), 400, "'max_tokens'"),
         (requests.post(api, json={**ok, 'stream': 'yes'}, timeout=30), 400, "'stream'"),
         (requests.post(api, json={**ok, 'stop': [1]}, timeout=30), 400, "'stop'"),
+        (requests.post(api, json={**ok, 'seed': 2 ** 70}, timeout=30), 400, "'seed'"),  # torch's seeds: 64 bits
         (requests.post(api, data=b'{"messages": "' + b'x' * (2 << 20) + b'"}', headers=JSON, timeout=30), 413,
          'at most'),
         (requests.get(f'{url}/nope', timeout=30), 404, '/nope'),
