@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
-from weights import from_pretrained, save_pretrained
+from weights import empty_model, from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory), generate (tokens/s with and without the KV cache) or optimizer
@@ -70,7 +70,7 @@ class BookGELU(nn.Module):  # ch04's GELU, the tanh approximation written out
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def manual_attention(self, x, rope=None, kv_cache=None, mask=None):  # ch03's attention: scores, mask, softmax, weighted sum
+def manual_attention(self, x, rope=None, kv_cache=None, mask=None, slot=None):  # ch03's attention: scores, mask, softmax, weighted sum
     B, T, C = x.size()
     q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
     att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
@@ -201,11 +201,7 @@ SHAPES = {  # the published configs (random weights here): what a token costs at
 
 def random_model(config, dtype):
     """A GPT of this shape with N(0, 0.02) weights made directly in dtype (no float32 copy first)."""
-    with torch.device('meta'):
-        model = GPT(config)
-    model = model.to(dtype).to_empty(device='cpu')
-    if config.tie_embeddings:
-        model.transformer.wte.weight = model.lm_head.weight
+    model = empty_model(config, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight')) \

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from configurator import atomic_write
 from model import GPT, GPTConfig, PRESETS, merged_state_dict
 
 
@@ -49,9 +50,8 @@ def save_checkpoint(ckpt, path):
     """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -96,8 +96,8 @@ def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
 def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0, headers=None):
     """Fetch url to path with requests, for real: streamed with a progress display, resumed
     and retried with backoff after a dropped connection or a 5xx, size-checked against
-    Content-Length and sha256-checked where known. The bytes go to path.part and are renamed
-    only when complete, so an interrupted download never leaves a file that looks finished.
+    Content-Length and sha256-checked where known. The bytes go to path.part, renamed only when
+    complete, and kept after a failure (unlike atomic_write's temp) for the next try to resume.
     Returns path (at once if it already exists)."""
     import hashlib
     import requests
@@ -166,34 +166,44 @@ def _progress(desc, got, total, rate, end=''):
 _ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
               'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
               'U8': torch.uint8, 'BOOL': torch.bool}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes; the hub's largest models need a few MB of names and offsets
 
 
-def load_safetensors(path):
-    """{name: tensor} from a .safetensors file: 8 bytes of little-endian header length, a JSON
-    header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes.
-    The file is memory-mapped copy-on-write: read once, never written."""
+def read_safetensors_header(path):
+    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file: 8 bytes of little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor
+    bytes. All checked before a tensor is read: the length is only the file's claim, so one past
+    SAFETENSORS_MAX_HEADER is refused unread, and every tensor must lie inside the file and fill its bytes."""
     path = Path(path)
     try:
         with open(path, 'rb') as f:
             n = int.from_bytes(f.read(8), 'little')
+            if n > SAFETENSORS_MAX_HEADER:
+                raise ValueError(f"its header claims {n:,} bytes, over the {SAFETENSORS_MAX_HEADER:,} allowed")
             header = json.loads(f.read(n))
             size = os.fstat(f.fileno()).st_size
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        tensors = {}
+        where = {}
         for name, info in header.items():
             if name == '__metadata__':
                 continue
             dtype, (begin, end) = _ST_DTYPES[info['dtype']], info['data_offsets']
-            numel = math.prod(info['shape'])
-            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == numel * dtype.itemsize):
+            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == math.prod(info['shape']) * dtype.itemsize):
                 raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
-            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=8 + n + begin) if numel else torch.empty(0, dtype=dtype)
-            tensors[name] = t.view(info['shape'])
+            where[name] = (dtype, info['shape'], 8 + n + begin)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)}); re-download or re-save it") from None
-    return tensors
+    return where
+
+
+def load_safetensors(path):
+    """{name: tensor} from a .safetensors file, memory-mapped copy-on-write: read once, never written."""
+    where = read_safetensors_header(path)
+    with open(path, 'rb') as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return {name: (torch.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=offset) if math.prod(shape)
+                   else torch.empty(0, dtype=dtype)).view(shape) for name, (dtype, shape, offset) in where.items()}
 
 
 def save_safetensors(tensors, path, metadata=None):
@@ -208,14 +218,11 @@ def save_safetensors(tensors, path, metadata=None):
         offset += flat[name].numel()
     head = json.dumps(header, separators=(',', ':')).encode()
     head += b' ' * (-len(head) % 8)  # the data starts 8-byte aligned
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         f.write(len(head).to_bytes(8, 'little'))
         f.write(head)
         for b in flat.values():
             f.write(b.numpy().data)
-    os.replace(tmp, path)
 
 
 # GPT-2 was written with "Conv1D" layers that store Linear weights transposed: (in, out).
@@ -252,8 +259,7 @@ def _gpt2_config(path, tensors):
     """GPTConfig from config.json beside the weights, else from the tensor shapes."""
     cfg_file = path.parent / 'config.json' if path.suffix == '.safetensors' else path / 'config.json'
     if cfg_file.is_file():
-        with open(cfg_file, encoding='utf-8') as f:
-            cfg = json.load(f)
+        cfg = json.loads(cfg_file.read_text(encoding='utf-8'))
         if cfg.get('model_type', 'gpt2') != 'gpt2':
             raise ValueError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not GPT-2")
         return GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
@@ -372,21 +378,12 @@ def llama_config(hf):
 
 class SafetensorsFiles:
     """The tensors of one or more .safetensors files, read on demand: the header of each file is
-    parsed up front, the bytes of a tensor only when it is copied into the model. So loading
-    holds the weights once, in the model (the book's memory-efficient loading bonus)."""
+    parsed up front, the bytes of a tensor only when it is copied into the model, so loading holds the
+    weights once (the book's memory-efficient loading bonus; a memory map would add the file's pages)."""
 
     def __init__(self, paths):
-        self.where = {}  # name -> (path, dtype, shape, byte offset)
-        for path in paths:
-            with open(path, 'rb') as f:
-                n = int.from_bytes(f.read(8), 'little')
-                try:
-                    header = json.loads(f.read(n))
-                except ValueError:
-                    raise ValueError(f"{path} is not a valid safetensors file (bad header); re-download it") from None
-            for name, info in header.items():
-                if name != '__metadata__':
-                    self.where[name] = (path, _ST_DTYPES[info['dtype']], info['shape'], 8 + n + info['data_offsets'][0])
+        self.where = {name: (path, *entry) for path in paths  # name -> (path, dtype, shape, byte offset)
+                      for name, entry in read_safetensors_header(path).items()}
 
     def copy_into(self, name, out):
         """Read tensor `name` into the tensor `out` (its shape; its dtype, converting if they differ)."""
@@ -395,9 +392,8 @@ class SafetensorsFiles:
             raise ValueError(f"{name} has shape {tuple(shape)} in {path.name}, the model expects {tuple(out.shape)}")
         target = out if out.dtype == dtype else torch.empty(shape, dtype=dtype)
         with open(path, 'rb') as f:
-            f.seek(offset)
-            if f.readinto(target.view(torch.uint8).numpy() if target.numel() else bytearray()) != target.numel() * dtype.itemsize:
-                raise ValueError(f"{path} is truncated at {name}; re-download it")
+            f.seek(offset)  # the header was checked: the bytes are there
+            f.readinto(target.view(torch.uint8).numpy() if target.numel() else bytearray())
         if target is not out:
             out.copy_(target)
 
@@ -410,19 +406,25 @@ def weight_files(folder):
     return [folder / 'model.safetensors']
 
 
+def empty_model(config, dtype):
+    """A GPT on the CPU in dtype for the caller to fill: no memory or random init spent on the meta device."""
+    with torch.device('meta'):
+        model = GPT(config)
+    model = model.to(dtype).to_empty(device='cpu')
+    if config.tie_embeddings:  # to_empty gives every parameter new storage: tie again
+        model.transformer.wte.weight = model.lm_head.weight
+    if config.pos_emb == 'rope':
+        model.init_rope()  # and leaves the RoPE tables empty
+    return model
+
+
 def load_llama(folder, hf, dtype=None, **overrides):
-    """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder. Built on the meta device
-    (no memory, no random init), then each parameter is filled straight from the files."""
+    """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder, each parameter read from the files."""
     config = llama_config(hf)
     config.dropout = overrides.get('dropout', 0.0)
     files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
     file_dtype = files.where[HF_NAMES['transformer.wte.weight'][0]][1]  # the embedding's (norms may be kept in float32)
-    with torch.device('meta'):
-        model = GPT(config)
-    model = model.to(dtype or file_dtype).to_empty(device='cpu')
-    if config.tie_embeddings:  # to_empty gives every parameter new storage: tie again
-        model.transformer.wte.weight = model.lm_head.weight
-    model.init_rope()  # and leaves the RoPE tables empty
+    model = empty_model(config, dtype or file_dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied head is not listed twice
             parts = hf_names(name)
@@ -528,9 +530,8 @@ def save_pretrained(model, folder, tokenizer_json=None):
                      embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
                      initializer_range=0.02, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
                      tie_word_embeddings=True)
-    tmp = folder / 'config.json.tmp'
-    tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
-    os.replace(tmp, folder / 'config.json')
+    with atomic_write(folder / 'config.json') as tmp:
+        tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
 
 
 def save_llama(model, folder):
@@ -559,16 +560,15 @@ def save_llama(model, folder):
               rope_theta=cfg.rope_theta, rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
               tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
               attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
-    tmp = folder / 'config.json.tmp'
-    tmp.write_text(json.dumps(hf, indent=2), encoding='utf-8')
-    os.replace(tmp, folder / 'config.json')
+    with atomic_write(folder / 'config.json') as tmp:
+        tmp.write_text(json.dumps(hf, indent=2), encoding='utf-8')
 
 
 def load_pretrained(init_from, dtype=None, **overrides):
     """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
     it), a Llama-family name or hub id, or Hugging Face-layout weights (a folder or .safetensors
     file): the starting point every script accepts. info: {'tokenizer': what
-    prepare_data.get_tokenizer takes (a name, the model's folder, or the spec a checkpoint
+    tokenizer.get_tokenizer takes (a name, the model's folder, or the spec a checkpoint
     carries), 'prompt_style': the instruction template a fine-tuned checkpoint was trained with,
     or None}."""
     path = Path(init_from)

@@ -77,3 +77,20 @@ def test_from_pretrained_downloads_gpt2_once_then_works_offline(server, tmp_path
     assert sorted(p.name for p in (tmp_path / 'cache' / 'gpt2').iterdir()) == ['config.json', 'model.safetensors']
     server.close()  # offline from now on
     assert torch.equal(from_pretrained('gpt2')(ids)[0], ref(ids)[0])
+
+
+@pytest.mark.parametrize('family', ['tiny-gpt2', 'tiny-qwen3'])  # the whole-file reader and the on-demand one
+def test_a_safetensors_header_claiming_too_many_bytes_is_refused_unread(tmp_path, family):
+    import shutil
+    import tracemalloc
+    folder = tmp_path / family
+    shutil.copytree(FIXTURES / family, folder)
+    for claim in (weights.SAFETENSORS_MAX_HEADER + 1, 2**64 - 1):
+        (folder / 'model.safetensors').write_bytes(claim.to_bytes(8, 'little') + b'{"a": 1}')
+        tracemalloc.start()
+        with pytest.raises(ValueError) as e:
+            from_pretrained(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert f"model.safetensors is not a valid safetensors file (its header claims {claim:,} bytes" in str(e.value)
+        assert '\n' not in str(e.value) and peak < 2**20, peak  # nothing the size of the claim was allocated

@@ -28,6 +28,22 @@ def test_bench_runs_a_tiny_config_in_both_modes():
     assert gen.returncode == 0 and 'KV cache == no cache: True' in gen.stdout, gen.stdout + gen.stderr
 
 
+@pytest.mark.parametrize('shape', ['qwen3-0.6b', 'llama-3.2-1b', 'smollm2-135m'])
+def test_bench_shape_model_gives_a_normally_built_gpts_logits(shape):
+    # bench.py --shape's model (built on the meta device) against GPT(config) holding the same weights:
+    # the RoPE tables, which are no weights, must be computed too (Llama 3's scaled ones included)
+    import dataclasses
+    import bench
+    config = dataclasses.replace(bench.SHAPES[shape], vocab_size=128, block_size=64, n_layer=2, n_embd=64,
+                                 n_head=4, n_kv_head=2, head_dim=16, mlp_hidden=96)
+    torch.manual_seed(0)
+    model = bench.random_model(config, torch.float32).eval()
+    ref = GPT(config).eval()
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 128, (2, 48))
+    assert torch.allclose(model(idx)[0], ref(idx)[0], atol=1e-6)
+
+
 def test_the_books_slow_blocks_compute_the_same_function():
     import bench
     model = tiny().eval()
