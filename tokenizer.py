@@ -98,8 +98,11 @@ def vocab_ranks(model, special_ids, label):
     """tiktoken's ranks {token bytes: id} from a tokenizer.json's BPE model. tiktoken merges the adjacent pair
     whose joined bytes have the lowest id, the model the pair listed first in its merges: that is one rule when
     the merges make tokens in id order and every token of two or more bytes is made by one; checked here."""
-    if model.get('type') != 'BPE' or model.get('byte_fallback') or model.get('continuing_subword_prefix') \
-            or model.get('end_of_word_suffix'):
+    if model.get('byte_fallback'):  # unknown text falls back to <0x..> byte tokens: not bytes merged by BPE
+        raise ValueError(f"tokenizer {label}: a BPE with byte_fallback (SentencePiece style, as Llama 2's or "
+                         "Mistral's) is not byte-level; only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 "
+                         "style) can be read")
+    if model.get('type') != 'BPE' or model.get('continuing_subword_prefix') or model.get('end_of_word_suffix'):
         raise ValueError(f"tokenizer {label}: not a byte-level BPE (model {model.get('type')}); only those "
                          "(GPT-2, Llama 3, Qwen, SmolLM2 style) can be read")
     to_byte = {char: b for b, char in byte_to_unicode().items()}
@@ -199,8 +202,10 @@ class JsonTokenizer:
         self.forms = normal_forms(config.get('normalizer'), label)
         self.enc = tiktoken.Encoding(self.name, pat_str=split_pattern(config.get('pre_tokenizer'), label),
                                      mergeable_ranks=ranks, special_tokens=specials)
-        self.special_ids = set(specials.values())
-        self.vocab_size = max([*ranks.values(), *self.special_ids]) + 1
+        # every added token is cut out whole (Qwen3's <think>, special false, is one id as in the tokenizers
+        # library); only those marked special are control tokens: a non-special one is text, its bytes count
+        self.special_ids = {token['id'] for token in config.get('added_tokens') or [] if token.get('special', True)}
+        self.vocab_size = max([*ranks.values(), *specials.values()]) + 1
         self.eot_id = next((specials[token] for token in END_OF_TEXT_TOKENS if token in specials), None)
         if self.eot_id is None:
             raise ValueError(f"tokenizer {label}: it has no end-of-text token ({' or '.join(END_OF_TEXT_TOKENS)})")

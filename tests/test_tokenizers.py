@@ -4,6 +4,7 @@ our own BPE trainer, wide (uint32) shards, and the chat formats. The tests that 
 or transformers themselves skip where those are not installed; the others compare with ids they stored."""
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -107,6 +108,55 @@ def test_token_bytes_gpt2():
     assert lengths[15496] == len('Hello')
 
 
+def qwen3_layout():
+    """The qwen2 fixture with Qwen3's reasoning tokens added as Qwen3's tokenizer.json has them: added tokens
+    that are not special (special false, normalized false)."""
+    config = json.loads((TOKENIZERS / 'qwen2' / 'tokenizer.json').read_text(encoding='utf-8'))
+    for i, content in enumerate(('<think>', '</think>')):
+        config['added_tokens'].append({'id': 659 + i, 'content': content, 'single_word': False, 'lstrip': False,
+                                       'rstrip': False, 'normalized': False, 'special': False})
+    return json.dumps(config)
+
+
+def test_non_special_added_tokens_are_one_id_each_and_count_as_text():
+    tok, qwen2 = get_tokenizer({'name': 'qwen3', 'json': qwen3_layout()}), get_tokenizer(TOKENIZERS / 'qwen2')
+    think, end_think = 659, 660
+    assert tok.encode('<think>') == [think] and tok.encode('a</think>b') == [*qwen2.encode('a'), end_think, *qwen2.encode('b')]
+    # as the tokenizers library: the added tokens are cut out first, the text between encoded on its own
+    text = '<think>\nLet me see: 12 + 30 = 42.</think>\n\nThe answer is 42.<|im_end|>'
+    ids = [think, *qwen2.encode('\nLet me see: 12 + 30 = 42.'), end_think, *qwen2.encode('\n\nThe answer is 42.<|im_end|>')]
+    assert tok.encode(text) == ids and tok.decode(ids) == text
+    assert tok.special_ids == qwen2.special_ids and tok.vocab_size == 661  # <think> is text, not a control token
+    lengths = token_bytes(tok)
+    assert lengths[think] == len('<think>') and lengths[end_think] == len('</think>')  # bits per byte count them
+    tokenizers = pytest.importorskip('tokenizers')
+    hf = tokenizers.Tokenizer.from_str(qwen3_layout())
+    for sample in random_texts(seed=11, n=100):
+        sample = sample[:10] + '<think>' + sample[10:30] + '</think>' + sample[30:]
+        assert tok.encode(sample) == hf.encode(sample, add_special_tokens=False).ids, sample
+
+
+def test_byte_fallback_tokenizer_is_refused_in_one_line(tmp_path):
+    """Llama 2's or Mistral's tokenizer.json (SentencePiece BPE: '▁' for spaces, <0x41> byte tokens for text
+    its vocabulary lacks) is not byte-level BPE: refused with the reason, not misread."""
+    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'<0x{b:02X}>': 3 + b for b in range(256)}, '▁': 259, 't': 260,
+             'h': 261, '▁t': 262, '▁th': 263}
+    config = {'version': '1.0', 'added_tokens': [{'id': i, 'content': t, 'special': True} for t, i in list(vocab.items())[:3]],
+              'normalizer': {'type': 'Sequence', 'normalizers': [{'type': 'Prepend', 'prepend': '▁'},
+                                                                 {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]},
+              'pre_tokenizer': None,
+              'model': {'type': 'BPE', 'byte_fallback': True, 'fuse_unk': True, 'unk_token': '<unk>', 'vocab': vocab,
+                        'merges': ['▁ t', '▁t h']}}
+    (tmp_path / 'llama2').mkdir()
+    (tmp_path / 'llama2' / 'tokenizer.json').write_text(json.dumps(config), encoding='utf-8')
+    with pytest.raises(ValueError, match="byte_fallback .* is not byte-level") as error:
+        get_tokenizer(tmp_path / 'llama2')
+    assert '\n' not in str(error.value)
+    (tmp_path / 'in.txt').write_text('some text\n' * 10, encoding='utf-8')
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', f'--tokenizer={tmp_path / "llama2"}',
+                                     f'--data_dir={tmp_path}/d'), 'byte_fallback')
+
+
 def test_unreadable_tokenizers_give_one_clear_error(tmp_path):
     config = json.loads((TOKENIZERS / 'gpt2' / 'tokenizer.json').read_text(encoding='utf-8'))
 
@@ -157,6 +207,45 @@ def test_train_bpe_learns_merges_any_text_encodes_and_is_deterministic():
     config = json.loads(first)
     assert config['pre_tokenizer']['pretokenizers'][0]['pattern']['Regex'] == tokenizer.GPT4_PATTERN
     assert len(config['model']['merges']) == 600 - 257
+
+
+def naive_bpe(text, n_merges, pattern):
+    """The book's BPE training the plainest way: before every merge, count every adjacent pair in every chunk
+    of the text again; merge the most frequent (ties: the smallest pair of ids) left to right everywhere.
+    Returns the merges as (bytes, bytes) and how many of them a tie decided."""
+    import regex
+    words = [list(chunk.encode('utf-8')) for chunk in regex.findall(pattern, text)]
+    tokens, merges, ties = [bytes([b]) for b in range(256)], [], 0
+    for _ in range(n_merges):
+        counts = Counter(pair for word in words for pair in zip(word, word[1:]))
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        ties += list(counts.values()).count(counts[best]) > 1
+        for i, word in enumerate(words):
+            merged, j = [], 0
+            while j < len(word):
+                if tuple(word[j:j + 2]) == best:
+                    merged.append(len(tokens))
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            words[i] = merged
+        merges.append((tokens[best[0]], tokens[best[1]]))
+        tokens.append(tokens[best[0]] + tokens[best[1]])
+    return merges, ties
+
+
+def test_train_bpe_merges_equal_a_naive_recount_of_every_pair():
+    """train_bpe counts each distinct chunk once and updates only the chunks a merge touched; a recount of
+    everything before each merge must pick the same 300 merges in the same order."""
+    text = pydoc_text()[:30000] + ' aaaaaaa bbbbbb aaaa' * 20  # runs of one byte: overlapping pairs
+    expected, ties = naive_bpe(text, 300, tokenizer.GPT4_PATTERN)
+    assert ties > 50 and any(first == second for first, second in expected)  # the tie rule and 'aa' + 'aa' matter
+    to_byte = {char: b for b, char in tokenizer.byte_to_unicode().items()}
+    merges = json.loads(train_bpe([text], 257 + 300, quiet=True))['model']['merges']
+    ours = [tuple(bytes(to_byte[char] for char in part) for part in merge.split(' ')) for merge in merges]
+    first_difference = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), None)
+    assert first_difference is None and len(ours) == 300, (first_difference, ours[first_difference or 0])
 
 
 def test_train_bpe_refuses_sizes_it_cannot_make():
