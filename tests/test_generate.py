@@ -77,13 +77,13 @@ def test_compiled_step_equals_eager_and_compiles_once():
 
 def sliding_window_reference(model, prompts, T, n):
     """The n greedy tokens after the left-padded prompts (padded to T), computed without a cache: when the text
-    outgrows the window, the window restarts from its last half, and each row reads its own tokens in the window
-    (never padding) from position 0."""
+    outgrows the window, the window restarts from its last half (a prompt longer than the window: from its last
+    window tokens), and each row reads its own tokens in the window (never padding) from position 0."""
     window, rows, offset = model.config.block_size, [p.tolist() for p in prompts], 0
     pads = [T - len(p) for p in prompts]
     for length in range(T, T + n):
         if length - offset > window:
-            offset = length - window // 2
+            offset = length - (window if length == T else window // 2)
         for row, pad in zip(rows, pads):
             start = max(offset - pad, 0)  # where the window starts among the row's own tokens
             row.append(int(model(torch.tensor([row[start:]]))[0][0, -1].argmax()))

@@ -20,6 +20,21 @@ def tiny(**kw):
     return GPT(GPTConfig(**{**dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=32), **kw})).eval()
 
 
+def varied(**kw):
+    """tiny() with its matrices spread 10x: GPT-2's small init repeats one token whatever it reads, which would
+    hide a cache or a window that feeds it the wrong context; this one's next token depends on the context."""
+    model = tiny(**kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+def assert_varied(ids, at_least=8):
+    assert len(set(ids.flatten().tolist())) >= at_least, ids  # not one token repeated
+
+
 def test_parameter_counts_match_gpt2():
     assert GPT(GPTConfig()).get_num_params() == 124_439_808           # GPT-2 124M, biases, tied head
     model = GPT(GPTConfig())
@@ -175,17 +190,19 @@ def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
 
 @pytest.mark.parametrize('batch', [1, 3])
 def test_kv_cache_equals_no_cache(batch):
-    model = tiny()
+    model = varied()
     idx = torch.randint(0, 96, (batch, 7))
     a = model.generate(idx, 25, temperature=0)
     b = model.generate(idx, 25, temperature=0, use_cache=False)
     assert torch.equal(a, b) and a.shape == (batch, 32)
+    assert_varied(a[:, 7:])
     for top_k, top_p in ((None, None), (10, None), (None, 0.8), (20, 0.9)):
         torch.manual_seed(123)
         a = model.generate(idx, 25, temperature=1.3, top_k=top_k, top_p=top_p)
         torch.manual_seed(123)
         b = model.generate(idx, 25, temperature=1.3, top_k=top_k, top_p=top_p, use_cache=False)
         assert torch.equal(a, b)
+        assert_varied(a[:, 7:])
 
 
 def test_cached_logits_equal_full_forward():
@@ -200,17 +217,22 @@ def test_cached_logits_equal_full_forward():
 
 
 def test_generation_past_block_size_and_eos():
-    model = tiny()
+    from test_generate import sliding_window_reference
+    model = varied()
     idx = torch.randint(0, 96, (2, 40))   # longer than the context: cropped
     out = model.generate(idx, 70, temperature=0)
     assert out.shape == (2, 110) and torch.equal(out[:, :40], idx)
+    assert torch.equal(out[:, 40:], sliding_window_reference(model, list(idx), 40, 70))  # the window slid 6 times
+    assert_varied(out[:, 40:])
     # eos: each row stops when it emits it; finished rows are padded with it
     first = model.generate(idx[:, :5], 10, temperature=0)
-    eos = int(first[0, 7])             # row 0 emits this at its 3rd new token
+    row0, row1 = first[0, 5:].tolist(), first[1, 5:].tolist()
+    assert_varied(first[:, 5:], at_least=3)
+    at = next(i for i in range(2, 10) if row0[i] not in row0[:i] + row1)  # row 0's first, row 1 never
+    eos = row0[at]
     out = model.generate(idx[:, :5], 10, temperature=0, eos_id=eos)
-    assert (out[0, 8:] == eos).all() and torch.equal(out[0, :8], first[0, :8])
-    if (first[1, 5:] != eos).all():   # row 1 never emits it: runs to the end, unchanged
-        assert torch.equal(out[1], first[1])
+    assert (out[0, 6 + at:] == eos).all() and torch.equal(out[0, :6 + at], first[0, :6 + at])
+    assert torch.equal(out[1], first[1])  # row 1 never emits it: runs to the end, unchanged
     seen = []
     model.generate(idx[:, :5], 6, temperature=0, on_token=seen.append)
     assert len(seen) == 6 and torch.equal(torch.stack(seen, 1), first[:, 5:11])
