@@ -41,7 +41,6 @@ def test_the_book_chain_in_miniature(tmp_path):
     assert cls.returncode == 0, cls.stderr
     assert f"{out}/pretrain: {n_params + 32 * 2 + 2:,} parameters" in cls.stdout  # the pretrained model + a 2-class head
     metrics = json.loads((out / 'classify' / 'metrics.json').read_text())
-    assert 0.0 <= metrics['test_accuracy'] <= 1.0
     # one epoch of 7 steps leaves it near chance (measured 0.44 of 16 test texts), so the accuracy is checked
     # against the saved classifier run here on each test text alone (no padding, no batches)
     model, tok, ckpt = fc.load_classifier(out / 'classify' / 'classifier.pt', 'cpu')
