@@ -12,13 +12,14 @@ import os
 import sys
 import time
 import zipfile
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, setup, die, maybe_compile, optimizer_step
+from configurator import atomic_write, configure, setup, die, maybe_compile, optimizer_step, save_plot
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict
 from weights import download, load_checkpoint, load_pretrained, load_state_dict_checked, save_checkpoint
 from tokenizer import get_tokenizer
@@ -87,11 +88,10 @@ def extract_sms_spam(zip_path, dest):
             member = next((n for n in z.namelist() if n.endswith('SMSSpamCollection')), None)
             if member is None:
                 raise ValueError(f"{zip_path} holds no SMSSpamCollection file")
-            tmp = Path(str(dest) + '.tmp')
-            tmp.write_bytes(z.read(member))
+            with atomic_write(dest) as tmp:
+                tmp.write_bytes(z.read(member))
     except zipfile.BadZipFile:
         raise ValueError(f"{zip_path} is not a valid zip file; delete it to download it again") from None
-    os.replace(tmp, dest)
     return dest
 
 
@@ -200,9 +200,7 @@ def evaluate(model, split, dev, ctx, num_batches=None):
     """(loss, accuracy) over the first num_batches batches of a split (all if None)."""
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
-    for i, (x, lengths, y) in enumerate(batches(split)):
-        if num_batches is not None and i >= num_batches:
-            break
+    for x, lengths, y in islice(batches(split), num_batches):
         x, lengths, y = x.to(dev), lengths.to(dev), y.to(dev)
         with ctx:
             logits = classify_logits(model, x, lengths, pool).float()
@@ -224,46 +222,22 @@ def load_classifier(path, dev):
     return model.to(dev).eval(), get_tokenizer(ckpt['tokenizer']), ckpt
 
 
-def save_plot(history, path):
+def print_prediction(text, dev, ctx):
+    """The label out_dir/classifier.pt gives a text, with its probability."""
     try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ('loss', 'accuracy')):
-        rows = [h for h in history if f'train_{key}' in h]
-        ax.plot([h['step'] for h in rows], [h[f'train_{key}'] for h in rows], label=f'Training {key}')
-        ax.plot([h['step'] for h in rows], [h[f'val_{key}'] for h in rows], linestyle='-.', label=f'Validation {key}')
-        ax.set_xlabel('Step')
-        ax.set_ylabel(key.capitalize())
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', dev)
+    except (OSError, ValueError) as e:
+        die(e)
+    ids = tokenizer.encode(text)[:ckpt['max_length']] or [tokenizer.eot_id]
+    with torch.no_grad(), ctx:
+        probs = F.softmax(classify_logits(model, torch.tensor([ids], device=dev),
+                                          torch.tensor([len(ids)], device=dev), ckpt['pool']).float(), -1)[0]
+    best = int(probs.argmax())
+    print(f"{ckpt['labels'][best]} ({probs[best].item():.3f})")
 
 
-def main():
-    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
-    if trainable not in ('last_block', 'all', 'head', 'lora'):
-        die(f"--trainable={trainable}: use last_block, all, head or lora")
-    if pool not in ('last', 'mean'):
-        die(f"--pool={pool}: use last or mean")
-    if classify:  # use a trained classifier
-        try:
-            model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', dev)
-        except (OSError, ValueError) as e:
-            die(e)
-        ids = tokenizer.encode(classify)[:ckpt['max_length']] or [tokenizer.eot_id]
-        with torch.no_grad(), ctx:
-            probs = F.softmax(classify_logits(model, torch.tensor([ids], device=dev),
-                                              torch.tensor([len(ids)], device=dev), ckpt['pool']).float(), -1)[0]
-        best = int(probs.argmax())
-        print(f"{ckpt['labels'][best]} ({probs[best].item():.3f})")
-        return
-
-    # data
+def load_data():
+    """(rows, sorted labels, the balanced train/val/test splits) of --data, or of UCI's data set."""
     try:
         rows = read_labelled(data or download_sms_spam(data_dir))
     except (OSError, ValueError) as e:
@@ -274,8 +248,12 @@ def main():
     splits = balance_and_split(rows, labels, seed)
     if min(len(s) for s in splits.values()) == 0:
         die(f"{data or 'the data'} has too few texts ({len(rows)}) to split 70/10/20; give more")
+    return rows, labels, splits
 
-    # model: a pretrained GPT whose output head is replaced by n_embd -> num_classes
+
+def load_model(labels):
+    """(model, tokenizer): a pretrained GPT whose output head is replaced by n_embd -> num_classes,
+    or the classifier of out_dir to train further (on CPU)."""
     try:
         if init_from == 'resume':
             model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', 'cpu')
@@ -294,6 +272,19 @@ def main():
             model.lm_head = nn.Linear(model.config.n_embd, len(labels))  # the classification head (6.5)
     except (OSError, ValueError) as e:
         die(e)
+    return model, tokenizer
+
+
+def main():
+    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
+    if trainable not in ('last_block', 'all', 'head', 'lora'):
+        die(f"--trainable={trainable}: use last_block, all, head or lora")
+    if pool not in ('last', 'mean'):
+        die(f"--pool={pool}: use last or mean")
+    if classify:  # use a trained classifier
+        return print_prediction(classify, dev, ctx)
+    rows, labels, splits = load_data()
+    model, tokenizer = load_model(labels)
     set_trainable(model, trainable)
     model.to(dev)
     label_ids = {label: i for i, label in enumerate(labels)}
@@ -341,12 +332,16 @@ def main():
     for name in ('train', 'val', 'test'):
         metrics[f'{name}_loss'], metrics[f'{name}_accuracy'] = evaluate(model, enc[name], dev, ctx)
     print(' | '.join(f"{n} accuracy {100 * metrics[f'{n}_accuracy']:.2f}%" for n in ('train', 'val', 'test')))
-    with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:
-        json.dump({**metrics, 'labels': labels, 'init_from': init_from, 'trainable': trainable, 'pool': pool}, f, indent=2)
+    with atomic_write(Path(out_dir) / 'metrics.json') as tmp:
+        tmp.write_text(json.dumps({**metrics, 'labels': labels, 'init_from': init_from, 'trainable': trainable,
+                                   'pool': pool}, indent=2), encoding='utf-8')
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
                      'tokenizer': tokenizer.spec, 'labels': labels, 'max_length': length, 'pool': pool,
                      'metrics': metrics}, Path(out_dir) / 'classifier.pt')
-    save_plot(history, Path(out_dir) / 'accuracy-loss.png')
+    accuracies = [h for h in history if 'train_accuracy' in h]  # the epochs' ends; every row has losses
+    save_plot(Path(out_dir) / 'accuracy-loss.png', 'Step', [
+        (name, [h['step'] for h in points], [h[f'train_{key}'] for h in points], [h[f'val_{key}'] for h in points])
+        for name, key, points in (('Loss', 'loss', history), ('Accuracy', 'accuracy', accuracies))])
     print(f"saved {out_dir}/classifier.pt; try --init_from=resume --classify=\"Congratulations, you won!\"")
 
 

@@ -12,12 +12,13 @@ import os
 import re
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
+from configurator import atomic_write, configure, config_keys, setup, die, maybe_compile, optimizer_step
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict, set_lora_enabled
 from weights import download, load_pretrained, save_checkpoint
 from tokenizer import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
@@ -71,7 +72,7 @@ DATA = {  # method: (url, file name, sha256) of the book's data sets
 }
 
 
-# -------------------------------------------------------------------- data (7.2-7.3)
+# -------------------------------------------------------------------- data (ch07 7.2-7.3)
 
 def read_entries(path, required=('instruction', 'input', 'output')):
     """Entries from a JSON list or JSONL file; one missing a field stops with its index."""
@@ -141,9 +142,7 @@ def evaluate(model, encoded, pad_id, max_len, dev, ctx, num_batches=None):
     """Mean loss over the first num_batches batches (all if None)."""
     model.eval()
     losses = []
-    for i, batch in enumerate(batches(encoded)):
-        if num_batches is not None and i >= num_batches:
-            break
+    for batch in islice(batches(encoded), num_batches):
         with ctx:
             losses.append(model(*collate(batch, pad_id, max_len, mask_inputs, dev))[1].item())
     model.train()
@@ -219,9 +218,7 @@ def dpo_evaluate(model, reference, encoded, pad_id, max_len, dev, ctx, num_batch
     """Mean DPO loss, reward margin (chosen - rejected) and reward accuracy (chosen > rejected)."""
     model.eval()
     losses, margins, wins = [], [], []
-    for i, batch in enumerate(batches(encoded)):
-        if num_batches is not None and i >= num_batches:
-            break
+    for batch in islice(batches(encoded), num_batches):
         with ctx:
             loss, chosen, rejected = dpo_batch(model, reference, batch, pad_id, max_len, dev)
         losses.append(loss.item())
@@ -232,7 +229,7 @@ def dpo_evaluate(model, reference, encoded, pad_id, max_len, dev, ctx, num_batch
             'reward_accuracy': sum(wins) / len(wins)}
 
 
-# -------------------------------------------------------------------- judging (7.8)
+# -------------------------------------------------------------------- judging (ch07 7.8)
 
 def judge_prompt(entry):
     """The book's scoring prompt (7.8)."""
@@ -308,17 +305,44 @@ def score_responses(entries, url, model, kind='ollama'):
     return scores
 
 
-def main():
-    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
-    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
-    if prompt_style not in PROMPT_STYLES:
-        die(f"--prompt_style={prompt_style}: use {', '.join(PROMPT_STYLES)}")
-    if judge not in ('ollama', 'openai', 'none'):
-        die(f"--judge={judge}: use ollama, openai or none")
-    if method not in DATA:
-        die(f"--method={method}: use sft or dpo")
-    if gen_batch_size < 1:
-        die(f"--gen_batch_size={gen_batch_size}: give at least 1")
+def judge_responses(test, metrics):
+    """The judge's scores, added to out_dir's test_responses.json and metrics.json."""
+    try:
+        scores = score_responses(test, judge_url, judge_model, judge)
+    except OSError as e:
+        die(e)
+    valid = [s for s in scores if s is not None]
+    for entry, score in zip(test, scores):
+        entry['judge_score'] = score
+    write_json('test_responses.json', test)
+    metrics.update(judge_score=sum(valid) / len(valid) if valid else None, judge_scored=len(valid),
+                   judge_model=judge_model)
+    write_json('metrics.json', metrics)
+    print(f"judge {judge_model}: average score {metrics['judge_score']} over {len(valid)} of {len(test)} responses"
+          + (f" ({len(test) - len(valid)} answers held no number)" if len(valid) < len(test) else ""))
+
+
+# -------------------------------------------------------------------- the run
+
+def write_json(name, obj):
+    with atomic_write(Path(out_dir) / name) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2), encoding='utf-8')
+
+
+def save_responses(model, test, tokenizer, dev, ctx):
+    """The test entries with their model_response (ch07 7.7), also written to out_dir/test_responses.json."""
+    for i in range(0, len(test), gen_batch_size):
+        batch = test[i:i + gen_batch_size]
+        for entry, response in zip(batch, respond_batch(model, batch, tokenizer, prompt_style, dev, ctx, max_new_tokens)):
+            entry['model_response'] = response
+        print(f"\rresponses {i + len(batch)}/{len(test)}", end='', file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    write_json('test_responses.json', test)
+    return test
+
+
+def load_splits():
+    """The train/test/val entries of --data, or of the book's file for --method."""
     try:
         url, name, sha = DATA[method]
         path = data or download(url, Path(data_dir) / name, sha256=sha)
@@ -328,7 +352,11 @@ def main():
         die(e)
     if min(len(s) for s in splits.values()) == 0:
         die(f"{path} has too few entries ({sum(map(len, splits.values()))}) to split 85/10/5; give at least 20")
+    return splits
 
+
+def load_model():
+    """(model on the CPU, its tokenizer, the padding id) of --init_from."""
     try:
         if init_from == 'scratch':
             tokenizer = get_tokenizer('gpt2')
@@ -340,9 +368,24 @@ def main():
             tokenizer = get_tokenizer(info['tokenizer'])
         # padding, and the first pad the target the model learns to stop with: end-of-text (alpaca, phi3),
         # or the chat format's end of a turn (<|eot_id|>, <|im_end|>)
-        pad_id = response_end_id(tokenizer, prompt_style)
+        return model, tokenizer, response_end_id(tokenizer, prompt_style)
     except (OSError, ValueError) as e:
         die(e)
+
+
+def main():
+    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
+    if prompt_style not in PROMPT_STYLES:
+        die(f"--prompt_style={prompt_style}: use {', '.join(PROMPT_STYLES)}")
+    if judge not in ('ollama', 'openai', 'none'):
+        die(f"--judge={judge}: use ollama, openai or none")
+    if method not in DATA:
+        die(f"--method={method}: use sft or dpo")
+    if gen_batch_size < 1:
+        die(f"--gen_batch_size={gen_batch_size}: give at least 1")
+    splits = load_splits()
+    model, tokenizer, pad_id = load_model()
     reference = None  # dpo: the frozen model the policy is measured against
     if method == 'dpo' and lora_rank == 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False).to(dev)
@@ -351,24 +394,16 @@ def main():
     model.to(dev)
     max_len = min(allowed_max_length, model.config.block_size)  # longer examples are truncated
     train_model = maybe_compile(model, compile, device_type)
-    if method == 'sft':
-        enc = {name: [encode_entry(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
-        lr = learning_rate
+    encode = encode_pair if method == 'dpo' else encode_entry
+    enc = {name: [encode(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
 
-        def batch_loss(batch):
-            return train_model(*collate(batch, pad_id, max_len, mask_inputs, dev))[1]
+    def batch_loss(batch):  # the DPO loss, or the next-token loss of the book's calc_loss_batch
+        return (dpo_batch(train_model, reference, batch, pad_id, max_len, dev)[0] if method == 'dpo'
+                else train_model(*collate(batch, pad_id, max_len, mask_inputs, dev))[1])
 
-        def measure(split, n=None):
-            return {'loss': evaluate(model, enc[split], pad_id, max_len, dev, ctx, n)}
-    else:
-        enc = {name: [encode_pair(e, tokenizer, prompt_style) for e in entries] for name, entries in splits.items()}
-        lr = dpo_learning_rate
-
-        def batch_loss(batch):
-            return dpo_batch(train_model, reference, batch, pad_id, max_len, dev)[0]
-
-        def measure(split, n=None):
-            return dpo_evaluate(model, reference, enc[split], pad_id, max_len, dev, ctx, n)
+    def measure(split, n=None):  # {loss} for sft; dpo adds the rewards' margin and accuracy
+        return (dpo_evaluate(model, reference, enc[split], pad_id, max_len, dev, ctx, n) if method == 'dpo'
+                else {'loss': evaluate(model, enc[split], pad_id, max_len, dev, ctx, n)})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{sum(map(len, splits.values()))} entries: {len(splits['train'])} train, {len(splits['val'])} val, "
           f"{len(splits['test'])} test ({method}, {prompt_style} prompts{', inputs masked' if mask_inputs else ''})\n"
@@ -376,6 +411,7 @@ def main():
           f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}; {dev} {amp_dtype}")
 
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = dpo_learning_rate if method == 'dpo' else learning_rate
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type in FUSED_ADAMW_DEVICES)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     shuffle = torch.Generator().manual_seed(seed)
@@ -403,44 +439,16 @@ def main():
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
                      'tokenizer': tokenizer.spec, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
                      'config': config}, Path(out_dir) / 'ckpt.pt')
-
-    # responses for the test split (7.7), kept even if the judge fails
-    test = splits['test'][:eval_limit or None]
-    for i in range(0, len(test), gen_batch_size):
-        batch = test[i:i + gen_batch_size]
-        for entry, response in zip(batch, respond_batch(model, batch, tokenizer, prompt_style, dev, ctx, max_new_tokens)):
-            entry['model_response'] = response
-        print(f"\rresponses {i + len(batch)}/{len(test)}", end='', file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
-        json.dump(test, f, indent=2)
+    test = save_responses(model, splits['test'][:eval_limit or None], tokenizer, dev, ctx)  # kept if the judge fails
     metrics = {'method': method, 'val_loss': after['loss'], 'val_loss_before': before['loss'], 'judge_score': None,
                'steps': step, 'test_responses': len(test)}
     if method == 'dpo':  # measured on the val split, before and after
         metrics.update({k: after[k] for k in ('reward_accuracy', 'reward_margin')},
                        reward_accuracy_before=before['reward_accuracy'], reward_margin_before=before['reward_margin'])
-
-    def write_metrics():
-        with open(Path(out_dir) / 'metrics.json', 'w', encoding='utf-8') as f:
-            json.dump(metrics, f, indent=2)
-    write_metrics()
+    write_json('metrics.json', metrics)
     print(f"saved {out_dir}/ckpt.pt and {len(test)} responses in {out_dir}/test_responses.json")
-    if judge == 'none':
-        return
-    try:
-        scores = score_responses(test, judge_url, judge_model, judge)
-    except OSError as e:
-        die(e)
-    valid = [s for s in scores if s is not None]
-    for entry, score in zip(test, scores):
-        entry['judge_score'] = score
-    with open(Path(out_dir) / 'test_responses.json', 'w', encoding='utf-8') as f:
-        json.dump(test, f, indent=2)
-    metrics.update(judge_score=sum(valid) / len(valid) if valid else None, judge_scored=len(valid),
-                   judge_model=judge_model)
-    write_metrics()
-    print(f"judge {judge_model}: average score {metrics['judge_score']} over {len(valid)} of {len(test)} responses"
-          + (f" ({len(test) - len(valid)} answers held no number)" if len(valid) < len(test) else ""))
+    if judge != 'none':
+        judge_responses(test, metrics)
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configurator import atomic_write, configure, die
 from tokenizer import GPT4_PATTERN, get_tokenizer, train_bpe
 from weights import download
 
@@ -83,11 +84,9 @@ def write_shard(path, tokens):
         raise ValueError(f"{path}: token ids above 65,535 need a uint32 array (a version 2 shard)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, version, len(tokens))
-    tmp = Path(str(path) + '.tmp')
-    with open(tmp, 'wb') as f:
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         f.write(header.tobytes())
         f.write(tokens.astype(SHARD_DTYPES[version], copy=False).tobytes())
-    os.replace(tmp, path)
 
 
 def read_shard(path):
@@ -136,10 +135,9 @@ def data_tokenizer(data_dir):
 
 
 def write_text(path, text):
-    """A text file written atomically (temp file + rename): a crash never leaves half of one."""
-    tmp = Path(str(path) + '.tmp')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
+    """A text file written atomically: a crash never leaves half of one."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
 
 
 class ShardWriter:
@@ -196,11 +194,11 @@ def list_documents(dataset, input, raw_dir):
 STDLIB_SKIP = {'test', 'tests', 'idlelib', 'turtledemo', 'lib2to3', 'site-packages', 'dist-packages'}
 
 
-@functools.cache  # the same on every call in a process (about 4 s to parse the library)
+@functools.cache  # the same on every call in a process, and parsing the whole library takes seconds
 def stdlib_docstrings():
     """[(name, size, text)] of the docstrings (module, class, function) of every module of this
-    Python's standard library, one document a file, tests left out: 1.6 MB of English about
-    Python, on every machine that has Python's sources (some trimmed installs do not: then none)."""
+    Python's standard library, one document a file, tests left out: English about Python, on
+    every machine that has Python's sources (some trimmed installs do not: then none)."""
     import ast
     lib = Path(sysconfig.get_paths()['stdlib'])
     docs = []
@@ -302,7 +300,7 @@ def fingerprint(docs, tokenizer, val_fraction, docstrings_stamp=None):
     """What the shards are made from: the documents (name, size, modification time), the tokenizer, the
     split and the shard format; and, for pydoc, which Python's docstrings join the training text."""
     h = hashlib.sha256(json.dumps([tokenizer, val_fraction, SHARD_TOKENS, MAGIC]).encode())
-    if docstrings_stamp is not None:  # hashed as a document of that name would be, so older data is recognised
+    if docstrings_stamp is not None:  # hashed as a document of that name whose text is the stamp
         h.update(b"stdlib docstrings|0|0" + docstrings_stamp.encode('utf-8'))
     for name, size, source in docs:
         mtime = source.stat().st_mtime_ns if isinstance(source, Path) else 0
@@ -408,13 +406,12 @@ def prepare_fineweb(data_dir, num_shards):
     names = ['fineweb_val_000000.bin'] + [f'fineweb_train_{i:06d}.bin' for i in range(1, num_shards + 1)]
     for i, shard in enumerate(names):
         download(FINEWEB_URL + shard, data_dir / shard, desc=f"[{i + 1}/{len(names)}] {shard}")
-    (data_dir / 'meta.json').write_text(json.dumps({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256,
-                                                    'source': 'kjj0/fineweb10B-gpt2'}, indent=2), encoding='utf-8')
+    write_text(data_dir / 'meta.json', json.dumps({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256,
+                                                   'source': 'kjj0/fineweb10B-gpt2'}, indent=2))
     return data_dir
 
 
 if __name__ == '__main__':
-    from configurator import configure, die
     configure(globals())
     if not 0 <= val_fraction < 1:
         die(f"--val_fraction={val_fraction}: give a fraction in [0, 1)")
