@@ -129,8 +129,11 @@ def test_non_special_added_tokens_are_one_id_each_and_count_as_text():
     assert tok.special_ids == qwen2.special_ids and tok.vocab_size == 661  # <think> is text, not a control token
     lengths = token_bytes(tok)
     assert lengths[think] == len('<think>') and lengths[end_think] == len('</think>')  # bits per byte count them
+
+
+def test_non_special_added_tokens_equal_the_tokenizers_library():
     tokenizers = pytest.importorskip('tokenizers')
-    hf = tokenizers.Tokenizer.from_str(qwen3_layout())
+    tok, hf = get_tokenizer({'name': 'qwen3', 'json': qwen3_layout()}), tokenizers.Tokenizer.from_str(qwen3_layout())
     for sample in random_texts(seed=11, n=100):
         sample = sample[:10] + '<think>' + sample[10:30] + '</think>' + sample[30:]
         assert tok.encode(sample) == hf.encode(sample, add_special_tokens=False).ids, sample
