@@ -244,10 +244,7 @@ def test_loading_holds_the_weights_once(tmp_path):
     # a 110 MB bfloat16 Qwen3-shaped model (fewer layers): the peak while loading stays below 1.5x its bytes
     cfg = GPTConfig(block_size=512, vocab_size=151936, n_layer=2, n_head=16, n_kv_head=8, head_dim=128, n_embd=320,
                     qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1024, bias=False)
-    with torch.device('meta'):
-        model = GPT(cfg)
-    model = model.to(torch.bfloat16).to_empty(device='cpu')
-    model.transformer.wte.weight = model.lm_head.weight
+    model = weights.empty_model(cfg, torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
