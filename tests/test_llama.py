@@ -251,7 +251,7 @@ def test_loading_holds_the_weights_once(tmp_path):
     save_pretrained(model, tmp_path / 'm')
     del model
     out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT)], capture_output=True, text=True)
-    before, after, weights = map(int, out.stdout.split())
+    before, after, size = map(int, out.stdout.split())
     assert weights > 100e6 and after - before <= 1.5 * weights, (before, after, weights)
 
 
