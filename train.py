@@ -1,6 +1,6 @@
 """
 Pretrain a GPT (book chapter 5 and appendix D; nanoGPT's train.py).
-    python train.py                                     # a small GPT on Python's docs, ~5 min on 2 CPU cores
+    python train.py                                     # a small GPT on Python's docs (RESULTS.md: its time and loss)
     python train.py config/train_verdict.py             # the book's chapter-5 run
     python train.py --init_from=resume                  # continue the run in out_dir exactly
     python train.py --init_from=gpt2 --eval_only=True --data_dir=data/verdict   # compare models on the same tokens
@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
-                          compile_available, pick_dtype, gpu_peak_flops)
+                          compile_available, pick_dtype, gpu_peak_flops, atomic_write, save_plot)
 from model import GPT, GPTConfig
 from weights import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
 from tokenizer import get_tokenizer, token_bytes
@@ -37,7 +38,7 @@ eval_iters = 20  # batches per loss estimate
 log_interval = 25
 sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
 sample_tokens = 64
-eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (GPT-2 124M: ~29.5%)
+eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (the README gives GPT-2 124M's)
 eval_only = False  # measure the model (val loss and bits per byte, HellaSwag if asked) on the fixed eval batches and exit
 hellaswag_dir = 'data/hellaswag'  # where its validation set is downloaded to (or already is)
 hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
@@ -86,7 +87,7 @@ dtype = 'auto'  # auto | float32 | bfloat16 | float16 (with a GradScaler)
 compile = False  # torch.compile the model
 grad_checkpoint = False  # recompute each block's activations in backward: less memory for big models
 seed = 1337
-peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when model.py's table does not know it
+peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when configurator.py's table does not know it
 
 # Python's own docs (the help() topics and the standard library's docstrings: no download), prepared on
 # first use: with our own BPE of 2,048 tokens trained on their training split (the default run), of 1,024,
@@ -102,12 +103,6 @@ NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint
 SEED_STRIDE = 1_000_003
 KEYS_PER_STEP = 4096
 EVAL_KEY = 10**9  # the evaluation batches' keys start here: fixed, so every evaluation sees the same batches
-
-
-def load_split(split, T):
-    """The memory-mapped shards of a split that hold at least one window of T + 1 tokens."""
-    shards = [read_shard(p) for p in find_shards(data_dir, split)]
-    return [s for s in shards if len(s) > T]
 
 
 class OnePass:
@@ -137,10 +132,9 @@ class OnePass:
 
 
 def get_batch(shards, key, T, dev, one_pass=None):
-    """batch_size windows from the shards: x (B, T) and y = x shifted by one (B, T). Random windows
-    drawn from a generator seeded by `key` alone, or with one_pass, micro-batch number `key` of its
-    epochs; either way a step's batch never depends on what ran before it: resuming needs no
-    data-loader state beyond the step number."""
+    """batch_size windows from the shards: x (B, T) and y = x shifted by one (B, T). Random windows drawn from a
+    generator seeded by `key` alone, or with one_pass, micro-batch number `key` of its epochs; either way a step's
+    batch never depends on what ran before it: resuming needs no data-loader state beyond the step number."""
     if one_pass is not None:
         which, starts = one_pass.starts(key)
     else:
@@ -214,9 +208,8 @@ def my_share(n, rank, world_size):
 
 
 def sum_across_ranks(values, comm_dev='cpu'):
-    """Element-wise sum of a list of numbers over all processes (each one measured its share).
-    comm_dev: where the process group meets (the GPU under nccl, else the CPU; never MPS, which
-    has no float64)."""
+    """Element-wise sum of a list of numbers over all processes (each one measured its share). comm_dev: where
+    the process group meets (the GPU under nccl, else the CPU; never MPS, which has no float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=comm_dev)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -224,28 +217,31 @@ def sum_across_ranks(values, comm_dev='cpu'):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, T, dev, ctx, byte_counts, rank=0, world_size=1, comm_dev='cpu'):
-    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader),
-    the batches shared out among the processes; and val_bpb, the validation loss in bits per UTF-8
-    byte of text (summed over tokens, divided by the bytes they stand for), which compares across
-    tokenizers. byte_counts: (vocab,) bytes per token id, 0 for special tokens (not counted)."""
+def estimate_loss(model, splits, tokenizer, byte_counts, hellaswag, proc):
+    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader), the batches
+    shared out among the processes; and val_bpb, the validation loss in bits per UTF-8 byte of text (summed over
+    tokens, divided by the bytes they stand for), which compares across tokenizers. byte_counts: (vocab,) bytes per
+    token id, 0 for special tokens (not counted). With HellaSwag examples, their acc_norm too."""
     model.eval()
     out = {}
     for name, shards in splits.items():
         loss_sum, tokens, text_loss, text_bytes = 0.0, 0, 0.0, 0
-        for k in my_share(eval_iters, rank, world_size):
-            x, y = get_batch(shards, EVAL_KEY + (k or 0), T, dev)
-            with ctx:
+        for k in my_share(eval_iters, proc.rank, proc.world_size):
+            x, y = get_batch(shards, EVAL_KEY + (k or 0), model.config.block_size, proc.dev)
+            with proc.ctx:
                 logits, _ = model(x)
             losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction='none')
             nbytes = byte_counts[y.reshape(-1)]
             if k is not None:
                 loss_sum, tokens = loss_sum + losses.sum().item(), tokens + losses.numel()
                 text_loss, text_bytes = text_loss + losses[nbytes > 0].sum().item(), text_bytes + nbytes.sum().item()
-        loss_sum, tokens, text_loss, text_bytes = sum_across_ranks([loss_sum, tokens, text_loss, text_bytes], comm_dev)
+        loss_sum, tokens, text_loss, text_bytes = sum_across_ranks([loss_sum, tokens, text_loss, text_bytes], proc.comm_dev)
         out[name] = loss_sum / tokens
         if name == 'val':
             out['val_bpb'] = text_loss / math.log(2) / max(text_bytes, 1)
+    if hellaswag:
+        out['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
+                                              proc.world_size, proc.comm_dev)
     model.train()
     return out
 
@@ -278,24 +274,11 @@ def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=
 
 
 def save_loss_plot(log_path, png_path):
-    """The book's loss plot (train and val loss against tokens seen), if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for out_dir/loss.png)")
-        return
-    rows = [json.loads(line) for line in open(log_path, encoding='utf-8') if '"val_loss": null' not in line]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r['tokens_seen'] for r in rows], [r['train_loss'] for r in rows], label='Training loss')
-    ax.plot([r['tokens_seen'] for r in rows], [r['val_loss'] for r in rows], linestyle='-.', label='Validation loss')
-    ax.set_xlabel('Tokens seen')
-    ax.set_ylabel('Loss')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
+    """The book's loss plot: train and val loss against tokens seen, at each evaluation."""
+    with open(log_path, encoding='utf-8') as f:
+        rows = [json.loads(line) for line in f if '"val_loss": null' not in line]
+    save_plot(png_path, 'Tokens seen', [('Loss', [r['tokens_seen'] for r in rows], [r['train_loss'] for r in rows],
+                                         [r['val_loss'] for r in rows])])
 
 
 # ---------------------------------------------------------------- the run's setup, in the order main() calls it
@@ -307,7 +290,6 @@ class Process:
     rank: int
     local_rank: int  # its number on this machine
     world_size: int
-    fsdp: bool  # weights, gradients and optimizer state sharded across the processes (--ddp=fsdp)
     dev: str
     device_type: str
     amp_dtype: str
@@ -338,8 +320,8 @@ def start_process():
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-    return Process(distributed, rank, local_rank, world_size, distributed and ddp == 'fsdp', dev, device_type, amp_dtype,
-                   ctx, gradient_accumulation_steps // world_size)
+    return Process(distributed, rank, local_rank, world_size, dev, device_type, amp_dtype, ctx,
+                   gradient_accumulation_steps // world_size)
 
 
 def ensure_data(proc):
@@ -402,8 +384,8 @@ def build_model(meta, proc):
 def load_data(T, proc):
     """The train and val splits (windows of T + 1 tokens), their tokenizer, the bytes each token id
     stands for (for bits per byte) and, if asked, the HellaSwag examples."""
-    try:
-        splits = {'train': load_split('train', T), 'val': load_split('val', T)}
+    try:  # each split's memory-mapped shards that hold at least one window of T + 1 tokens
+        splits = {name: [s for s in map(read_shard, find_shards(data_dir, name)) if len(s) > T] for name in ('train', 'val')}
     except ValueError as e:
         die(e)
     for name, shards in splits.items():
@@ -429,33 +411,82 @@ def hellaswag_text(losses, hellaswag):
 def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
     """--eval_only: the same eval_iters batches of the validation split as every eval, so that models
     compare on equal tokens; printed, nothing written."""
-    T = model.config.block_size
-    losses = estimate_loss(model, {'val': splits['val']}, T, proc.dev, proc.ctx, byte_counts, proc.rank, proc.world_size,
-                           proc.comm_dev)
-    if hellaswag:
-        losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
-                                                 proc.world_size, proc.comm_dev)
+    losses = estimate_loss(model, {'val': splits['val']}, tokenizer, byte_counts, hellaswag, proc)
     if proc.master:
-        print(f"{init_from}: val loss {losses['val']:.4f}, {losses['val_bpb']:.4f} bits per byte on "
-              f"{eval_iters} x {batch_size} x {T} tokens of {data_dir}" + hellaswag_text(losses, hellaswag))
+        print(f"{init_from}: val loss {losses['val']:.4f}, {losses['val_bpb']:.4f} bits per byte on {eval_iters} x "
+              f"{batch_size} x {model.config.block_size} tokens of {data_dir}" + hellaswag_text(losses, hellaswag))
     if proc.distributed:
         torch.distributed.destroy_process_group()
 
 
-def shard_with_fsdp(model, proc):
-    """--ddp=fsdp: each block's weights (then the rest) split across the processes, gathered only while in use."""
-    if optimizer == 'muon':
-        die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
-    mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if proc.amp_dtype == 'bfloat16' else MixedPrecisionPolicy()
-    compile_blocks = compile and compile_available(proc.device_type)
-    for block in model.transformer.h:
-        if compile_blocks:  # each block on its own: compiling the root would break the graph at every block
-            block.compile()
-        fully_shard(block, mp_policy=mixed_precision)
-    fully_shard(model, mp_policy=mixed_precision)
+class Parallel:
+    """How the model trains across torchrun's processes, the one place that tells DDP from FSDP. Alone or under DDP
+    each process holds the whole model (DDP averages the gradients in backward). Under FSDP (--ddp=fsdp) each block's
+    weights, gradients and optimizer state are split across the processes and gathered only while in use, so every
+    rank joins each forward, sample and checkpoint. .raw: the module itself; .model: what the loop trains."""
+
+    def __init__(self, model, proc):
+        self.raw, self.model, self.proc, self.fsdp = model, model, proc, proc.distributed and ddp == 'fsdp'
+        self.samples_here = proc.master or self.fsdp  # who generates the eval sample
+        if not self.fsdp:
+            self.model = maybe_compile(model, compile, proc.device_type)
+            if proc.distributed:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.model = DDP(self.model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
+            return
+        if optimizer == 'muon':
+            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
+        mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if proc.amp_dtype == 'bfloat16' else MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            if compile and compile_available(proc.device_type):  # each block on its own, before sharding: compiling
+                block.compile()  # the root would break the graph at every block
+            fully_shard(block, mp_policy=mixed_precision)
+        fully_shard(model, mp_policy=mixed_precision)
+
+    def set_gradient_sync(self, on):  # whether this backward averages the gradients across the processes
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(on)
+        elif self.proc.distributed:
+            self.model.require_backward_grad_sync = on
+
+    def grad_norm(self, total_norm):  # under FSDP a sharded tensor: gathering it needs every rank
+        return float(total_norm.full_tensor() if self.fsdp else total_norm)
+
+    @contextmanager
+    def for_generation(self):
+        """The module ready for generate(): under FSDP with its weights gathered (generate() calls the trunk directly,
+        past the root's gathering hook), and eager: the blocks FSDP compiled in place would compile again for one
+        token at a time through a KV cache (another shape, another cache slot), for a few dozen tokens."""
+        if self.fsdp:
+            self.raw.unshard()
+        with torch.compiler.set_stance('force_eager'):
+            yield self.raw
+        if self.fsdp:
+            self.raw.reshard()
+
+    def can_checkpoint(self, optim):
+        """Not under FSDP before the first step: gathering an optimizer without state would make one (a
+        zero-gradient step that advances Adam's step count)."""
+        return not self.fsdp or bool(optim.state)
+
+    def state_dicts(self, optim):
+        """The model's and the optimizer's state; under FSDP gathered whole onto rank 0's CPU (every rank calls it)."""
+        if not self.fsdp:
+            return self.raw.state_dict(), optim.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
+        return get_state_dict(self.raw, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, optim, ckpt):
+        if ckpt.get('fsdp', False) != self.fsdp:  # the two keep optimizer state in different layouts
+            die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
+                "resume it the same way")
+        if not self.fsdp:
+            return optim.load_state_dict(ckpt['optimizer'])
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+        set_optimizer_state_dict(self.raw, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
 
 
 def make_optimizer(model, proc):
@@ -468,20 +499,12 @@ def make_optimizer(model, proc):
         die(e)
 
 
-def restore_training_state(ckpt, model, optim, scaler, proc):
+def restore_training_state(ckpt, parallel, optim, scaler, proc):
     """The exact state the checkpointed run was in: optimizer, GradScaler and every rank's generators."""
-    if ckpt.get('fsdp', False) != proc.fsdp:  # the two keep optimizer state in different layouts
-        die(f"{out_dir}/ckpt.pt was saved {'with' if ckpt.get('fsdp') else 'without'} --ddp=fsdp under torchrun; "
-            "resume it the same way")
     saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')  # (checkpoints without the key are AdamW's)
     if saved_optimizer != optimizer:
-        die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; "
-            f"resume it with --optimizer={saved_optimizer}")
-    if proc.fsdp:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-        set_optimizer_state_dict(model, optim, ckpt['optimizer'], options=StateDictOptions(full_state_dict=True))
-    else:
-        optim.load_state_dict(ckpt['optimizer'])
+        die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; resume it with --optimizer={saved_optimizer}")
+    parallel.load_optimizer_state(optim, ckpt)
     if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler then
         scaler.load_state_dict(ckpt['scaler'])
     rng = ckpt['rng']  # each rank's own generators (a rank beyond those saved keeps its seed + rank)
@@ -491,34 +514,22 @@ def restore_training_state(ckpt, model, optim, scaler, proc):
         torch.cuda.set_rng_state(rng['cuda'][proc.rank], proc.dev)
 
 
-def compile_and_wrap_ddp(model, proc):
-    """The model compiled (if asked) and, under torchrun, wrapped in DDP: each process holds the whole
-    model, and backward averages the gradients across the processes."""
-    model = maybe_compile(model, compile, proc.device_type)
-    if proc.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
-    return model
-
-
 def open_log(step):
     """out_dir/log.jsonl, opened for appending: a resumed run forgets the rows after its checkpoint's step,
     a new run starts it afresh."""
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
+    kept = []
     if init_from == 'resume' and os.path.exists(log_path):
         with open(log_path, encoding='utf-8') as f:
             kept = [line for line in f if json.loads(line)['step'] <= step]
-        with open(log_path, 'w', encoding='utf-8') as f:
-            f.writelines(kept)
-    elif init_from != 'resume' and os.path.exists(log_path):
-        os.remove(log_path)
+    with atomic_write(log_path) as tmp:
+        tmp.write_text(''.join(kept), encoding='utf-8')
     return open(log_path, 'a', encoding='utf-8')
 
 
 def log_json(log_file, **row):
-    log_file.write(json.dumps(row) + '\n')
-    log_file.flush()
+    print(json.dumps(row), file=log_file, flush=True)
 
 
 # ---------------------------------------------------------------- what the loop calls
@@ -528,64 +539,64 @@ def any_process(flag, proc):
     return sum_across_ranks([float(flag)], proc.comm_dev)[0] > 0
 
 
-def set_gradient_sync(model, proc, on):
-    """Under torchrun, whether this backward averages the gradients across the processes: only a step's last does."""
-    if proc.fsdp:
-        model.set_requires_gradient_sync(on)
-    elif proc.distributed:
-        model.require_backward_grad_sync = on
+class StepTimer:
+    """Seconds per training step for the log line: the wall time since the last log line over the steps it
+    covered, evaluations not counted, nor the run's first step (it compiles and warms up) unless it is alone."""
+
+    def __init__(self, step):
+        self.t0, self.step0, self.first_step = time.time(), step, step + 1
+
+    @contextmanager
+    def paused(self):
+        paused_at = time.time()
+        yield
+        self.t0 += time.time() - paused_at
+
+    def step_done(self, step):
+        if step == self.first_step and step % log_interval:
+            self.t0, self.step0 = time.time(), step
+
+    def lap(self, step):  # at a log step, after .item() waited for the GPU
+        dt = (time.time() - self.t0) / (step - self.step0)
+        self.t0, self.step0 = time.time(), step
+        return dt
 
 
-def sample_text(raw_model, tokenizer, proc):
+def sample_text(parallel, tokenizer, proc):
     """The model's greedy continuation of sample_prompt (the book prints one at each evaluation)."""
-    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-raw_model.config.block_size:]], device=proc.dev)
-    if proc.fsdp:
-        raw_model.unshard()  # generate() calls the trunk directly, past the root's gathering hook
-    # eagerly: under FSDP the blocks are compiled in place, and one token at a time through a KV cache
-    # would compile each block again (another shape, another cache slot) for a few dozen tokens
-    with proc.ctx, torch.compiler.set_stance('force_eager'):
-        out = raw_model.eval().generate(prompt, sample_tokens, temperature=0)
-    if proc.fsdp:
-        raw_model.reshard()
-    raw_model.train()
+    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-parallel.raw.config.block_size:]], device=proc.dev)
+    with proc.ctx, parallel.for_generation() as model:
+        out = model.eval().generate(prompt, sample_tokens, temperature=0)
+    model.train()
     return tokenizer.decode(out[0, prompt.size(1):].tolist())
 
 
-def evaluate(raw_model, splits, tokenizer, byte_counts, hellaswag, proc):
+def evaluate(parallel, splits, tokenizer, byte_counts, hellaswag, proc):
     """Train and val loss (and HellaSwag, if asked) and a sample; (losses, sample). The generators are
     left as they were, so that a run with evaluations draws the same dropout as one without."""
-    T = raw_model.config.block_size
     with torch.random.fork_rng(devices=[proc.dev] if proc.device_type == 'cuda' else []):
-        losses = estimate_loss(raw_model, splits, T, proc.dev, proc.ctx, byte_counts, proc.rank, proc.world_size,
-                               proc.comm_dev)
-        if hellaswag:
-            losses['hellaswag'] = hellaswag_accuracy(raw_model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
-                                                     proc.world_size, proc.comm_dev)
-        sample = ''
-        if (proc.master or proc.fsdp) and sample_prompt:  # under FSDP every process takes part in each forward
-            sample = sample_text(raw_model, tokenizer, proc)
+        losses = estimate_loss(parallel.raw, splits, tokenizer, byte_counts, hellaswag, proc)
+        sample = sample_text(parallel, tokenizer, proc) if parallel.samples_here and sample_prompt else ''
     return losses, sample
 
 
-def checkpoint_state(raw_model, optim, scaler, proc, about_run, iter_num, best_val_loss, batches):
-    """What out_dir/ckpt.pt holds; about_run: what stays the same all run (model_args, tokenizer, config). Every
-    rank calls it (the gathers are collective)."""
+def save_training_state(parallel, optim, scaler, proc, about_run, iter_num, best_val_loss, batches):
+    """out_dir/ckpt.pt; about_run: what stays the same all run (model_args, tokenizer, config). Every rank
+    calls it (the gathers are collective), rank 0 writes it."""
     # every rank's own generators (CPU, and its GPU's for dropout there), so that a resumed run continues exactly
     own_rng = (torch.get_rng_state(), torch.cuda.get_rng_state(proc.dev) if proc.device_type == 'cuda' else None)
     rngs = [own_rng]
     if proc.distributed:
         rngs = [None] * proc.world_size
         torch.distributed.all_gather_object(rngs, own_rng)
-    if proc.fsdp:  # gathered whole onto rank 0's CPU, so that the checkpoint loads anywhere
-        from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
-        model_sd, optim_sd = get_state_dict(raw_model, optim, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        model_sd, optim_sd = raw_model.state_dict(), optim.state_dict()
-    return {'model': model_sd, 'model_args': about_run['model_args'], 'tokenizer': about_run['tokenizer'],
-            'config': about_run['config'], 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-            'optimizer': optim_sd, 'fsdp': proc.fsdp, 'scaler': scaler.state_dict(),
-            'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
-            'data': {'seed': batches.order_seed, 'step': iter_num, 'order': batches.order}}
+    model_sd, optim_sd = parallel.state_dicts(optim)
+    state = {'model': model_sd, 'model_args': about_run['model_args'], 'tokenizer': about_run['tokenizer'],
+             'config': about_run['config'], 'iter_num': iter_num, 'best_val_loss': best_val_loss,
+             'optimizer': optim_sd, 'fsdp': parallel.fsdp, 'scaler': scaler.state_dict(),
+             'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
+             'data': {'seed': batches.order_seed, 'step': iter_num, 'order': batches.order}}
+    if proc.master:
+        save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
 
 
 def finish(proc, interrupted, iter_num, log_file):
@@ -614,21 +625,17 @@ def main():
     model.to(proc.dev)
     if eval_only:
         return evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc)
-    if proc.fsdp:
-        shard_with_fsdp(model, proc)
+    parallel = Parallel(model, proc)  # parallel.model trains; model stays the module itself (evaluation, checkpoints)
     optim = make_optimizer(model, proc)
     model.grad_checkpoint = grad_checkpoint
     scaler = torch.amp.GradScaler(proc.device_type, enabled=proc.amp_dtype == 'float16')
     if ckpt is not None:
-        restore_training_state(ckpt, model, optim, scaler, proc)
+        restore_training_state(ckpt, parallel, optim, scaler, proc)
         ckpt = None  # free the memory
-    raw_model = model  # the model itself: evaluation, sampling and the checkpoint use it
-    if not proc.fsdp:  # (under FSDP the blocks were compiled before sharding)
-        model = compile_and_wrap_ddp(model, proc)
     peak = peak_flops or gpu_peak_flops(proc.dev, proc.amp_dtype)
     tokens_per_step = gradient_accumulation_steps * batch_size * T
     if proc.master:
-        print(f"{raw_model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
+        print(f"{model.get_num_params():,} parameters | {tokens_per_step:,} tokens per step "
               f"({proc.world_size} x {proc.micro_steps} x {batch_size} x {T}) | {proc.dev} {proc.amp_dtype} | "
               f"data {data_dir} ({meta['tokenizer']})")
     log_file = open_log(start.step) if proc.master else None
@@ -637,43 +644,39 @@ def main():
     batches = TrainBatches(splits['train'], T, start.order, start.order_seed, proc)
     iter_num, best_val_loss = start.step, start.best_val_loss
     X, Y = batches.get(iter_num, 0)
-    timer_start, timer_step = time.time(), iter_num  # ms/step is measured from here
+    timer = StepTimer(iter_num)
     while True:
         lr = get_lr(iter_num)
         for group in optim.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
-        # under torchrun asking the others is a collective: only at log steps
-        interrupted = any_process(ctrl_c.is_set(), proc) if (not proc.distributed or iter_num % log_interval == 0) else False
+        asks_others = not proc.distributed or iter_num % log_interval == 0  # asking is a collective: at log steps
+        interrupted = asks_others and any_process(ctrl_c.is_set(), proc)  # every process stops at the same step
         at_end = iter_num >= max_iters or interrupted
-        if (iter_num % eval_interval == 0 and (iter_num != start.step or init_from != 'resume')) or at_end:
-            seconds_per_step = (time.time() - timer_start) / max(1, iter_num - timer_step)
-            losses, sample = evaluate(raw_model, splits, tokenizer, byte_counts, hellaswag, proc)
-            if not all(math.isfinite(v) for v in losses.values()):  # the same sums on every rank: all stop
-                die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
-            if proc.master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"(perplexity {math.exp(min(losses['val'], 50)):.1f}, {losses['val_bpb']:.4f} bits per byte)"
-                      + hellaswag_text(losses, hellaswag))
-                if sample:
-                    print(f"  sample: {sample_prompt + sample!r}")
-                log_json(log_file, step=iter_num, train_loss=losses['train'], val_loss=losses['val'],
-                         val_bpb=losses['val_bpb'], lr=lr, tokens_seen=iter_num * tokens_per_step, ms_per_step=None,
-                         tokens_per_s=None, mfu=None, **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
-                best_val_loss = min(best_val_loss, losses['val'])
-            # all ranks join the gathers; under FSDP not before the first step, as gathering an optimizer
-            # without state would make one (a zero-gradient step that advances Adam's step count)
-            if not (proc.fsdp and not optim.state):
-                state = checkpoint_state(raw_model, optim, scaler, proc, about_run, iter_num, best_val_loss, batches)
+        already_evaluated = init_from == 'resume' and iter_num == start.step  # by the run that saved the checkpoint
+        if (iter_num % eval_interval == 0 and not already_evaluated) or at_end:
+            with timer.paused():
+                losses, sample = evaluate(parallel, splits, tokenizer, byte_counts, hellaswag, proc)
+                if not all(math.isfinite(v) for v in losses.values()):  # the same sums on every rank: all stop
+                    die(NOT_FINITE.format(what="evaluation loss", step=iter_num, out_dir=out_dir))
                 if proc.master:
-                    save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
+                    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                          f"(perplexity {math.exp(min(losses['val'], 50)):.1f}, {losses['val_bpb']:.4f} bits per byte)"
+                          + hellaswag_text(losses, hellaswag))
+                    if sample:
+                        print(f"  sample: {sample_prompt + sample!r}")
+                    log_json(log_file, step=iter_num, train_loss=losses['train'], val_loss=losses['val'],
+                             val_bpb=losses['val_bpb'], lr=lr, tokens_seen=iter_num * tokens_per_step, ms_per_step=None,
+                             tokens_per_s=None, mfu=None, **({'hellaswag': losses['hellaswag']} if hellaswag else {}))
+                    best_val_loss = min(best_val_loss, losses['val'])
+                if parallel.can_checkpoint(optim):
+                    save_training_state(parallel, optim, scaler, proc, about_run, iter_num, best_val_loss, batches)
             if at_end:
                 break
-            timer_start = time.time() - (iter_num - timer_step) * seconds_per_step  # eval time is not step time
         # one optimizer step: micro_steps micro-batches, gradients averaged (and synced across ranks once)
         for micro in range(proc.micro_steps):
-            set_gradient_sync(model, proc, on=micro == proc.micro_steps - 1)
+            parallel.set_gradient_sync(on=micro == proc.micro_steps - 1)
             with proc.ctx:
-                _, loss = model(X, Y)
+                _, loss = parallel.model(X, Y)
                 loss = loss / proc.micro_steps  # the sum over micro-batches is then the mean
             X, Y = batches.after(iter_num, micro)  # the next micro-batch, fetched while the GPU works
             scaler.scale(loss).backward()
@@ -684,19 +687,16 @@ def main():
         scaler.update()
         optim.zero_grad(set_to_none=True)
         iter_num += 1
-        if iter_num == start.step + 1 and iter_num % log_interval:  # the first step compiles and warms up: not timed
-            timer_start, timer_step = time.time(), iter_num
+        timer.step_done(iter_num)
         if iter_num % log_interval == 0:
             lossf = loss.item() * proc.micro_steps  # .item() waits for the GPU: only here, at log steps
             if any_process(not math.isfinite(lossf), proc):
                 die(NOT_FINITE.format(what=f"training loss ({lossf})", step=iter_num, out_dir=out_dir))
-            if grad_clip:  # under FSDP the norm is a sharded tensor: gathering it is a collective, on every rank
-                grad_norm = float(total_norm.full_tensor() if proc.fsdp else total_norm)
+            grad_norm = parallel.grad_norm(total_norm) if grad_clip else None
             if proc.master:
-                dt = (time.time() - timer_start) / (iter_num - timer_step)
-                timer_start, timer_step = time.time(), iter_num
+                dt = timer.lap(iter_num)
                 tok_s = tokens_per_step / dt
-                mfu = raw_model.estimate_mfu(tok_s / proc.world_size, peak)
+                mfu = model.estimate_mfu(tok_s / proc.world_size, peak)
                 grad_norm_text = f" | grad norm {grad_norm:.2f}" if grad_clip else ""
                 print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e}{grad_norm_text} | {dt * 1000:.0f} ms/step | "
                       f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))

@@ -366,6 +366,36 @@ def test_get_lr_warms_up_then_follows_the_cosine_to_min_lr(monkeypatch):
     assert [train.get_lr(it) for it in (0, 5, 10, 60, 110, 10**6)] == [1e-3] * 6
 
 
+def test_ms_per_step_leaves_out_evaluations_and_the_first_step(monkeypatch):
+    import train
+    now = [100.0]
+    monkeypatch.setattr(train.time, 'time', lambda: now[0])
+    monkeypatch.setattr(train, 'log_interval', 5)
+
+    def run(timer, steps, seconds):  # steps (first, last) taking `seconds` each
+        for step in range(steps[0], steps[1] + 1):
+            now[0] += seconds(step)
+            timer.step_done(step)
+
+    def evaluation(timer, seconds):
+        with timer.paused():
+            now[0] += seconds
+
+    timer = train.StepTimer(0)
+    evaluation(timer, 50)
+    run(timer, (1, 5), lambda step: 10 if step == 1 else 1)  # the first step compiles: not counted
+    assert timer.lap(5) == 1.0
+    evaluation(timer, 36)
+    run(timer, (6, 10), lambda step: 2)
+    assert timer.lap(10) == 2.0  # the evaluation at step 5 is not step time
+    timer = train.StepTimer(4)  # a run resumed at step 4 logs after its first step: that one counts
+    run(timer, (5, 5), lambda step: 7)
+    assert timer.lap(5) == 7.0
+    timer = train.StepTimer(7)  # resumed at step 7: step 8 warms up, steps 9 and 10 are timed
+    run(timer, (8, 10), lambda step: 9 if step == 8 else 3)
+    assert timer.lap(10) == 3.0
+
+
 SHORT = ('--max_iters=8', '--optimizer=adamw', '--log_interval=2', '--eval_interval=8', '--sample_prompt=')
 
 
