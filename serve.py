@@ -1,24 +1,15 @@
 """
-An OpenAI-compatible HTTP server and a chat page for one model, from the standard library alone, and the chat
-session it shares with sample.py --chat:
-    python sample.py --serve=8000                                     # the checkpoint in out/
-    python sample.py --init_from=smollm2-135m-instruct --serve=8000   # then open http://127.0.0.1:8000/
-
+The chat session that sample.py --chat and the server share, and an OpenAI-compatible HTTP server with a chat page,
+from the standard library alone (python sample.py --serve=8000, then open http://127.0.0.1:8000/):
     POST /v1/chat/completions   OpenAI's request (messages, max_tokens, temperature, top_p, stop, stream, seed) and
                                 answer; stream=true answers with server-sent events: `data: {chunk}` ... `data: [DONE]`
-    GET  /v1/models             the one model served
-    GET  /health                {"status": "ok", ...}, also while a generation runs
+    GET  /v1/models, /health    the one model served; {"status": "ok", ...}, also while a generation runs
     GET  /                      chat.html, a chat page that needs no network
-
-A conversation is written in the model's own chat template (llama3, chatml, alpaca, phi3); one that outgrows the
-context loses its oldest messages, with a notice in the log and in the answer. The model is loaded once and has
-one KV cache: generations run one at a time, at most QUEUE_SIZE requests wait, and more are refused with 503.
-
-There is no authentication, and every web page the user opens can send requests to 127.0.0.1 too. So the server
-answers only its own page and clients: a POST must be JSON (415), a browser's request from another origin is
-refused (403) unless --allow_origin names it, and a Host header that is not this machine's name (DNS rebinding) is
-refused (421; bound to 0.0.0.0 or ::, any Host is accepted). Each request's work and memory are bounded: the body,
-the stop strings, the reply's tokens, the open connections; replies name the model, never a path.
+One model, one KV cache: generations run one at a time, QUEUE_SIZE requests wait, more get 503. There is no
+authentication, and any web page the user opens can send requests to 127.0.0.1 too, so the server answers only its
+own page and clients: JSON POSTs (415), no other origin unless --allow_origin names it (403), no Host but this
+machine's names, unless bound to 0.0.0.0 or :: (421: DNS rebinding). The body, the stop strings, the reply and the
+open connections are bounded; replies name the model, never a path.
 """
 import codecs
 import json
@@ -142,7 +133,7 @@ class TextStream:
         self.held += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
         found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if found:
-            self.send(len(self.held[:min(found)]))
+            self.send(min(found))
             raise StopText
         # keep back the longest end of the text that a stop string begins with
         keep = max((n for s in self.stop for n in range(1, min(len(s), len(self.held) + 1))
