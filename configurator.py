@@ -287,6 +287,12 @@ def atomic_write(path):
         raise
 
 
+def save_text(path, text):
+    """A UTF-8 text file written atomically: a crash never leaves half of one."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
+
+
 def save_plot(path, xlabel, panels):
     """The book's training plots (ch05's losses, ch06's losses and accuracies): one panel per
     (name, x, training values, validation values). matplotlib is an optional extra: without it, a notice."""

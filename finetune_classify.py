@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import atomic_write, configure, setup, die, maybe_compile, optimizer_step, save_plot
+from configurator import atomic_write, configure, setup, die, maybe_compile, optimizer_step, save_plot, save_text
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict
 from weights import download, load_checkpoint, load_pretrained, load_state_dict_checked, save_checkpoint
 from tokenizer import get_tokenizer
@@ -332,9 +332,8 @@ def main():
     for name in ('train', 'val', 'test'):
         metrics[f'{name}_loss'], metrics[f'{name}_accuracy'] = evaluate(model, enc[name], dev, ctx)
     print(' | '.join(f"{n} accuracy {100 * metrics[f'{n}_accuracy']:.2f}%" for n in ('train', 'val', 'test')))
-    with atomic_write(Path(out_dir) / 'metrics.json') as tmp:
-        tmp.write_text(json.dumps({**metrics, 'labels': labels, 'init_from': init_from, 'trainable': trainable,
-                                   'pool': pool}, indent=2), encoding='utf-8')
+    save_text(Path(out_dir) / 'metrics.json', json.dumps({**metrics, 'labels': labels, 'init_from': init_from,
+                                                          'trainable': trainable, 'pool': pool}, indent=2))
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
                      'tokenizer': tokenizer.spec, 'labels': labels, 'max_length': length, 'pool': pool,
                      'metrics': metrics}, Path(out_dir) / 'classifier.pt')

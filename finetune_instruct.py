@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from configurator import atomic_write, configure, config_keys, setup, die, maybe_compile, optimizer_step
+from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step, save_text
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict, set_lora_enabled
 from weights import download, load_pretrained, save_checkpoint
 from tokenizer import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
@@ -325,8 +325,7 @@ def judge_responses(test, metrics):
 # -------------------------------------------------------------------- the run
 
 def write_json(name, obj):
-    with atomic_write(Path(out_dir) / name) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2), encoding='utf-8')
+    save_text(Path(out_dir) / name, json.dumps(obj, indent=2))
 
 
 def save_responses(model, test, tokenizer, dev, ctx):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import atomic_write, configure, die
+from configurator import atomic_write, configure, die, save_text
 from tokenizer import GPT4_PATTERN, get_tokenizer, train_bpe
 from weights import download
 
@@ -132,12 +132,6 @@ def data_tokenizer(data_dir):
         raise ValueError(f"{path} is not the tokenizer the shards were made with ({meta['tokenizer']}); "
                          "re-run prepare_data.py")
     return tok
-
-
-def write_text(path, text):
-    """A text file written atomically: a crash never leaves half of one."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding='utf-8')
 
 
 class ShardWriter:
@@ -356,9 +350,9 @@ def write_meta(data_dir, name, tok, writers, fp, source):
             'train_tokens': writers['train'].total, 'val_tokens': writers['val'].total,
             'shards': sorted(keep), 'source': source}
     if isinstance(tok.spec, dict):
-        write_text(data_dir / 'tokenizer.json', tok.spec['json'])
+        save_text(data_dir / 'tokenizer.json', tok.spec['json'])
         info['tokenizer_file'] = 'tokenizer.json'
-    write_text(data_dir / 'meta.json', json.dumps(info, indent=2))
+    save_text(data_dir / 'meta.json', json.dumps(info, indent=2))
     return info
 
 
@@ -406,7 +400,7 @@ def prepare_fineweb(data_dir, num_shards):
     names = ['fineweb_val_000000.bin'] + [f'fineweb_train_{i:06d}.bin' for i in range(1, num_shards + 1)]
     for i, shard in enumerate(names):
         download(FINEWEB_URL + shard, data_dir / shard, desc=f"[{i + 1}/{len(names)}] {shard}")
-    write_text(data_dir / 'meta.json', json.dumps({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256,
+    save_text(data_dir / 'meta.json', json.dumps({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256,
                                                    'source': 'kjj0/fineweb10B-gpt2'}, indent=2))
     return data_dir
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
-                          compile_available, pick_dtype, gpu_peak_flops, atomic_write, save_plot)
+                          compile_available, pick_dtype, gpu_peak_flops, save_text, save_plot)
 from model import GPT, GPTConfig
 from weights import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
 from tokenizer import get_tokenizer, token_bytes
@@ -523,8 +523,7 @@ def open_log(step):
     if init_from == 'resume' and os.path.exists(log_path):
         with open(log_path, encoding='utf-8') as f:
             kept = [line for line in f if json.loads(line)['step'] <= step]
-    with atomic_write(log_path) as tmp:
-        tmp.write_text(''.join(kept), encoding='utf-8')
+    save_text(log_path, ''.join(kept))
     return open(log_path, 'a', encoding='utf-8')
 
 

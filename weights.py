@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from configurator import atomic_write
+from configurator import atomic_write, save_text
 from model import GPT, GPTConfig, PRESETS, merged_state_dict
 
 
@@ -508,7 +508,7 @@ def save_pretrained(model, folder, tokenizer_json=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_json is not None:
-        (folder / 'tokenizer.json').write_text(tokenizer_json, encoding='utf-8')
+        save_text(folder / 'tokenizer.json', tokenizer_json)
     cfg = model.config
     if cfg.pos_emb == 'rope':
         return save_llama(model, folder)
@@ -530,8 +530,7 @@ def save_pretrained(model, folder, tokenizer_json=None):
                      embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
                      initializer_range=0.02, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
                      tie_word_embeddings=True)
-    with atomic_write(folder / 'config.json') as tmp:
-        tmp.write_text(json.dumps(hf_config, indent=2), encoding='utf-8')
+    save_text(folder / 'config.json', json.dumps(hf_config, indent=2))
 
 
 def save_llama(model, folder):
@@ -560,8 +559,7 @@ def save_llama(model, folder):
               rope_theta=cfg.rope_theta, rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
               tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
               attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
-    with atomic_write(folder / 'config.json') as tmp:
-        tmp.write_text(json.dumps(hf, indent=2), encoding='utf-8')
+    save_text(folder / 'config.json', json.dumps(hf, indent=2))
 
 
 def load_pretrained(init_from, dtype=None, **overrides):
