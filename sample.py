@@ -149,9 +149,9 @@ if __name__ == '__main__':
     with torch.no_grad():
         for k in range(num_samples):
             sys.stdout.write(start)
-            text = TextStream(tokenizer, (), write)
+            stream = TextStream(tokenizer, (), write)
             model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
                            eos_id=eos_id, use_cache=use_cache, decode_step=decode_step,
-                           on_token=lambda ids: text.add(int(ids[0])) if int(ids[0]) != eos_id else None)
-            text.finish()
+                           on_token=lambda ids: stream.add(int(ids[0])) if int(ids[0]) != eos_id else None)
+            stream.finish()
             print('\n---------------')
