@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / 'shared'
@@ -14,6 +15,17 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / 'tiktoken_cache').is_dir():
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 FIXTURES = ROOT / 'tests' / 'fixtures'
+
+
+def spread_weights(model, factor=10):
+    """The model with its matrices spread `factor`x: GPT-2's small init repeats one token whatever it reads,
+    which would hide a cache, a mask or a window that feeds it the wrong context; spread, its next token
+    depends on the context."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
 
 
 def gpt2_bpe_available():
@@ -137,14 +149,10 @@ def make_llama_folder(folder, family, spread=8.0):
     from tokenizer import get_tokenizer
     from weights import save_pretrained
     tok = get_tokenizer({'name': family, 'json': tokenizer_json})
-    import torch
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                           norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=96, bias=False,
                           qkv_bias=family == 'qwen2')).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(spread)
+    spread_weights(model, spread)
     save_pretrained(model, folder, tokenizer_json=tokenizer_json)
     return model, tok

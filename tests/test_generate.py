@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from configurator import compile_available, compile_decoding
+from conftest import spread_weights
 from model import GPT, GPTConfig, KVCache
 
 LLAMA_STYLE = dict(norm='rmsnorm', pos_emb='rope', mlp='swiglu', n_kv_head=2, bias=False)
@@ -13,12 +14,7 @@ def tiny(**family):
     """A random model whose weights are spread wide, so that its next token depends on the whole context
     (GPT-2's small init repeats one token whatever it reads, and would hide a wrong mask)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=48, vocab_size=96, n_layer=2, n_head=4, n_embd=32, **family)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
+    return spread_weights(GPT(GPTConfig(block_size=48, vocab_size=96, n_layer=2, n_head=4, n_embd=32, **family)).eval())
 
 
 def left_padded(prompts, pad_id=0):
@@ -128,11 +124,7 @@ def test_chapter7_responses_in_batches_equal_one_at_a_time():
     test = json.loads(path.read_text(encoding='utf-8'))[:6]
     tok = ByteTokenizer()
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_embd=48)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
+    model = spread_weights(GPT(GPTConfig(block_size=512, vocab_size=257, n_layer=2, n_head=2, n_embd=48)).eval())
     assert len({len(tok.encode(format_prompt(e))) for e in test}) >= 4  # several prompt lengths
     alone = [fi.respond(model, e, tok, 'alpaca', 'cpu', nullcontext(), 24) for e in test]
     batched = fi.respond_batch(model, test, tok, 'alpaca', 'cpu', nullcontext(), 24)

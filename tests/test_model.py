@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, spread_weights
 from model import GPT, GPTConfig, KVCache, apply_lora, filter_logits, merge_lora, merged_state_dict, set_lora_enabled
 from weights import (from_pretrained, load_checkpoint, load_safetensors, model_from_checkpoint, save_checkpoint,
                      save_pretrained, save_safetensors)
@@ -21,14 +21,8 @@ def tiny(**kw):
 
 
 def varied(**kw):
-    """tiny() with its matrices spread 10x: GPT-2's small init repeats one token whatever it reads, which would
-    hide a cache or a window that feeds it the wrong context; this one's next token depends on the context."""
-    model = tiny(**kw)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return model
+    """tiny() whose next token depends on the context (conftest.spread_weights)."""
+    return spread_weights(tiny(**kw))
 
 
 def assert_varied(ids, at_least=8):

@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from conftest import ROOT, make_llama_folder
+from conftest import ROOT, make_llama_folder, spread_weights
 from model import GPT, GPTConfig
 from tokenizer import ByteTokenizer, format_chat
 
@@ -337,11 +337,8 @@ def test_the_page_in_a_real_browser(server, tmp_path):
 def tiny_engine(**settings):
     import serve
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)  # an untrained model that does not just repeat one token
+    # an untrained model that does not just repeat one token
+    model = spread_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), 8.0)
     session = {k: settings.pop(k) for k in ('chat_context', 'system') if k in settings}
     return serve.Engine(serve.ChatSession(model, ByteTokenizer(), 'alpaca', 'cpu', **session), 'tiny', **settings), model
 
