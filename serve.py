@@ -297,13 +297,16 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_json(code, error_body(message or self.responses.get(code, ('error',))[0]))
 
-    def send_json(self, status, body, headers=()):
-        data = json.dumps(body).encode()
+    def send_head(self, status, headers):
+        """The status line and headers, with CORS headers for an allowed origin."""
         self.send_response(status)
-        for key, value in (('Content-Type', 'application/json'), ('Content-Length', str(len(data))), *headers,
-                           *self.cors_headers()):
+        for key, value in (*headers, *self.cors_headers()):
             self.send_header(key, value)
         self.end_headers()
+
+    def send_json(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_head(status, [('Content-Type', 'application/json'), ('Content-Length', str(len(data))), *headers])
         self.wfile.write(data)
 
     def cors_headers(self):
@@ -331,11 +334,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.check_caller()
             if self.command == 'OPTIONS' and self.cors_headers():  # an allowed origin's preflight
-                self.send_response(204)
-                for key, value in (('Access-Control-Allow-Methods', 'GET, POST'), *self.cors_headers(),
-                                   ('Access-Control-Allow-Headers', 'Content-Type, Authorization')):
-                    self.send_header(key, value)
-                self.end_headers()
+                self.send_head(204, [('Access-Control-Allow-Methods', 'GET, POST'),
+                                     ('Access-Control-Allow-Headers', 'Content-Type, Authorization')])
                 return
             if methods is None:
                 raise ApiError(404, f"no {path[:60]} here; try POST /v1/chat/completions, GET /v1/models, /health or /")
@@ -374,14 +374,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def page(self):
         html = self.server.page
-        self.send_response(200)
-        self.send_header('Content-Type', 'text/html; charset=utf-8')
-        self.send_header('Content-Length', str(len(html)))
         # the page may fetch from this server only (nothing it does needs the network), and no other page may
         # frame it (a click on it would be the other page's)
-        self.send_header('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; script-src "
-                                                    "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")
-        self.end_headers()
+        self.send_head(200, [('Content-Type', 'text/html; charset=utf-8'), ('Content-Length', str(len(html))),
+                             ('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; script-src "
+                                                         "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")])
         self.wfile.write(html)
 
     def health(self):
@@ -434,10 +431,7 @@ class Handler(BaseHTTPRequestHandler):
     def stream(self, req, ids, reply_tokens, notice, cid, created):
         """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, then [DONE]."""
         name = self.server.engine.name
-        self.send_response(200)
-        for key, value in (('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), *self.cors_headers()):
-            self.send_header(key, value)
-        self.end_headers()
+        self.send_head(200, [('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache')])
         self.streaming = True
         self.close_connection = True  # the stream ends when the connection does (no Content-Length)
 
