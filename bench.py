@@ -38,7 +38,7 @@ optimizer = 'adamw'  # adamw or muon
 grad_checkpoint = False
 compile = False  # train: the compiled model; generate: also time the compiled one-token step (configurator.compile_decoding)
 ablate = False  # train: walk the book's speed-ups one at a time and print the table
-profile = False  # train: write a torch.profiler trace (open in chrome://tracing or perfetto)
+profile = False  # train: 3 more steps under torch.profiler: its table printed, its trace written (chrome://tracing, perfetto)
 prompt_tokens = 64  # generate
 max_new_tokens = 200  # generate
 repeats = 3  # generate: timed runs per variant; the best is reported
@@ -92,8 +92,9 @@ def use_book_blocks(model, norms, attention):
 
 # -------------------------------------------------------------------- training speed
 
-def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa, compiled, dtype_name, trace=None):
-    """ms/step, tokens/s, MFU and peak memory of `steps` optimizer steps after `warmup_steps`."""
+def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa, compiled, dtype_name, profiled=False):
+    """ms/step, tokens/s, MFU and peak memory of `steps` optimizer steps after `warmup_steps`; profiled:
+    then 3 more steps under torch.profiler, its table of the costliest kernels printed and its trace written."""
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
@@ -121,6 +122,14 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
             xy = xy.pin_memory()
         xy = xy.to(dev, non_blocking=pin)
         return xy[:, :-1], xy[:, 1:]
+
+    def step():
+        x, y = batch()
+        with ctx:
+            _, loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     sync = lambda: synchronize(device_type)  # noqa: E731
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -128,20 +137,16 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
         if i == warmup_steps:
             sync()
             t0 = time.perf_counter()
-            if trace is not None:
-                trace.start()
-        x, y = batch()
-        with ctx:
-            _, loss = fwd(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if trace is not None and i >= warmup_steps:
-            trace.step()
+        step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    if trace is not None:
-        trace.stop()
+    if profiled:  # after the timed steps, so that the profiler's own cost is not in the figures
+        with torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace')) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        where = 'device' if device_type == 'cuda' else 'cpu'
+        print(prof.key_averages().table(sort_by=f'self_{where}_time_total', row_limit=30, max_name_column_width=60))
     tok_s = bs * block_size / dt
     mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name) if tf32 or dtype_name != 'float32' else None)  # plain FP32: no peak listed
     return dt * 1000, tok_s, mfu, peak_memory(device_type)
@@ -263,8 +268,15 @@ def generate_speed(dev, dtype_name):
                 save_pretrained(model, tmp)  # the same weights, in the same dtype
                 hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
             mask = torch.ones_like(idx)
-            t_hf, out_hf = best_time(lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0))
+            hf_generate = lambda **kw: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,  # noqa: E731
+                                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw)
+            if compile:  # its fastest path: a static cache, with the forward compiled ('reduce-overhead', as ours)
+                from transformers import CompileConfig
+                config = CompileConfig(fullgraph=True, mode='reduce-overhead' if dev.startswith('cuda') else 'default')
+                config._compile_all_devices = True  # transformers compiles on its own only on accelerators
+                t_hf_static, out_hf_static = best_time(lambda: hf_generate(cache_implementation='static', compile_config=config))
+                rows.append(('transformers, static cache, compiled', t_hf_static))
+            t_hf, out_hf = best_time(hf_generate)
             rows.append(('transformers generate(), its KV cache', t_hf))
     print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'vs transformers':>16s}")
     for name, t in rows:
@@ -272,7 +284,8 @@ def generate_speed(dev, dtype_name):
         print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
     print(f"KV cache == no cache: {torch.equal(out_cache, out_full) if uncached else 'not run'}"
           + (f"; compiled == eager: {torch.equal(out_cache, out_compiled)}" if compile else '')
-          + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else ''))
+          + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else '')
+          + (f"; transformers static == its own: {torch.equal(out_hf_static, out_hf)}" if compare_hf and compile else ''))
     # a token reads every weight once: what that costs against what the memory can deliver
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     best = min(t for name, t in rows if name.startswith('ours, KV'))
@@ -333,13 +346,9 @@ if __name__ == '__main__':
             base = base or tok_s
             print(f"{name:52s} {ms:9.1f} {tok_s:10,.0f} {tok_s / base:8.2f}x {f'{100 * mfu:.1f}%' if mfu else '-':>6s}")
     else:
-        trace = None
-        if profile:
-            trace = torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace'),
-                                           schedule=torch.profiler.schedule(wait=0, warmup=1, active=min(3, steps - 1)))
         ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, pad_vocab, tf32=device_type == 'cuda',
                                           fused=device_type in FUSED_ADAMW_DEVICES, pin=device_type == 'cuda', native_norms=True,
-                                          sdpa=True, compiled=compile, dtype_name=dtype_name, trace=trace)
+                                          sdpa=True, compiled=compile, dtype_name=dtype_name, profiled=profile)
         print(f"GPT {n_layer}x{n_embd}, context {block_size}, batch {batch_size}, {dev} {dtype_name}"
               f"{', compiled' if compile else ''}{', grad checkpointing' if grad_checkpoint else ''}, {optimizer}")
         print(f"{ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a (not a known GPU)'} | "
