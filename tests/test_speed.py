@@ -28,6 +28,16 @@ def test_bench_runs_a_tiny_config_in_both_modes():
     assert gen.returncode == 0 and 'KV cache == no cache: True' in gen.stdout, gen.stdout + gen.stderr
 
 
+def test_bench_profile_prints_the_costliest_ops_after_the_timed_steps(tmp_path):
+    # a GPU run's logs come back but its trace files may not: the table must reach stdout
+    proc = run_script('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=2',
+                      '--steps=2', '--warmup_steps=1', '--profile=True', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table, timing = proc.stdout.index('Self CPU time total'), proc.stdout.index('ms/step')
+    assert 'aten::' in proc.stdout[:table] and table < timing
+    assert list((tmp_path / 'bench_trace').glob('*.json'))
+
+
 @pytest.mark.parametrize('shape', ['qwen3-0.6b', 'llama-3.2-1b', 'smollm2-135m'])
 def test_bench_shape_model_gives_a_normally_built_gpts_logits(shape):
     # bench.py --shape's model (built on the meta device) against GPT(config) holding the same weights:
