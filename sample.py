@@ -75,13 +75,10 @@ def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
         if not line.strip():
             continue
         messages.append({'role': 'user', 'content': line})
-        ids, reply_tokens, dropped, cut = session.fit(messages, max_new_tokens)
-        if dropped:  # gone from the conversation for good: later turns do not bring them back
-            del messages[:dropped]
-            print(f"notice: the conversation is longer than {session.capacity} tokens; dropped its oldest exchange"
-                  f"{'s' if dropped > 2 else ''} ({dropped} messages)", file=sys.stderr)
-        if cut:
-            print("notice: the message alone is too long; keeping its end", file=sys.stderr)
+        ids, reply_tokens, dropped, notice = session.fit(messages, max_new_tokens)
+        del messages[:dropped]  # gone from the conversation for good: later turns do not bring them back
+        if notice:
+            print(f"notice: {notice}", file=sys.stderr)
         reply, _, _ = session.reply(ids, reply_tokens, write, temperature, top_k, top_p)
         print()
         replies.append(reply)

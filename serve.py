@@ -172,14 +172,19 @@ class ChatSession:
         self.cached = []
 
     def fit(self, messages, max_tokens):
-        """(token ids, reply length, messages dropped, whether the last was cut): the conversation in the chat
-        template, its oldest messages after the system message dropped while it and the reply would outgrow the
-        context (tokenizer.fit_chat); the reply takes at most half of the context."""
+        """(token ids, reply length, messages dropped, notice or None): the conversation in the chat template, its
+        oldest messages after the system message dropped while it and the reply would outgrow the context
+        (tokenizer.fit_chat); the reply takes at most half of the context."""
         if self.system and messages[0]['role'] != 'system':
             messages = [{'role': 'system', 'content': self.system}] + messages
         reply_tokens = min(max_tokens, self.capacity // 2)
         ids, dropped, cut = fit_chat(messages, self.tokenizer, self.style, self.capacity - reply_tokens)
-        return ids, reply_tokens, dropped, cut
+        notice = None
+        if dropped or cut:
+            notice = (f"the conversation is longer than the context ({self.capacity} tokens, {reply_tokens} of them "
+                      f"kept for the reply): dropped its {dropped} oldest messages"
+                      + ("; the last message alone is too long: kept its end" if cut else ""))
+        return ids, reply_tokens, dropped, notice
 
     def reply(self, ids, reply_tokens, emit, temperature, top_k, top_p, stop=(), seed=None, gone=None):
         """Generate the reply to the prompt `ids`, passing its text to emit(piece) as it comes; it ends at the
@@ -248,17 +253,6 @@ class Engine:
     def health(self):
         return {'status': 'ok', 'model': self.name, 'generating': self.lock.locked(),
                 'waiting': max(0, self.pending - self.lock.locked()), 'queue_size': self.queue_size}
-
-    def prompt(self, req):
-        """(token ids, reply length, notice or None) of a request's conversation (ChatSession.fit)."""
-        ids, reply_tokens, dropped, cut = self.session.fit(req['messages'], req['max_tokens'])
-        if not (dropped or cut):
-            return ids, reply_tokens, None
-        notice = (f"the conversation is longer than the context ({self.session.capacity} tokens, {reply_tokens} of "
-                  f"them kept for the reply): dropped its {dropped} oldest messages")
-        if cut:
-            notice += "; the last message alone is too long: kept its end"
-        return ids, reply_tokens, notice
 
     def generate(self, req, ids, reply_tokens, emit, gone):
         return self.session.reply(ids, reply_tokens, emit, req['temperature'], req['top_k'], req['top_p'],
@@ -415,7 +409,7 @@ class Handler(BaseHTTPRequestHandler):
         cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.time()
         with engine.turn():
             self.connection.settimeout(STALL_TIMEOUT)  # a client that stops reading must not hold the model
-            ids, reply_tokens, notice = engine.prompt(req)
+            ids, reply_tokens, _, notice = engine.session.fit(req['messages'], req['max_tokens'])
             if notice:
                 print(f"notice: {notice}", file=sys.stderr, flush=True)
             if req['stream']:
@@ -460,7 +454,8 @@ class Server(ThreadingHTTPServer):
         named = f'[{host}]' if ':' in host else host
         self.allowed_hosts = None if host in ('0.0.0.0', '::') else tuple(dict.fromkeys((*LOCAL_NAMES, named.lower())))
         self.connections, self.connections_lock = 0, threading.Lock()
-        super().__init__(address, Handler)
+        self.address_family = socket.AF_INET6 if ':' in host else socket.AF_INET  # --host=::1
+        super().__init__(address, Handler)  # OSError if the address is taken or not this machine's
 
     def process_request(self, request, client_address):
         with self.connections_lock:
@@ -485,15 +480,6 @@ class Server(ThreadingHTTPServer):
                 self.connections -= 1
 
 
-class Server6(Server):
-    address_family = socket.AF_INET6  # --host=::1
-
-
-def make_server(engine, host, port, allow_origin=()):
-    """The HTTP server (not yet serving); OSError if the address is taken or not this machine's."""
-    return (Server6 if ':' in host else Server)((host, port), engine, allow_origin)
-
-
 def public_name(source):
     """The model's id in replies: a published name as given; a checkpoint or folder by its folder's own name,
     never the path (a reply says nothing about the machine)."""
@@ -511,7 +497,7 @@ def run_server(model, tokenizer, style, device, host, port, source, allow_origin
     engine = Engine(ChatSession(model, tokenizer, style, device, **session), public_name(source),
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     try:
-        httpd = make_server(engine, host, port, allow_origin)
+        httpd = Server((host, port), engine, allow_origin)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         die(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); is a server already running "
             f"there? choose another --serve port")

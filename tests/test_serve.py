@@ -343,12 +343,18 @@ def tiny_engine(**settings):
     return serve.Engine(serve.ChatSession(model, ByteTokenizer(), 'alpaca', 'cpu', **session), 'tiny', **settings), model
 
 
+def prompt(engine, messages, max_tokens):
+    """(token ids, reply length, notice or None): what the server makes of a request's conversation."""
+    ids, reply_tokens, _, notice = engine.session.fit(messages, max_tokens)
+    return ids, reply_tokens, notice
+
+
 class InProcessServer:
-    """serve.make_server on a free port, serving from a thread."""
+    """serve.Server on a free port, serving from a thread."""
 
     def __init__(self, engine, host='127.0.0.1', allow_origin=()):
         import serve
-        self.engine, self.httpd = engine, serve.make_server(engine, host, 0, allow_origin)
+        self.engine, self.httpd = engine, serve.Server((host, 0), engine, allow_origin)
         self.port = self.httpd.server_address[1]
         self.url = f'http://127.0.0.1:{self.port}'
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -401,7 +407,7 @@ def test_one_generation_at_a_time_a_full_queue_gets_503_and_health_answers_meanw
 def test_the_cache_kept_between_requests_changes_no_reply():
     engine, model = tiny_engine(temperature=0)
     tok, end = ByteTokenizer(), ByteTokenizer().eot_id
-    check = lambda messages: engine.prompt({'messages': messages, 'max_tokens': 12})
+    check = lambda messages: prompt(engine, messages, 12)
     request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
     turn1 = user('hello')
     ids1, n, _ = check(turn1)
@@ -431,7 +437,7 @@ def test_a_decode_step_from_sample_py_compile_runs_every_token_and_changes_no_re
     request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
     conversation = user('hello')
     for turn in range(2):  # the second turn reuses the cache the first one left
-        replies = [e.generate(request, *e.prompt({'messages': conversation, 'max_tokens': 12})[:2], lambda piece: None,
+        replies = [e.generate(request, *prompt(e, conversation, 12)[:2], lambda piece: None,
                               lambda: False)[0] for e in (plain, engine)]
         assert replies[0] == replies[1] and len(replies[0]) > 5
         conversation = conversation + [{'role': 'assistant', 'content': replies[0]}] + user('and again?')
@@ -444,7 +450,7 @@ def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
     turns = []
     for i in range(6):
         turns += user(f'question {i}') + [{'role': 'assistant', 'content': f'answer {i} ' + 'y' * 10}]
-    ids, reply_tokens, notice = engine.prompt({'messages': system + turns + user('last'), 'max_tokens': 40})
+    ids, reply_tokens, notice = prompt(engine, system + turns + user('last'), 40)
     assert reply_tokens == 40 and len(ids) <= 160 and 'dropped its' in notice
     kept = ByteTokenizer().decode(ids)
     assert kept.startswith('Be brief.\n\n### Instruction:\nquestion ') and kept.endswith('last\n\n### Response:\n')
@@ -453,9 +459,9 @@ def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
     kept_messages = system + (turns + user('last'))[dropped:]
     encode = lambda messages: ByteTokenizer().encode(format_chat(messages, 'alpaca'))  # noqa: E731
     assert len(encode(longer)) > 160 and len(ids) == len(encode(kept_messages))
-    ids, _, notice = engine.prompt({'messages': user('z' * 500), 'max_tokens': 400})  # the reply: half the context
+    ids, _, notice = prompt(engine, user('z' * 500), 400)  # the reply: half the context
     assert len(ids) == 100 and 'kept its end' in notice
-    assert engine.prompt({'messages': user('short'), 'max_tokens': 8})[2] is None
+    assert prompt(engine, user('short'), 8)[2] is None
 
 
 def test_a_taken_port_is_a_one_line_error(chat_model):
