@@ -132,9 +132,9 @@ if __name__ == '__main__':
     model.eval().to(device=device, dtype=getattr(torch, dtype))
     decode_step = compile_decoding(model, compile, device_type)
     if serve:  # the same chat, over HTTP
-        run_server(model, tokenizer, style, device, host, serve, init_from if init_from != 'resume' else out_dir,
-                   [o for o in allow_origin.split(',') if o], max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, chat_context=chat_context, system=system, decode_step=decode_step)
+        run_server(ChatSession(model, tokenizer, style, device, chat_context, system, decode_step), host, serve,
+                   init_from if init_from != 'resume' else out_dir, [o for o in allow_origin.split(',') if o],
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         sys.exit(0)
     if chat:
         chat_loop(model, tokenizer, style, device, decode_step=decode_step)

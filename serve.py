@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 import torch
 
 from configurator import die
-from model import KVCache
 from tokenizer import fit_chat, response_end_id
 
 QUEUE_SIZE = 8  # requests that may wait for the model; more get 503 at once instead of piling up threads
@@ -164,7 +163,7 @@ class ChatSession:
         self.decode_step = decode_step  # sample.py --compile=True: the compiled one-token step (else None: eager)
         self.end_id = response_end_id(tokenizer, style)
         self.capacity = min(model.config.block_size, chat_context)
-        self.cache = KVCache(model.config, 1, device, model.lm_head.weight.dtype, self.capacity)
+        self.cache = model.new_kv_cache(1, self.capacity, torch.device(device))  # in the dtype attention computes in
         self.cached = []  # the token ids the cache holds
 
     def reset(self):
@@ -226,39 +225,6 @@ class ChatSession:
         return stream.text, finish, len(new)
 
 
-class Engine:
-    """The server's chat session behind a lock, with a bounded queue: one model, one cache, one generation at a time."""
-
-    def __init__(self, session, name, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0,
-                 queue_size=QUEUE_SIZE):
-        self.session, self.name, self.queue_size = session, name, queue_size
-        self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        self.lock = threading.Lock()
-        self.pending, self.pending_lock = 0, threading.Lock()  # requests generating or waiting
-
-    @contextmanager
-    def turn(self):
-        """Wait for the model; ApiError(503) at once when QUEUE_SIZE requests are already waiting."""
-        with self.pending_lock:
-            if self.pending > self.queue_size:
-                raise ApiError(503, f"the server is busy ({self.queue_size} requests are waiting); try again later")
-            self.pending += 1
-        try:
-            with self.lock:
-                yield
-        finally:
-            with self.pending_lock:
-                self.pending -= 1
-
-    def health(self):
-        return {'status': 'ok', 'model': self.name, 'generating': self.lock.locked(),
-                'waiting': max(0, self.pending - self.lock.locked()), 'queue_size': self.queue_size}
-
-    def generate(self, req, ids, reply_tokens, emit, gone):
-        return self.session.reply(ids, reply_tokens, emit, req['temperature'], req['top_k'], req['top_p'],
-                                  req['stop'], req['seed'], gone)
-
-
 # -------------------------------------------------------------------- HTTP
 
 def completion(cid, created, name, text, finish, usage, notice):
@@ -278,7 +244,7 @@ def error_body(message):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One request, in its own thread; self.server is the Server (its engine, page and allowed names)."""
+    """One request, in its own thread; self.server is the Server (its session, page and allowed names)."""
     server_version = 'gpt-from-scratch'
     timeout = 60  # seconds: a client that stops sending frees its thread
     streaming = False
@@ -376,10 +342,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(html)
 
     def health(self):
-        self.send_json(200, self.server.engine.health())
+        self.send_json(200, self.server.health())
 
     def models(self):
-        self.send_json(200, {'object': 'list', 'data': [{'id': self.server.engine.name, 'object': 'model',
+        self.send_json(200, {'object': 'list', 'data': [{'id': self.server.name, 'object': 'model',
                                                           'created': 0, 'owned_by': 'local'}]})
 
     def read_body(self):
@@ -404,27 +370,31 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def completions(self):
-        engine = self.server.engine
-        req = check_request(self.read_body(), engine.defaults)
+        req = check_request(self.read_body(), self.server.defaults)
         cid, created, t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.time()
-        with engine.turn():
+        with self.server.turn():
             self.connection.settimeout(STALL_TIMEOUT)  # a client that stops reading must not hold the model
-            ids, reply_tokens, _, notice = engine.session.fit(req['messages'], req['max_tokens'])
+            ids, reply_tokens, _, notice = self.server.session.fit(req['messages'], req['max_tokens'])
             if notice:
                 print(f"notice: {notice}", file=sys.stderr, flush=True)
             if req['stream']:
-                text, finish, n = self.stream(req, ids, reply_tokens, notice, cid, created)
+                finish, usage = self.stream(req, ids, reply_tokens, notice, cid, created)
             else:
-                text, finish, n = engine.generate(req, ids, reply_tokens, lambda piece: None, self.client_gone)
-                usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
-                self.send_json(200, completion(cid, created, engine.name, text, finish, usage, notice))
-        dt = time.time() - t0
+                text, finish, usage = self.reply(req, ids, reply_tokens, lambda piece: None)
+                self.send_json(200, completion(cid, created, self.server.name, text, finish, usage, notice))
+        n, dt = usage['completion_tokens'], time.time() - t0
         print(f"generated {n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s; prompt {len(ids)} tokens, "
               f"finish: {finish})", file=sys.stderr, flush=True)
 
+    def reply(self, req, ids, reply_tokens, emit):
+        """The session's reply to a checked request, its text passed to emit as it comes: (text, finish, usage)."""
+        text, finish, n = self.server.session.reply(ids, reply_tokens, emit, req['temperature'], req['top_k'],
+                                                    req['top_p'], req['stop'], req['seed'], self.client_gone)
+        return text, finish, {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+
     def stream(self, req, ids, reply_tokens, notice, cid, created):
         """Server-sent events: one `data: {chunk}` per piece of text, then the finish reason, then [DONE]."""
-        name = self.server.engine.name
+        name = self.server.name
         self.send_head(200, [('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache')])
         self.streaming = True
         self.close_connection = True  # the stream ends when the connection does (no Content-Length)
@@ -433,22 +403,26 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b'data: ' + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b'\n\n')
             self.wfile.flush()
         send(chunk(cid, created, name, {'role': 'assistant', 'content': ''}, **({'notice': notice} if notice else {})))
-        text, finish, n = self.server.engine.generate(
-            req, ids, reply_tokens, lambda piece: send(chunk(cid, created, name, {'content': piece})), self.client_gone)
-        usage = {'prompt_tokens': len(ids), 'completion_tokens': n, 'total_tokens': len(ids) + n}
+        _, finish, usage = self.reply(req, ids, reply_tokens, lambda piece: send(chunk(cid, created, name, {'content': piece})))
         send(chunk(cid, created, name, {}, finish, usage=usage))
         send(b'[DONE]')
-        return text, finish, n
+        return finish, usage
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server: a thread per connection, at most MAX_CONNECTIONS of them (more get 503 at once)."""
+    """The HTTP server around one chat session: a thread per connection, at most MAX_CONNECTIONS of them, and one
+    generation at a time, with at most queue_size requests waiting (beyond either, a 503 at once).
+    name: the model's id in replies; the sampling settings: what a request leaves out."""
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl+C
     request_queue_size = 64  # the listen backlog: 20 clients connecting at once all get in
 
-    def __init__(self, address, engine, allow_origin=()):
+    def __init__(self, address, session, name, allow_origin=(), queue_size=QUEUE_SIZE, max_new_tokens=200,
+                 temperature=0.8, top_k=200, top_p=1.0):
         host = address[0]
-        self.engine, self.page = engine, PAGE.read_bytes()
+        self.session, self.name, self.queue_size, self.page = session, name, queue_size, PAGE.read_bytes()
+        self.defaults = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.lock = threading.Lock()  # the model's: one generation at a time
+        self.pending, self.pending_lock = 0, threading.Lock()  # requests generating or waiting
         self.allowed_origins = {o.rstrip('/') for o in allow_origin}
         # bound to every address, a user wants to be reached by any name; else only by this machine's own names
         named = f'[{host}]' if ':' in host else host
@@ -456,6 +430,24 @@ class Server(ThreadingHTTPServer):
         self.connections, self.connections_lock = 0, threading.Lock()
         self.address_family = socket.AF_INET6 if ':' in host else socket.AF_INET  # --host=::1
         super().__init__(address, Handler)  # OSError if the address is taken or not this machine's
+
+    @contextmanager
+    def turn(self):
+        """Wait for the model; ApiError(503) at once when queue_size requests are already waiting."""
+        with self.pending_lock:
+            if self.pending > self.queue_size:
+                raise ApiError(503, f"the server is busy ({self.queue_size} requests are waiting); try again later")
+            self.pending += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self.pending_lock:
+                self.pending -= 1
+
+    def health(self):
+        return {'status': 'ok', 'model': self.name, 'generating': self.lock.locked(),
+                'waiting': max(0, self.pending - self.lock.locked()), 'queue_size': self.queue_size}
 
     def process_request(self, request, client_address):
         with self.connections_lock:
@@ -490,19 +482,16 @@ def public_name(source):
     return (path.parent if path.is_file() else path).name
 
 
-def run_server(model, tokenizer, style, device, host, port, source, allow_origin=(), max_new_tokens=200,
-               temperature=0.8, top_k=200, top_p=1.0, **session):
-    """Serve until Ctrl+C; source: what the model was loaded from; session: ChatSession's chat_context, system,
-    decode_step."""
-    engine = Engine(ChatSession(model, tokenizer, style, device, **session), public_name(source),
-                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+def run_server(session, host, port, source, allow_origin=(), **defaults):
+    """Serve the ChatSession until Ctrl+C; source: what the model was loaded from; defaults: Server's sampling
+    settings."""
     try:
-        httpd = Server((host, port), engine, allow_origin)
+        httpd = Server((host, port), session, public_name(source), allow_origin, **defaults)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         die(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e}); is a server already running "
             f"there? choose another --serve port")
     url = f"http://{host if ':' not in host else f'[{host}]'}:{httpd.server_address[1]}"
-    print(f"serving {engine.name} ({style} chat template, {engine.session.capacity} tokens of context) at {url}/ "
+    print(f"serving {httpd.name} ({session.style} chat template, {session.capacity} tokens of context) at {url}/ "
           f"and {url}/v1; Ctrl+C stops", file=sys.stderr, flush=True)
     if httpd.allowed_hosts is None:
         print(f"notice: listening on {host}: anyone who reaches this port, by any name, can use the model (no "

@@ -334,27 +334,32 @@ def test_the_page_in_a_real_browser(server, tmp_path):
 
 # -------------------------------------------------------------------- in one process: the queue, the cache, the crop
 
-def tiny_engine(**settings):
+def tiny_session(**session):
+    """(a ChatSession of a byte-level model that does not just repeat one token, the model)."""
     import serve
     torch.manual_seed(0)
-    # an untrained model that does not just repeat one token
     model = spread_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).eval(), 8.0)
-    session = {k: settings.pop(k) for k in ('chat_context', 'system') if k in settings}
-    return serve.Engine(serve.ChatSession(model, ByteTokenizer(), 'alpaca', 'cpu', **session), 'tiny', **settings), model
+    return serve.ChatSession(model, ByteTokenizer(), 'alpaca', 'cpu', **session), model
 
 
-def prompt(engine, messages, max_tokens):
+def prompt(session, messages, max_tokens):
     """(token ids, reply length, notice or None): what the server makes of a request's conversation."""
-    ids, reply_tokens, _, notice = engine.session.fit(messages, max_tokens)
+    ids, reply_tokens, _, notice = session.fit(messages, max_tokens)
     return ids, reply_tokens, notice
 
 
-class InProcessServer:
-    """serve.Server on a free port, serving from a thread."""
+def reply(session, request, ids, reply_tokens, emit=lambda piece: None):
+    """(text, finish reason, tokens): the session's reply to a checked request, as the server asks for it."""
+    return session.reply(ids, reply_tokens, emit, request['temperature'], request['top_k'], request['top_p'],
+                         request['stop'], request['seed'])
 
-    def __init__(self, engine, host='127.0.0.1', allow_origin=()):
+
+class InProcessServer:
+    """serve.Server on a free port, serving from a thread; settings: Server's (temperature=0 unless given)."""
+
+    def __init__(self, session, host='127.0.0.1', allow_origin=(), **settings):
         import serve
-        self.engine, self.httpd = engine, serve.Server((host, 0), engine, allow_origin)
+        self.httpd = serve.Server((host, 0), session, 'tiny', allow_origin, **{'temperature': 0, **settings})
         self.port = self.httpd.server_address[1]
         self.url = f'http://127.0.0.1:{self.port}'
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -366,15 +371,15 @@ class InProcessServer:
 
 def slow_server(**settings):
     """An in-process server whose model takes 20 ms a step; and the list its steps are counted in."""
-    engine, model = tiny_engine(temperature=0, **settings)
+    session, model = tiny_session()
     steps, real = [], model.hidden_states
     model.hidden_states = lambda idx, kv_cache=None, slot=None: steps.append(time.sleep(0.02)) or real(idx, kv_cache, slot)
-    return InProcessServer(engine), steps
+    return InProcessServer(session, **settings), steps
 
 
 def test_one_generation_at_a_time_a_full_queue_gets_503_and_health_answers_meanwhile():
     server, steps = slow_server(queue_size=2)
-    engine, api, answers = server.engine, f'{server.url}/v1/chat/completions', []
+    httpd, api, answers = server.httpd, f'{server.url}/v1/chat/completions', []
     ask = lambda n=4: answers.append(requests.post(api, json={'messages': user('hi'), 'max_tokens': n}, timeout=60))
     try:
         running = threading.Thread(target=ask, args=(30,))
@@ -386,38 +391,38 @@ def test_one_generation_at_a_time_a_full_queue_gets_503_and_health_answers_meanw
         assert health['generating'] and len(steps) < 30 and not answers
         assert requests.get(server.url, timeout=2).status_code == 200
         running.join(timeout=60)
-        with engine.lock:  # as if a long generation were running: the next requests wait
-            waiting = [threading.Thread(target=ask) for _ in range(engine.queue_size + 1)]
+        with httpd.lock:  # as if a long generation were running: the next requests wait
+            waiting = [threading.Thread(target=ask) for _ in range(httpd.queue_size + 1)]
             for t in waiting:
                 t.start()
-            while engine.pending < engine.queue_size + 1 and time.time() < deadline:
+            while httpd.pending < httpd.queue_size + 1 and time.time() < deadline:
                 time.sleep(0.01)
             refused = requests.post(api, json={'messages': user('hi')}, timeout=30)
             assert refused.status_code == 503 and 'busy' in refused.json()['error']['message']
-            assert requests.get(f'{server.url}/health', timeout=2).json()['waiting'] == engine.queue_size
+            assert requests.get(f'{server.url}/health', timeout=2).json()['waiting'] == httpd.queue_size
         for t in waiting:
             t.join(timeout=60)
-        assert [a.status_code for a in answers] == [200] * (engine.queue_size + 2)
+        assert [a.status_code for a in answers] == [200] * (httpd.queue_size + 2)
         assert wait_idle(server.url) == {'status': 'ok', 'model': 'tiny', 'generating': False, 'waiting': 0,
-                                         'queue_size': engine.queue_size}
+                                         'queue_size': httpd.queue_size}
     finally:
         server.close()
 
 
 def test_the_cache_kept_between_requests_changes_no_reply():
-    engine, model = tiny_engine(temperature=0)
+    session, model = tiny_session()
     tok, end = ByteTokenizer(), ByteTokenizer().eot_id
-    check = lambda messages: prompt(engine, messages, 12)
+    check = lambda messages: prompt(session, messages, 12)
     request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
     turn1 = user('hello')
     ids1, n, _ = check(turn1)
-    reply1, finish, _ = engine.generate(request, ids1, n, lambda piece: None, lambda: False)
+    reply1, finish, _ = reply(session, request, ids1, n)
     turn2 = turn1 + [{'role': 'assistant', 'content': reply1}] + user('and again?')
     ids2, n, _ = check(turn2)
     fed = []
     real = model.hidden_states
     model.hidden_states = lambda idx, kv_cache=None, slot=None: fed.append(idx.size(1)) or real(idx, kv_cache, slot)
-    reply2, _, _ = engine.generate(request, ids2, n, lambda piece: None, lambda: False)
+    reply2, _, _ = reply(session, request, ids2, n)
     assert fed[0] < len(ids2) - len(ids1) + 20  # the prefill: the new turn, not the conversation
     fresh = model.generate(torch.tensor([ids2]), 12, temperature=0, eos_id=end, use_cache=False)[0, len(ids2):].tolist()
     assert reply2 == tok.decode(fresh[:fresh.index(end)] if end in fresh else fresh)
@@ -425,32 +430,31 @@ def test_the_cache_kept_between_requests_changes_no_reply():
     pieces = []
     assert len(reply2) > 8
     stop = reply2[3:6]
-    text, finish, _ = engine.generate({**request, 'stop': [stop]}, ids2, n, pieces.append, lambda: False)
+    text, finish, _ = reply(session, {**request, 'stop': [stop]}, ids2, n, pieces.append)
     assert text == reply2[:reply2.index(stop)] == ''.join(pieces) and finish == 'stop'
 
 
 def test_a_decode_step_from_sample_py_compile_runs_every_token_and_changes_no_reply():
-    plain, _ = tiny_engine(temperature=0)
-    engine, model = tiny_engine(temperature=0)
+    plain, _ = tiny_session()
+    session, model = tiny_session()
     steps = []
-    engine.session.decode_step = lambda token, cache, slot: steps.append(1) or model.decode_step(token, cache, slot)  # eager
+    session.decode_step = lambda token, cache, slot: steps.append(1) or model.decode_step(token, cache, slot)  # eager
     request = {'max_tokens': 12, 'temperature': 0, 'top_k': 0, 'top_p': 1.0, 'seed': None, 'stop': []}
     conversation = user('hello')
     for turn in range(2):  # the second turn reuses the cache the first one left
-        replies = [e.generate(request, *prompt(e, conversation, 12)[:2], lambda piece: None,
-                              lambda: False)[0] for e in (plain, engine)]
+        replies = [reply(s, request, *prompt(s, conversation, 12)[:2])[0] for s in (plain, session)]
         assert replies[0] == replies[1] and len(replies[0]) > 5
         conversation = conversation + [{'role': 'assistant', 'content': replies[0]}] + user('and again?')
     assert len(steps) == 2 * 11  # every token after the first of each reply
 
 
 def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
-    engine, _ = tiny_engine(chat_context=200)  # bytes: a token per character
+    session, _ = tiny_session(chat_context=200)  # bytes: a token per character
     system = [{'role': 'system', 'content': 'Be brief.'}]
     turns = []
     for i in range(6):
         turns += user(f'question {i}') + [{'role': 'assistant', 'content': f'answer {i} ' + 'y' * 10}]
-    ids, reply_tokens, notice = prompt(engine, system + turns + user('last'), 40)
+    ids, reply_tokens, notice = prompt(session, system + turns + user('last'), 40)
     assert reply_tokens == 40 and len(ids) <= 160 and 'dropped its' in notice
     kept = ByteTokenizer().decode(ids)
     assert kept.startswith('Be brief.\n\n### Instruction:\nquestion ') and kept.endswith('last\n\n### Response:\n')
@@ -459,9 +463,9 @@ def test_cropping_keeps_the_system_message_and_starts_at_a_user_turn():
     kept_messages = system + (turns + user('last'))[dropped:]
     encode = lambda messages: ByteTokenizer().encode(format_chat(messages, 'alpaca'))  # noqa: E731
     assert len(encode(longer)) > 160 and len(ids) == len(encode(kept_messages))
-    ids, _, notice = prompt(engine, user('z' * 500), 400)  # the reply: half the context
+    ids, _, notice = prompt(session, user('z' * 500), 400)  # the reply: half the context
     assert len(ids) == 100 and 'kept its end' in notice
-    assert prompt(engine, user('short'), 8)[2] is None
+    assert prompt(session, user('short'), 8)[2] is None
 
 
 def test_a_taken_port_is_a_one_line_error(chat_model):
@@ -471,7 +475,7 @@ def test_a_taken_port_is_a_one_line_error(chat_model):
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         with pytest.raises(SystemExit, match='cannot listen on 127.0.0.1:.*another --serve port'):
-            serve.run_server(model, tok, 'chatml', 'cpu', '127.0.0.1', taken.getsockname()[1], 'm')
+            serve.run_server(serve.ChatSession(model, tok, 'chatml', 'cpu'), '127.0.0.1', taken.getsockname()[1], 'm')
 
 
 
@@ -479,8 +483,8 @@ def test_a_taken_port_is_a_one_line_error(chat_model):
 
 @pytest.fixture(scope='module')
 def tiny_server():
-    engine, model = tiny_engine(temperature=0)
-    server = InProcessServer(engine)
+    session, model = tiny_session()
+    server = InProcessServer(session)
     server.model = model
     yield server
     server.close()
@@ -526,8 +530,8 @@ def test_a_page_of_another_origin_or_name_is_refused_and_own_clients_are_answere
 
 
 def test_allow_origin_lets_one_page_call_the_api_and_binding_every_address_takes_any_name():
-    engine, _ = tiny_engine(temperature=0)
-    server = InProcessServer(engine, allow_origin=['http://localhost:3000/'])
+    session, _ = tiny_session()
+    server = InProcessServer(session, allow_origin=['http://localhost:3000/'])
     api, page = f'{server.url}/v1/chat/completions', {'Origin': 'http://localhost:3000'}
     try:
         preflight = requests.options(api, headers={**page, 'Access-Control-Request-Method': 'POST',
@@ -543,7 +547,7 @@ def test_allow_origin_lets_one_page_call_the_api_and_binding_every_address_takes
         assert 'Access-Control-Allow-Origin' not in other.headers
     finally:
         server.close()
-    everywhere = InProcessServer(engine, host='0.0.0.0')  # (reached here through loopback only)
+    everywhere = InProcessServer(session, host='0.0.0.0')  # (reached here through loopback only)
     try:
         r = requests.get(f'{everywhere.url}/v1/models', headers={'Host': f'my-laptop.lan:{everywhere.port}'}, timeout=10)
         assert r.status_code == 200 and r.json()['data'][0]['id'] == 'tiny'
@@ -645,8 +649,8 @@ def test_the_same_seed_repeats_and_concurrent_greedy_clients_get_the_sequential_
 
 
 def test_a_model_exception_is_a_500_that_names_nothing_and_the_next_request_is_answered(capfd):
-    engine, model = tiny_engine(temperature=0)
-    server, real, failed = InProcessServer(engine), model.hidden_states, []
+    session, model = tiny_session()
+    server, real, failed = InProcessServer(session), model.hidden_states, []
 
     def fails_once(idx, kv_cache=None, slot=None):
         if len(failed) == 0 and idx.size(1) == 1:  # in the middle of a reply, the cache half written
