@@ -80,6 +80,7 @@ GPT4_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 # GPT-2's split run on the text between digits (SmolLM2's Digits + ByteLevel): ' ?\p{N}+' can no longer match,
 # and a digit ends a run of spaces as the end of the text would
 GPT2_BETWEEN_DIGITS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+ONLY_BYTE_LEVEL = "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 style) can be read"
 END_OF_TEXT_TOKENS = (EOT, '<|end_of_text|>')  # GPT-2, Qwen, SmolLM2 and ours; Llama 3
 LLAMA3_SPECIAL_TOKENS = (['<|begin_of_text|>', '<|end_of_text|>', '<|reserved_special_token_0|>',
                           '<|reserved_special_token_1|>', '<|finetune_right_pad_id|>', '<|reserved_special_token_2|>',
@@ -100,11 +101,9 @@ def vocab_ranks(model, special_ids, label):
     the merges make tokens in id order and every token of two or more bytes is made by one; checked here."""
     if model.get('byte_fallback'):  # unknown text falls back to <0x..> byte tokens: not bytes merged by BPE
         raise ValueError(f"tokenizer {label}: a BPE with byte_fallback (SentencePiece style, as Llama 2's or "
-                         "Mistral's) is not byte-level; only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 "
-                         "style) can be read")
+                         f"Mistral's) is not byte-level; {ONLY_BYTE_LEVEL}")
     if model.get('type') != 'BPE' or model.get('continuing_subword_prefix') or model.get('end_of_word_suffix'):
-        raise ValueError(f"tokenizer {label}: not a byte-level BPE (model {model.get('type')}); only those "
-                         "(GPT-2, Llama 3, Qwen, SmolLM2 style) can be read")
+        raise ValueError(f"tokenizer {label}: not a byte-level BPE (model {model.get('type')}); {ONLY_BYTE_LEVEL}")
     to_byte = {char: b for b, char in byte_to_unicode().items()}
     vocab, ranks = model.get('vocab') or {}, {}
     for token, id in vocab.items():
@@ -113,8 +112,7 @@ def vocab_ranks(model, special_ids, label):
                 ranks[bytes(to_byte[char] for char in token)] = id
             except KeyError:
                 raise ValueError(f"tokenizer {label}: token {token!r} is not spelled in GPT-2's byte alphabet; "
-                                 "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 style) can be read") \
-                    from None
+                                 f"{ONLY_BYTE_LEVEL}") from None
     if sum(len(token) == 1 for token in ranks) != 256:
         raise ValueError(f"tokenizer {label}: its vocabulary lacks some of the 256 byte tokens a byte-level BPE needs")
     made, last = set(), -1
@@ -148,7 +146,7 @@ def split_pattern(pre_tokenizer, label):
     steps = steps_of(pre_tokenizer, 'pretokenizers')
     if not any(step.get('type') == 'ByteLevel' and not step.get('add_prefix_space') for step in steps):
         raise ValueError(f"tokenizer {label}: its pre-tokenizer has no ByteLevel step (or adds a prefix space); "
-                         "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM2 style) can be read")
+                         f"{ONLY_BYTE_LEVEL}")
     splits = []
     for step in steps:
         kind, pattern = step.get('type'), step.get('pattern') or {}
