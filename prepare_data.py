@@ -5,6 +5,7 @@ Text -> tokens -> token shards (book chapter 2), the input of train.py.
     python prepare_data.py --tokenizer=bpe --vocab_size=4096   # train our own BPE on the training split first
     python prepare_data.py --input=my_texts/ --tokenizer=path/to/Llama-3.2-1B --data_dir=data/mine
     python prepare_data.py --dataset=fineweb10B --num_shards=10   # llm.c's GPT-2 tokens, 100M per shard
+    python prepare_data.py --dataset=arithmetic   # worked additions (shards) + answer-only problems for GRPO
 Shards use the llm.c / modded-nanogpt format (a 256 x int32 header: magic 20240520, version 1,
 token count; then uint16 tokens), so shards made here train there and theirs train here; a
 vocabulary above 65,536 ids (Llama 3, Qwen) writes version 2, the same with uint32 tokens.
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import random
 import sys
 import sysconfig
 import time
@@ -26,7 +28,7 @@ from configurator import atomic_write, configure, die, save_text
 from tokenizer import GPT4_PATTERN, get_tokenizer, train_bpe
 from weights import download
 
-dataset = 'pydoc'  # pydoc | verdict | shakespeare | fineweb10B (ignored when --input is given)
+dataset = 'pydoc'  # pydoc | verdict | shakespeare | fineweb10B | arithmetic (ignored when --input is given)
 input = ''  # a UTF-8 text file, or a folder of .txt files (one document each)
 tokenizer = 'bytes'  # bytes (256 byte values + end-of-text) | gpt2 | bpe (trained here) | qwen3-0.6b, a hub id, a folder or tokenizer.json
 vocab_size = 4096  # --tokenizer=bpe: 256 bytes + merges + end-of-text
@@ -405,6 +407,60 @@ def prepare_fineweb(data_dir, num_shards):
     return data_dir
 
 
+# -------------------------------------------------------------------- a generated task for GRPO (finetune_instruct.py)
+
+ARITHMETIC = {'worked': 200, 'val': 100, 'answers': 20_000, 'test': 500}  # problems in each part
+ARITHMETIC_DIGITS = 3  # operands of this many digits
+ARITHMETIC_HELD_OUT = 0.2  # the share of operands that only the test problems use
+
+
+def worked_addition(a, b):
+    """a+b as pretraining text: the problem line, one line per column from the right with its carry, then
+    the sum alone on the last line (what the exact verifier reads):  '58+67' '8+7=15' '5+6+1=12' '125'."""
+    lines, carry = [f"{a}+{b}"], 0
+    xs, ys = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(xs), len(ys))):
+        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
+        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={x + y + carry}")
+        carry = (x + y + carry) // 10
+    return '\n'.join(lines + [str(a + b)])
+
+
+def prepare_arithmetic(data_dir='', seed=1337, quiet=False):
+    """The from-scratch GRPO demonstration's data, set up like the sequel's problem (few worked solutions, many
+    problems a verifier can check), in data_dir: a small fixed set of worked additions as train/val shards
+    (the only supervised data), answers.json (further problems with their final answers only: GRPO's prompts)
+    and test.json (held-out problems whose operands never appear in the other two), both [{problem, answer}]."""
+    data_dir = Path(data_dir or 'data/arithmetic')
+    rng = random.Random(seed)
+    operands = list(range(10 ** (ARITHMETIC_DIGITS - 1), 10 ** ARITHMETIC_DIGITS))
+    rng.shuffle(operands)
+    n_held = int(len(operands) * ARITHMETIC_HELD_OUT)
+    held, seen = operands[:n_held], operands[n_held:]
+
+    def problems(pool, n):
+        return [(rng.choice(pool), rng.choice(pool)) for _ in range(n)]
+    tok = get_tokenizer('bytes')
+    data_dir.mkdir(parents=True, exist_ok=True)
+    writers = {}
+    for split in ('train', 'val'):
+        docs = [tok.encode(worked_addition(a, b)) + [tok.eot_id] for a, b in problems(seen, ARITHMETIC[
+            'worked' if split == 'train' else 'val'])]
+        writers[split] = ShardWriter(data_dir, 'arithmetic', split)
+        writers[split].add(np.array([t for doc in docs for t in doc], dtype=np.uint16))
+        writers[split].flush()
+    for name, pool, n in (('answers', seen, ARITHMETIC['answers']), ('test', held, ARITHMETIC['test'])):
+        rows = [{'problem': f"{a}+{b}", 'answer': str(a + b)} for a, b in problems(pool, n)]
+        save_text(data_dir / f"{name}.json", '[\n' + ',\n'.join(json.dumps(row) for row in rows) + '\n]\n')
+    info = write_meta(data_dir, 'arithmetic', tok, writers, f"arithmetic|{seed}|{ARITHMETIC}|{ARITHMETIC_DIGITS}",
+                      'arithmetic')
+    if not quiet:
+        print(f"{data_dir}: {ARITHMETIC['worked']} worked additions ({info['train_tokens']:,} tokens) + "
+              f"{ARITHMETIC['val']} for val; {ARITHMETIC['answers']:,} answer-only problems in answers.json, "
+              f"{ARITHMETIC['test']} held-out in test.json")
+    return data_dir
+
+
 if __name__ == '__main__':
     configure(globals())
     if not 0 <= val_fraction < 1:
@@ -414,6 +470,8 @@ if __name__ == '__main__':
     try:
         if dataset == 'fineweb10B' and not input:
             prepare_fineweb(data_dir, num_shards)
+        elif dataset == 'arithmetic' and not input:
+            prepare_arithmetic(data_dir)
         else:
             prepare(dataset, input, tokenizer, data_dir, raw_dir, val_fraction, num_workers, vocab_size=vocab_size,
                     tokenizer_max_chars=tokenizer_max_chars)
