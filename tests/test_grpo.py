@@ -97,8 +97,8 @@ def test_group_advantages_and_grpo_loss_equal_the_hand_computation():
         expected += [(r - mean) / (std + 1e-4) for r in g]
     assert adv.tolist() == pytest.approx(expected)
     assert expected[0] == pytest.approx((2 / 3) / math.sqrt(1 / 3), rel=1e-3)  # 1.1547: the one right of three
-    # per-token log-probs of six completions of 1-3 tokens (the mask marks the completion's tokens)
-    logp = torch.tensor([[-1., -2., 0.], [-.5, 0., 0.], [-1., -1., -1.], [-.2, -.3, 0.], [-3., 0., 0.], [-.1, -.1, -.1]])
+    # per-token log-probs of six completions of 1-3 tokens (the mask marks the completion's tokens; -9: padding)
+    logp = torch.tensor([[-1., -2., -9.], [-.5, -9., -9.], [-1., -1., -1.], [-.2, -.3, -9.], [-3., -9., -9.], [-.1, -.1, -.1]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]).bool()
     n_tokens = 13
     hand = 0.0
