@@ -4,8 +4,10 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py --ablate=True                    # the book's speed-ups one at a time
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
     python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
+    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 weights beside bf16
     python bench.py --mode=optimizer                 # one optimizer step alone, GPT-2 124M: fused AdamW vs Muon
 """
+import copy
 import math
 import sys
 import tempfile
@@ -16,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
+from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding, quantized_dtype
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, Int8Linear, quantize_int8
 from weights import empty_model, from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
@@ -41,10 +43,12 @@ ablate = False  # train: walk the book's speed-ups one at a time and print the t
 profile = False  # train: 3 more steps under torch.profiler: its table printed, its trace written (chrome://tracing, perfetto)
 prompt_tokens = 64  # generate
 max_new_tokens = 200  # generate
-repeats = 3  # generate: timed runs per variant; the best is reported
+repeats = 3  # generate: timed rounds, each running every variant once in turn; the medians are reported
 uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
 compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
-bandwidth_mb = 1024  # generate: the size of the matrix whose matrix-vector product measures memory bandwidth (0 = skip)
+quantize = 'none'  # generate: int8 = also time an int8 weight-only copy (model.quantize_int8) in the same rounds
+bandwidth_mb = 1024  # generate: the size of the matrix whose matrix-vector product measures memory bandwidth (0 = skip;
+# with --quantize=int8 an int8 matrix is measured too)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -227,91 +231,119 @@ def generate_speed(dev, dtype_name):
         except (OSError, ValueError) as e:
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
-    sync = lambda: synchronize(dev.split(':')[0])  # noqa: E731
-
-    def best_time(fn):
-        fn()  # warm-up: allocations, kernels, caches
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
+    int8_dtype = quantized_dtype(quantize, dev.split(':')[0], dtype_name)
+    # the int8 copy beside the model itself, so that both are timed in the same rounds
+    int8 = quantize_int8(copy.deepcopy(model)).to(dtype=getattr(torch, int8_dtype)) if quantize == 'int8' else None
     idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
-    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}, {dev}, threads={torch.get_num_threads()}, "
-          f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy")
-    # one cache for every run: a compiled step's graph is recorded for its addresses
-    cache = model.new_kv_cache(batch_size, min(model.config.block_size, prompt_tokens + max_new_tokens), idx.device)
-
-    def ours(decode_step=None):
-        cache.restart(0)
-        return model.generate(idx, max_new_tokens, temperature=0, kv_cache=cache, decode_step=decode_step)
-    rows = []
+    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}" + (f" (and int8 with {int8_dtype} activations)" if int8 else '')
+          + f", {dev}, threads={torch.get_num_threads()}, batch {batch_size}, {prompt_tokens}-token prompt, "
+          f"{max_new_tokens} new tokens, greedy; median of {repeats} interleaved rounds")
     with torch.no_grad():
-        t_cache, out_cache = best_time(ours)
-        rows.append(('ours, KV cache', t_cache))
-        if compile:
-            decode_step = compile_decoding(model, True, dev.split(':')[0])
-            t_compiled, out_compiled = best_time(lambda: ours(decode_step))
-            rows.append(('ours, KV cache, compiled step', t_compiled))
-        if uncached:
-            t_full, out_full = best_time(lambda: model.generate(idx, max_new_tokens, temperature=0, use_cache=False))
-            rows.append(('ours, no cache (recompute the context)', t_full))
-        if compare_hf:
-            try:
-                from transformers import AutoModelForCausalLM
-            except ImportError:
-                die("--compare_hf=True needs transformers: pip install transformers")
-            with tempfile.TemporaryDirectory() as tmp:
-                save_pretrained(model, tmp)  # the same weights, in the same dtype
-                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
-            mask = torch.ones_like(idx)
-            hf_generate = lambda **kw: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,  # noqa: E731
-                                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw)
-            if compile:  # its fastest path: a static cache, with the forward compiled ('reduce-overhead', as ours)
-                from transformers import CompileConfig
-                config = CompileConfig(fullgraph=True, mode='reduce-overhead' if dev.startswith('cuda') else 'default')
-                config._compile_all_devices = True  # transformers compiles on its own only on accelerators
-                t_hf_static, out_hf_static = best_time(lambda: hf_generate(cache_implementation='static', compile_config=config))
-                rows.append(('transformers, static cache, compiled', t_hf_static))
-            t_hf, out_hf = best_time(hf_generate)
-            rows.append(('transformers generate(), its KV cache', t_hf))
+        variants = generation_variants(model, int8, idx, dev, dtype_name)
+        times, outs = time_interleaved(variants, dev.split(':')[0])
+    names = list(variants)
+    hf_rows = [n for n in names if n.startswith('transformers')]
     print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'vs transformers':>16s}")
-    for name, t in rows:
-        rel = f"{rows[-1][1] / t:.2f}x" if compare_hf else '-'
-        print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
-    print(f"KV cache == no cache: {torch.equal(out_cache, out_full) if uncached else 'not run'}"
-          + (f"; compiled == eager: {torch.equal(out_cache, out_compiled)}" if compile else '')
-          + (f"; ours == transformers: {torch.equal(out_cache, out_hf)}" if compare_hf else '')
-          + (f"; transformers static == its own: {torch.equal(out_hf_static, out_hf)}" if compare_hf and compile else ''))
+    for name in names:
+        rel = f"{times[hf_rows[-1]] / times[name]:.2f}x" if hf_rows else '-'
+        print(f"{name:42s} {batch_size * max_new_tokens / times[name]:9.1f} {1e3 * times[name] / max_new_tokens:9.2f} {rel:>16s}")
+    same = lambda a, b: f"{torch.equal(outs[a], outs[b])}" if a in outs and b in outs else 'not run'  # noqa: E731
+    print(f"KV cache == no cache: {same('ours, KV cache', 'ours, no cache (recompute the context)')}"
+          + (f"; compiled == eager: {same('ours, KV cache', 'ours, KV cache, compiled step')}" if compile else '')
+          + (f"; int8 compiled == int8 eager: {same('ours int8, KV cache', 'ours int8, KV cache, compiled step')}"
+             if compile and int8 else '')
+          + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
+          + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
     # a token reads every weight once: what that costs against what the memory can deliver
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    best = min(t for name, t in rows if name.startswith('ours, KV'))
-    read = weight_bytes * max_new_tokens / best
-    line = f"weights {weight_bytes / 1e9:.2f} GB; our fastest decoding reads {read / 1e9:.1f} GB/s"
-    if bandwidth_mb:
-        peak = memory_bandwidth(dev, getattr(torch, dtype_name), bandwidth_mb)
-        line += f"; the machine's bandwidth {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
-    print(line)
+    for label, m, probe_int8 in [('', model, False)] + ([('int8 ', int8, True)] if int8 else []):
+        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        best = min(t for name, t in times.items() if name.startswith(f'ours {label}'.rstrip() + ', KV'))
+        read = weight_bytes * max_new_tokens / best
+        line = f"{label}weights {weight_bytes / 1e9:.2f} GB; our fastest {label}decoding reads {read / 1e9:.1f} GB/s"
+        if bandwidth_mb:
+            peak = memory_bandwidth(dev, getattr(torch, int8_dtype if probe_int8 else dtype_name), bandwidth_mb, probe_int8)
+            line += f"; the machine's {label}bandwidth probe {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
+        print(line)
 
 
-def memory_bandwidth(dev, dtype, megabytes, tries=5):
+def generation_variants(model, int8, idx, dev, dtype_name):
+    """{row name: a function generating max_new_tokens greedily}: ours with the KV cache (and compiled, and
+    int8), without it, and transformers' generate() on the same weights."""
+    device_type = dev.split(':')[0]
+    variants = {}
+    for label, m in [('ours', model)] + ([('ours int8', int8)] if int8 is not None else []):
+        # one cache per model for every run: a compiled step's graph is recorded for its addresses
+        cache = m.new_kv_cache(batch_size, min(m.config.block_size, prompt_tokens + max_new_tokens), idx.device)
+
+        def ours(m=m, cache=cache, decode_step=None):
+            cache.restart(0)
+            return m.generate(idx, max_new_tokens, temperature=0, kv_cache=cache, decode_step=decode_step)
+        variants[f'{label}, KV cache'] = ours
+        if compile:
+            step = compile_decoding(m, True, device_type)
+            variants[f'{label}, KV cache, compiled step'] = lambda ours=ours, step=step: ours(decode_step=step)
+    if uncached:
+        variants['ours, no cache (recompute the context)'] = lambda: model.generate(idx, max_new_tokens, temperature=0,
+                                                                                   use_cache=False)
+    if compare_hf:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            die("--compare_hf=True needs transformers: pip install transformers")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pretrained(model, tmp)  # the same weights, in the same dtype
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
+        mask = torch.ones_like(idx)
+        hf_generate = lambda **kw: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,  # noqa: E731
+                                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw)
+        if compile:  # its fastest path: a static cache, with the forward compiled ('reduce-overhead', as ours)
+            from transformers import CompileConfig
+            config = CompileConfig(fullgraph=True, mode='reduce-overhead' if device_type == 'cuda' else 'default')
+            config._compile_all_devices = True  # transformers compiles on its own only on accelerators
+            variants['transformers, static cache, compiled'] = lambda: hf_generate(cache_implementation='static',
+                                                                                   compile_config=config)
+        variants['transformers generate(), its KV cache'] = hf_generate
+    return variants
+
+
+def time_interleaved(variants, device_type):
+    """({name: median seconds}, {name: its last output}) over `repeats` rounds, each round running every
+    variant once in turn, after one untimed warm-up round (allocations, kernels, compilation): a load on
+    the machine that comes and goes then falls on every variant alike."""
+    times, outs = {name: [] for name in variants}, {}
+    for r in range(repeats + 1):
+        for name, fn in variants.items():
+            synchronize(device_type)
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            synchronize(device_type)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}, outs
+
+
+def memory_bandwidth(dev, dtype, megabytes, int8=False, tries=5):
     """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`):
     the speed limit of decoding one token, which does the same with every weight. As a Linear layer
-    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs."""
+    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs; int8: as an
+    Int8Linear does (quantize_int8's layer, dtype activations)."""
     cols = 4096
-    W = torch.randn(megabytes * 2**20 // (cols * torch.finfo(dtype).bits // 8), cols, device=dev).to(dtype)
+    with torch.device('meta'):
+        linear = nn.Linear(cols, megabytes * 2**20 // (cols * (1 if int8 else torch.finfo(dtype).bits // 8)), bias=False)
+    layer = (Int8Linear(linear) if int8 else linear).to_empty(device=dev).to(dtype)
+    with torch.no_grad():  # random values made in place: no float32 copy of the matrix first
+        for p in layer.parameters():
+            p.random_(-127, 128) if p.dtype == torch.int8 else p.normal_()
     x = torch.randn(1, cols, device=dev, dtype=dtype)
     best = float('inf')
-    for _ in range(tries + 1):  # the first is a warm-up
-        synchronize(dev.split(':')[0])
-        t0 = time.perf_counter()
-        nn.functional.linear(x, W)
-        synchronize(dev.split(':')[0])
-        best = min(best, time.perf_counter() - t0)
-    return W.numel() * W.element_size() / best
+    with torch.no_grad():
+        for _ in range(tries + 1):  # the first is a warm-up
+            synchronize(dev.split(':')[0])
+            t0 = time.perf_counter()
+            layer(x)
+            synchronize(dev.split(':')[0])
+            best = min(best, time.perf_counter() - t0)
+    return sum(p.numel() * p.element_size() for p in layer.parameters()) / best
 
 
 if __name__ == '__main__':

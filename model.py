@@ -420,7 +420,8 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def new_kv_cache(self, batch_size, length, device, padding=None):
         """A KVCache in the dtype attention computes in (autocast's, else the weights')."""
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.lm_head.weight.dtype
+        # else the final norm's weights' dtype (not the head's: quantize_int8 makes those int8)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.transformer.ln_f.weight.dtype
         return KVCache(self.config, batch_size, device, dtype, length, padding)
 
     def next_logits(self, text, cache, decode_step=None):
@@ -662,3 +663,85 @@ def merge_lora(model):
                 plain.weight.requires_grad_(child.weight.requires_grad)
                 setattr(module, child_name, plain)
     return model
+
+
+# -------------------------------------------------------------------- int8 weight-only linears (for talking, not training)
+
+def quantize_rows(w, rows=4096):
+    """(int8 (out, in), scale (out,)) with w ~= int8 * scale[:, None]: symmetric, one scale per output channel
+    (absmax / 127, so zero stays zero and each row's largest weight is exact). A chunk of rows at a time, so
+    the float32 working copy stays small (Qwen3-0.6B's head whole would be 620 MB)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.size(0), dtype=w.dtype, device=w.device)
+    for i in range(0, w.size(0), rows):
+        chunk = w[i:i + rows].float()
+        # rounded to the scale's own dtype first, so the int8 values fit the scale that is stored
+        s = (chunk.abs().amax(dim=1).clamp(min=1e-12) / 127).to(w.dtype)
+        q[i:i + rows] = (chunk / s.float()[:, None]).round().clamp(-127, 127)
+        scale[i:i + rows] = s
+    return q, scale
+
+
+def int8_kernel_applies(x):
+    """Whether torch._weight_int8pack_mm computes x @ W^T here: on a CPU it is vectorised for bfloat16
+    activations only (in float32 it is slower than dequantizing first), on MPS for any float. On CUDA the
+    plain dequantize-and-matmul is used: torch.compile fuses it into one kernel (gpt-fast's way)."""
+    return x.device.type == 'mps' or (x.device.type == 'cpu' and x.dtype == torch.bfloat16)
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weights are int8 with one scale per output channel, for decoding: each token reads
+    every weight once, so half of bf16's bytes is up to twice the tokens/s where memory bandwidth is the
+    limit (a CPU, or any device at batch 1). Made from a Linear (whose weights are then free to go).
+    Never trained: the int8 values cannot take gradient steps (fine-tune first, then quantize to talk)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize_rows(linear.weight.detach())
+        # frozen Parameters rather than buffers: module.to() keeps a shared Parameter shared (the tied
+        # embedding reads these), while it would copy a shared buffer twice
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in) int8
+        self.scale = nn.Parameter(scale, requires_grad=False)  # (out,), cast with the model's dtype
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if int8_kernel_applies(x):  # the kernel takes (rows, in) activations: flatten (B, T) and back
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding of a model whose head is tied to it, reading the head's int8 rows: a lookup
+    dequantizes just the rows it reads."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.weight, self.scale = head.weight, head.scale  # the head's own Parameters: still tied
+
+    def forward(self, idx):
+        return self.weight[idx].to(self.scale.dtype) * self.scale[idx, None]  # (B, T, C)
+
+
+def quantize_int8(model):
+    """Turn the blocks' Linears and the head into Int8Linears, in place, for talking to the model (sample.py,
+    its chat and server, test-set responses, train.py --eval_only=True); never for training. LoRA adapters
+    are merged first. Each Linear's full-precision weights are dropped as soon as its int8 copy exists, so
+    quantizing right after loading costs little more memory than the loaded model. Returns model."""
+    merge_lora(model)
+    # by name, one at a time: a list of the modules themselves would keep every full-precision Linear alive to the end
+    for name in [name for name, m in model.named_modules() if type(m) is nn.Linear]:
+        parent, _, child = name.rpartition('.')
+        parent = model.get_submodule(parent)
+        setattr(parent, child, Int8Linear(getattr(parent, child)))
+    # A tied embedding (GPT-2, Llama 3.2 1B, Qwen3-0.6B) reads the head's int8 rows, dequantized per lookup,
+    # rather than keeping its own full-precision rows: a lookup reads a few rows (nothing next to a token's
+    # matmuls), while full-precision rows would be the largest tensor left in memory (Qwen3-0.6B: 311 MB of
+    # bf16 beside 600 MB of int8 in all). The cost, the head's rounding on the input embeddings, is inside
+    # the logit tolerance the tests hold. An untied embedding keeps its full-precision rows.
+    if model.config.tie_embeddings:
+        model.transformer.wte = Int8Embedding(model.lm_head)
+    return model.requires_grad_(False)  # the norms and biases too: a quantized model is for talking, never trained

@@ -1,0 +1,220 @@
+"""int8 weight-only decoding (model.quantize_int8, --quantize=int8): the layer's arithmetic, the model's
+outputs within a stated tolerance, every way of talking to a model with it, its errors, its memory."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import weights
+from conftest import FIXTURES, ROOT, assert_one_line_error, make_llama_folder, run_script
+from model import GPT, GPTConfig, Int8Embedding, Int8Linear, quantize_int8
+from prepare_data import prepare
+from tokenizer import format_chat
+from weights import from_pretrained, save_pretrained
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])  # bfloat16: PyTorch's int8 kernel; float32: the fallback
+def test_int8_linear_equals_a_dequantized_matmul(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40).to(dtype)
+    w = linear.weight.detach().float().clone()
+    layer = Int8Linear(linear)
+    q, s = layer.weight, layer.scale.float()
+    assert q.dtype == torch.int8 and s.shape == (40,)
+    # symmetric, per output channel: each row's largest weight is +-127 steps, every weight within half a step
+    assert (q.abs().amax(dim=1) == 127).all()
+    assert ((w - q.float() * s[:, None]).abs() <= s[:, None] / 2 * 1.01).all()
+    x = torch.randn(2, 5, 96).to(dtype)  # (B, T, C), as the blocks call it
+    expected = (x.float() @ (q.float() * s[:, None]).T + linear.bias.float())
+    # float32 exactly; bfloat16 within its rounding of the output (8 bits of mantissa)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * expected.abs().max().item()
+    assert (layer(x).float() - expected).abs().max().item() <= tol
+
+
+def fixture_logits(name):
+    folder = FIXTURES / name
+    ids = torch.from_numpy(np.load(folder / 'input_ids.npy'))
+    model = from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model, ids, model(ids)[0]
+
+
+@pytest.mark.parametrize('name', ['tiny-gpt2', 'tiny-qwen3'])
+def test_quantized_logits_stay_within_the_stated_tolerance(name):
+    # stated: every int8 logit within 0.3 standard deviations of the logits of full precision (bf16 weights alone
+    # give 0.05-0.1 on these random fixtures, int8 0.12-0.22), and the same top-1 token at >= 90% of positions
+    model, ids, expected = fixture_logits(name)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = quantize_int8(copy.deepcopy(model)).to(dtype)
+        assert type(q.lm_head) is Int8Linear and type(q.transformer.wte) is Int8Embedding
+        assert q.transformer.wte.weight is q.lm_head.weight  # tied: one int8 copy
+        assert all(type(m) is not nn.Linear for m in q.modules())
+        with torch.no_grad():
+            logits = q(ids)[0].float()
+        assert (logits - expected).abs().max() <= 0.3 * expected.std(), (name, dtype)
+        assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9, (name, dtype)
+
+
+def test_an_untied_model_keeps_its_embedding_and_lora_is_merged_first():
+    from model import apply_lora
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16, tie_embeddings=False)).eval()
+    apply_lora(model, 4, 8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.normal_()  # an update that matters
+        ids = torch.randint(0, 64, (1, 8))
+        expected = model(ids)[0]
+        quantize_int8(model)
+        assert type(model.transformer.wte) is nn.Embedding and type(model.transformer.h[0].attn.c_attn) is Int8Linear
+        assert (model(ids)[0] - expected).abs().max() <= 0.3 * expected.std()
+
+
+def int8_greedy_replies(model, tok, lines, n):
+    """The chat's greedy replies from the int8 model as sample.py --quantize=int8 runs it on a CPU (bfloat16)."""
+    q = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
+    end = tok.encode('<|im_end|>')[0]
+    messages, replies = [], []
+    for line in lines:
+        messages.append({'role': 'user', 'content': line})
+        ids = tok.encode(format_chat(messages, 'chatml'))
+        gen = q.generate(torch.tensor([ids]), n, temperature=0, eos_id=end)[0, len(ids):].tolist()
+        replies.append(tok.decode(gen[:gen.index(end)] if end in gen else gen))
+        messages.append({'role': 'assistant', 'content': replies[-1]})
+    return replies
+
+
+def test_chat_serve_and_compiled_sampling_talk_in_int8(tmp_path):
+    import requests
+    from test_serve import ServerProcess
+    model, tok = make_llama_folder(tmp_path / 'm', 'qwen2')
+    replies = int8_greedy_replies(model, tok, ['hello', 'and again?'], 12)
+    full_precision = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                                     f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0',
+                                     '--max_new_tokens=12'], input='hello\n', capture_output=True, text=True, cwd=ROOT)
+    chat = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                           f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0', '--max_new_tokens=12',
+                           '--quantize=int8'], input='hello\nand again?\n', capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.split('\n', 1)[1] == ''.join(f'> {r}\n' for r in replies) + '> '
+    assert len(set(replies[0])) > 3 and f'> {replies[0]}\n' not in full_precision.stdout  # int8 really ran
+    server = ServerProcess(f'--init_from={tmp_path / "m"}', '--quantize=int8')
+    try:
+        r = requests.post(f'{server.url}/v1/chat/completions', timeout=120, json={
+            'messages': [{'role': 'user', 'content': 'hello'}], 'max_tokens': 12, 'temperature': 0})
+        assert r.status_code == 200 and r.json()['choices'][0]['message']['content'] == replies[0]
+    finally:
+        server.close()
+    from configurator import compile_available, compile_decoding
+    if not compile_available('cpu'):
+        return
+    # --compile=True: one graph for every token (no recompiles), and its logits are the eager step's (bfloat16
+    # compiled rounds differently from bfloat16 eager, so a near tie may pick another token: logits, not text)
+    compiled = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', f'--init_from={tmp_path / "m"}',
+                               '--start=hello', '--max_new_tokens=12', '--num_samples=1', '--quantize=int8',
+                               '--compile=True'], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, 'TORCH_LOGS': 'dynamo,recompiles'})
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert 'compiler function inductor' in compiled.stderr and 'Recompiling' not in compiled.stderr
+    q = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
+    text = q.generate(torch.tensor([tok.encode('hello')]), 12, temperature=0)
+    step = compile_decoding(q, True, 'cpu')
+    caches = [q.new_kv_cache(1, 64, torch.device('cpu')) for _ in range(2)]
+    with torch.no_grad():
+        for t in range(len(tok.encode('hello')), text.size(1)):
+            eager, fast = (q.next_logits(text[:, :t], cache, s).float() for cache, s in zip(caches, (None, step)))
+            assert (fast - eager).abs().max() <= 0.1 * eager.std(), t  # (bf16 weights alone, compiled: 0.06)
+
+
+def test_eval_only_in_int8_and_the_error_lines(tmp_path):
+    data = prepare('pydoc', data_dir=tmp_path / 'data', quiet=True)
+    tiny = [f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--n_layer=2', '--n_head=2', '--n_embd=64',
+            '--block_size=64', '--batch_size=8', '--eval_interval=40', '--eval_iters=4', '--log_interval=20',
+            '--sample_tokens=8', '--warmup_iters=5', '--learning_rate=3e-3', '--device=cpu', '--dtype=float32']
+    assert run_script('train.py', *tiny, '--max_iters=40').returncode == 0
+    bpb = lambda out: float(out.split(' bits per byte')[0].rsplit(', ', 1)[1])  # noqa: E731
+    full = run_script('train.py', *tiny, '--init_from=resume', '--eval_only=True')
+    int8 = run_script('train.py', *tiny, '--init_from=resume', '--eval_only=True', '--quantize=int8')
+    assert int8.returncode == 0, int8.stderr
+    assert '(int8 weights)' in int8.stdout and '(int8 weights)' not in full.stdout
+    assert bpb(full.stdout) < 5 and 0 < abs(bpb(int8.stdout) / bpb(full.stdout) - 1) < 0.02  # int8 ran; it costs < 2%
+    assert_one_line_error(run_script('train.py', *tiny, '--quantize=int8'), '--quantize=int8 needs --eval_only=True')
+    assert_one_line_error(run_script('train.py', *tiny, '--eval_only=True', '--quantize=int4'), '--quantize=int4: use none or int8')
+    assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=int4'), '--quantize=int4')
+    assert_one_line_error(run_script('finetune_instruct.py', '--quantize=fp8'), '--quantize=fp8')
+    assert_one_line_error(run_script('bench.py', '--mode=generate', '--quantize=nf4'), '--quantize=nf4')
+
+
+MEASURE = '''
+import os, resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+from weights import empty_model, from_pretrained
+from model import GPTConfig, quantize_int8
+empty_model(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8), torch.float32)  # torch's first-use
+# setup (~65 MB, whatever the model's size) belongs to the baseline, not to the model
+resident = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+base, peak_before = resident(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = from_pretrained(sys.argv[1])
+if sys.argv[3] == 'int8':
+    quantize_int8(model)
+print(resident() - base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before)
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc/self/statm and ru_maxrss in KiB are Linux')
+def test_quantizing_after_loading_frees_the_full_precision_weights(tmp_path):
+    # the 110 MB bfloat16 Qwen3-shaped model of test_llama's loading test: loading and quantizing peaks below 1.5x
+    # its bytes, and what stays held is at most 0.65x what the bf16 model holds (tied int8 head and embedding: ~0.5x)
+    cfg = GPTConfig(block_size=512, vocab_size=151936, n_layer=2, n_head=16, n_kv_head=8, head_dim=128, n_embd=320,
+                    qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1024, bias=False)
+    model = weights.empty_model(cfg, torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    save_pretrained(model, tmp_path / 'm')
+    del model
+
+    def measure(scheme):
+        out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT), scheme],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return map(int, out.stdout.split())
+    held_bf16, _ = measure('none')
+    held_int8, peak_int8 = measure('int8')
+    assert size > 100e6 and peak_int8 <= 1.5 * size and held_int8 <= 0.65 * held_bf16, (size, peak_int8, held_int8, held_bf16)
+
+
+def test_finetune_instruct_answers_the_test_set_in_int8(tmp_path):
+    # LoRA trains, the checkpoint is saved in full precision, then the test responses come from the merged int8 model
+    import finetune_instruct as fi
+    from contextlib import nullcontext
+    from conftest import spread_weights
+    from test_finetune_instruct import synthetic_entries
+    from tokenizer import ByteTokenizer
+    from weights import load_pretrained, save_checkpoint
+    torch.manual_seed(0)
+    base = spread_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=48)), 40)
+    save_checkpoint({'model': base.state_dict(), 'model_args': vars(base.config).copy(), 'tokenizer': 'bytes'},
+                    tmp_path / 'ckpt.pt')  # spread: int8's answers differ from full precision's
+    out = tmp_path / 'out'
+    proc = run_script('finetune_instruct.py', f'--data={synthetic_entries(tmp_path / "d.json")}', f'--init_from={tmp_path}',
+                      f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', '--eval_limit=3', '--max_new_tokens=8',
+                      '--judge=none', '--lora_rank=4', '--quantize=int8')
+    assert proc.returncode == 0, proc.stderr
+    answered = json.loads((out / 'test_responses.json').read_text())
+    model, _ = load_pretrained(str(out))
+    assert model.lm_head.weight.dtype == torch.float32  # the checkpoint stays full precision
+    full = fi.respond_batch(model.eval(), answered, ByteTokenizer(), 'alpaca', 'cpu', nullcontext(), 8)
+    q = quantize_int8(model.to(torch.bfloat16)).eval()
+    expected = fi.respond_batch(q, answered, ByteTokenizer(), 'alpaca', 'cpu', nullcontext(), 8)
+    assert [e['model_response'] for e in answered] == expected != full
