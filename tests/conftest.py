@@ -156,3 +156,20 @@ def make_llama_folder(folder, family, spread=8.0):
     spread_weights(model, spread)
     save_pretrained(model, folder, tokenizer_json=tokenizer_json)
     return model, tok
+
+
+def save_big_random_model(config, folder):
+    """A bfloat16 model of this shape with N(0, 1) weights, made directly in place (no float32 copy) and saved
+    in the Hugging Face layout, for the memory tests; returns its weights' bytes."""
+    from weights import empty_model, save_pretrained
+    model = empty_model(config, torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    save_pretrained(model, folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# a line for the memory tests' subprocess scripts: the process's own peak resident bytes (Linux). ru_maxrss would
+# carry the pytest parent's peak over the exec, and a bound on its growth would then hold whatever the script does
+PEAK_RSS = "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024"

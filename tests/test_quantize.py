@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import weights
-from conftest import FIXTURES, ROOT, assert_one_line_error, make_llama_folder, run_script
+from conftest import (FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, make_llama_folder, run_script,
+                      save_big_random_model)
 from model import GPT, GPTConfig, Int8Embedding, Int8Linear, quantize_int8
 from prepare_data import prepare
 from tokenizer import format_chat
@@ -162,8 +163,7 @@ from model import GPTConfig, quantize_int8
 empty_model(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8), torch.float32)  # torch's first-use
 # setup (~65 MB, whatever the model's size) belongs to the baseline, not to the model
 resident = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-# this process's own peak (ru_maxrss would carry the pytest parent's over the exec)
-peak = lambda: int(re.search(r'VmHWM:\s+(\d+) kB', open('/proc/self/status').read()).group(1)) * 1024
+''' + PEAK_RSS + '''
 base, peak_before = resident(), peak()
 model = from_pretrained(sys.argv[1])
 if sys.argv[3] == 'int8':
@@ -179,13 +179,7 @@ def test_quantizing_after_loading_frees_the_full_precision_weights(tmp_path):
     # (tied int8 head and embedding: ~0.5x)
     cfg = GPTConfig(block_size=512, vocab_size=32768, n_layer=12, n_head=8, n_kv_head=4, head_dim=64, n_embd=512,
                     qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1536, bias=False)
-    model = weights.empty_model(cfg, torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    save_pretrained(model, tmp_path / 'm')
-    del model
+    size = save_big_random_model(cfg, tmp_path / 'm')
 
     def measure(scheme):
         out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT), scheme],
