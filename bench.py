@@ -232,8 +232,9 @@ def generate_speed(dev, dtype_name):
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
     int8_dtype = quantized_dtype(quantize, dev.split(':')[0], dtype_name)
-    # the int8 copy beside the model itself, so that both are timed in the same rounds
-    int8 = quantize_int8(copy.deepcopy(model)).to(dtype=getattr(torch, int8_dtype)) if quantize == 'int8' else None
+    # the int8 copy beside the model itself, so that both are timed in the same rounds; cast, then quantized, as
+    # sample.py --quantize=int8 does (the scales rounded to the dtype they are stored in)
+    int8 = quantize_int8(copy.deepcopy(model).to(dtype=getattr(torch, int8_dtype))) if quantize == 'int8' else None
     idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
     print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}" + (f" (and int8 with {int8_dtype} activations)" if int8 else '')
           + f", {dev}, threads={torch.get_num_threads()}, batch {batch_size}, {prompt_tokens}-token prompt, "
