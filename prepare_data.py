@@ -443,9 +443,8 @@ def prepare_arithmetic(data_dir='', seed=1337, quiet=False):
     tok = get_tokenizer('bytes')
     data_dir.mkdir(parents=True, exist_ok=True)
     writers = {}
-    for split in ('train', 'val'):
-        docs = [tok.encode(worked_addition(a, b)) + [tok.eot_id] for a, b in problems(seen, ARITHMETIC[
-            'worked' if split == 'train' else 'val'])]
+    for split, n in (('train', ARITHMETIC['worked']), ('val', ARITHMETIC['val'])):
+        docs = [tok.encode(worked_addition(a, b)) + [tok.eot_id] for a, b in problems(seen, n)]
         writers[split] = ShardWriter(data_dir, 'arithmetic', split)
         writers[split].add(np.array([t for doc in docs for t in doc], dtype=np.uint16))
         writers[split].flush()

@@ -403,7 +403,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b'data: ' + (body if isinstance(body, bytes) else json.dumps(body).encode()) + b'\n\n')
             self.wfile.flush()
         send(chunk(cid, created, name, {'role': 'assistant', 'content': ''}, **({'notice': notice} if notice else {})))
-        _, finish, usage = self.reply(req, ids, reply_tokens, lambda piece: send(chunk(cid, created, name, {'content': piece})))
+        _, finish, usage = self.reply(req, ids, reply_tokens,
+                                      lambda piece: send(chunk(cid, created, name, {'content': piece})))
         send(chunk(cid, created, name, {}, finish, usage=usage))
         send(b'[DONE]')
         return finish, usage
