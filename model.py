@@ -682,11 +682,14 @@ def quantize_rows(w, rows=512):
     return q, scale
 
 
-def int8_kernel_applies(x):
+def int8_kernel_applies(x, weight):
     """Whether torch._weight_int8pack_mm computes x @ W^T here: on a CPU it is vectorised for bfloat16
-    activations only (in float32 it is slower than dequantizing first), on MPS for any float. On CUDA the
+    activations only (in float32 it is slower than dequantizing first), on MPS for any float where both sides
+    of the weight are multiples of 32 (its kernel's tiles: GPT-2's unpadded 50,257-row head is not). On CUDA the
     plain dequantize-and-matmul is used: torch.compile fuses it into one kernel (gpt-fast's way)."""
-    return x.device.type == 'mps' or (x.device.type == 'cpu' and x.dtype == torch.bfloat16)
+    if x.device.type == 'mps':
+        return weight.size(0) % 32 == 0 and weight.size(1) % 32 == 0
+    return x.device.type == 'cpu' and x.dtype == torch.bfloat16
 
 
 class Int8Linear(nn.Module):
@@ -706,8 +709,10 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x):
-        if int8_kernel_applies(x):  # the kernel takes (rows, in) activations: flatten (B, T) and back
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale.to(x.dtype))
+        if int8_kernel_applies(x, self.weight):
+            # the kernel takes (rows, in) activations, contiguous on MPS (the head reads x[:, -1] of a batch)
+            rows = x.reshape(-1, x.size(-1)).contiguous()
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)

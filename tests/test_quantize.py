@@ -39,6 +39,20 @@ def test_int8_linear_equals_a_dequantized_matmul(dtype):
     assert (layer(x).float() - expected).abs().max().item() <= tol
 
 
+
+def test_the_int8_kernel_is_chosen_only_where_it_applies():
+    from types import SimpleNamespace
+    from model import int8_kernel_applies
+    on = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)  # noqa: E731
+    weight = torch.empty(64, 96, dtype=torch.int8)
+    assert int8_kernel_applies(on('cpu', torch.bfloat16), weight)
+    assert not int8_kernel_applies(on('cpu', torch.float32), weight)  # slower there than dequantizing first
+    assert not int8_kernel_applies(on('cuda', torch.bfloat16), weight)  # dequantize-and-matmul, fused by compile
+    assert int8_kernel_applies(on('mps', torch.float16), weight)
+    # MPS's kernel refuses sides that are not multiples of 32: GPT-2's unpadded head has 50,257 rows
+    assert not int8_kernel_applies(on('mps', torch.float16), torch.empty(50257, 768, dtype=torch.int8))
+    assert not int8_kernel_applies(on('mps', torch.float32), torch.empty(64, 48, dtype=torch.int8))
+
 def fixture_logits(name):
     folder = FIXTURES / name
     ids = torch.from_numpy(np.load(folder / 'input_ids.npy'))
