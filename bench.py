@@ -4,7 +4,7 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py --ablate=True                    # the book's speed-ups one at a time
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
     python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
-    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 weights beside bf16
+    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 weights beside bf16 (int4: CPU)
     python bench.py --mode=optimizer                 # one optimizer step alone, GPT-2 124M: fused AdamW vs Muon
 """
 import copy
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding, quantized_dtype
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, Int8Linear, quantize_int8
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, Int4Linear, Int8Linear, QUANTIZERS
 from weights import empty_model, from_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
@@ -46,9 +46,9 @@ max_new_tokens = 200  # generate
 repeats = 3  # generate: timed rounds, each running every variant once in turn; the medians are reported
 uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
 compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
-quantize = 'none'  # generate: int8 = also time an int8 weight-only copy (model.quantize_int8) in the same rounds
+quantize = 'none'  # generate: int8, int4 or int8,int4 = also time weight-only copies (model.QUANTIZERS) in the same rounds
 bandwidth_mb = 1024  # generate: the size of the matrix whose matrix-vector product measures memory bandwidth (0 = skip;
-# with --quantize=int8 an int8 matrix is measured too)
+# with --quantize a matrix in its scheme is measured too)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -231,16 +231,19 @@ def generate_speed(dev, dtype_name):
         except (OSError, ValueError) as e:
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
-    int8_dtype = quantized_dtype(quantize, dev.split(':')[0], dtype_name)
-    # the int8 copy beside the model itself, so that both are timed in the same rounds; cast, then quantized, as
-    # sample.py --quantize=int8 does (the scales rounded to the dtype they are stored in)
-    int8 = quantize_int8(copy.deepcopy(model).to(dtype=getattr(torch, int8_dtype))) if quantize == 'int8' else None
+    schemes = [s for s in quantize.split(',') if s != 'none']
+    quantized_dtype_name = dtype_name
+    for scheme in schemes:  # each checked: an unknown scheme, or int4 off a CPU, stops here
+        quantized_dtype_name = quantized_dtype(scheme, dev.split(':')[0], dtype_name)
+    # the quantized copies beside the model itself, so that all are timed in the same rounds; cast, then quantized,
+    # as sample.py --quantize does (the scales rounded to the dtype they are stored in)
+    quantized = {s: QUANTIZERS[s](copy.deepcopy(model).to(dtype=getattr(torch, quantized_dtype_name))) for s in schemes}
     idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
-    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}" + (f" (and int8 with {int8_dtype} activations)" if int8 else '')
+    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}" + (f" (and {' and '.join(schemes)} with {quantized_dtype_name} activations)" if schemes else '')
           + f", {dev}, threads={torch.get_num_threads()}, batch {batch_size}, {prompt_tokens}-token prompt, "
           f"{max_new_tokens} new tokens, greedy; median of {repeats} interleaved rounds")
     with torch.no_grad():
-        variants = generation_variants(model, int8, idx, dev, dtype_name)
+        variants = generation_variants(model, quantized, idx, dev, dtype_name)
         times, outs = time_interleaved(variants, dev.split(':')[0])
     names = list(variants)
     hf_rows = [n for n in names if n.startswith('transformers')]
@@ -251,28 +254,30 @@ def generate_speed(dev, dtype_name):
     same = lambda a, b: f"{torch.equal(outs[a], outs[b])}" if a in outs and b in outs else 'not run'  # noqa: E731
     print(f"KV cache == no cache: {same('ours, KV cache', 'ours, no cache (recompute the context)')}"
           + (f"; compiled == eager: {same('ours, KV cache', 'ours, KV cache, compiled step')}" if compile else '')
-          + (f"; int8 compiled == int8 eager: {same('ours int8, KV cache', 'ours int8, KV cache, compiled step')}"
-             if compile and int8 else '')
+          + ''.join(f"; {s} compiled == {s} eager: {same(f'ours {s}, KV cache', f'ours {s}, KV cache, compiled step')}"
+                    for s in schemes if compile)
           + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
     # a token reads every weight once: what that costs against what the memory can deliver
-    for label, m, probe_int8 in [('', model, False)] + ([('int8 ', int8, True)] if int8 else []):
-        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    for label, m, scheme in [('', model, 'none')] + [(f'{s} ', quantized[s], s) for s in schemes]:
+        # the token embedding's own rows are looked up, a few a token, not read whole (tied, they are the head's)
+        looked_up = {id(p) for p in m.transformer.wte.parameters()} - {id(p) for p in m.lm_head.parameters()}
+        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in looked_up)
         best = min(t for name, t in times.items() if name.startswith(f'ours {label}'.rstrip() + ', KV'))
         read = weight_bytes * max_new_tokens / best
         line = f"{label}weights {weight_bytes / 1e9:.2f} GB; our fastest {label}decoding reads {read / 1e9:.1f} GB/s"
         if bandwidth_mb:
-            peak = memory_bandwidth(dev, getattr(torch, int8_dtype if probe_int8 else dtype_name), bandwidth_mb, probe_int8)
+            peak = memory_bandwidth(dev, getattr(torch, dtype_name if scheme == 'none' else quantized_dtype_name), bandwidth_mb, scheme)
             line += f"; the machine's {label}bandwidth probe {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
         print(line)
 
 
-def generation_variants(model, int8, idx, dev, dtype_name):
+def generation_variants(model, quantized, idx, dev, dtype_name):
     """{row name: a function generating max_new_tokens greedily}: ours with the KV cache (and compiled, and
-    int8), without it, and transformers' generate() on the same weights."""
+    quantized), without it, and transformers' generate() on the same weights."""
     device_type = dev.split(':')[0]
     variants = {}
-    for label, m in [('ours', model)] + ([('ours int8', int8)] if int8 is not None else []):
+    for label, m in [('ours', model)] + [(f'ours {s}', q) for s, q in quantized.items()]:
         # one cache per model for every run: a compiled step's graph is recorded for its addresses
         cache = m.new_kv_cache(batch_size, min(m.config.block_size, prompt_tokens + max_new_tokens), idx.device)
 
@@ -323,18 +328,20 @@ def time_interleaved(variants, device_type):
     return {name: float(np.median(t)) for name, t in times.items()}, outs
 
 
-def memory_bandwidth(dev, dtype, megabytes, int8=False, tries=5):
+def memory_bandwidth(dev, dtype, megabytes, scheme='none', tries=5):
     """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`):
     the speed limit of decoding one token, which does the same with every weight. As a Linear layer
-    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs; int8: as an
-    Int8Linear does (quantize_int8's layer, dtype activations)."""
+    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs; int8 or int4: as an
+    Int8Linear or Int4Linear does (model.QUANTIZERS' layers, dtype activations)."""
     cols = 4096
     with torch.device('meta'):
-        linear = nn.Linear(cols, megabytes * 2**20 // (cols * (1 if int8 else torch.finfo(dtype).bits // 8)), bias=False)
-    layer = (Int8Linear(linear) if int8 else linear).to_empty(device=dev).to(dtype)
+        bits = {'int8': 8, 'int4': 4}.get(scheme, torch.finfo(dtype).bits)
+        linear = nn.Linear(cols, megabytes * 2**23 // (cols * bits) // 16 * 16, bias=False)  # rows: int4 packs 16
+        layer = {'int8': Int8Linear, 'int4': Int4Linear}.get(scheme, lambda linear: linear)(linear)
+    layer = layer.to_empty(device=dev).to(dtype)
     with torch.no_grad():  # random values made in place: no float32 copy of the matrix first
         for p in layer.parameters():
-            p.random_(-127, 128) if p.dtype == torch.int8 else p.normal_()
+            p.random_(-127, 128) if p.dtype == torch.int8 else p.random_(0, 256) if p.dtype == torch.uint8 else p.normal_()
     x = torch.randn(1, cols, device=dev, dtype=dtype)
     best = float('inf')
     with torch.no_grad():

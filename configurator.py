@@ -158,12 +158,14 @@ def pick_dtype(dtype, device_type):
 
 
 def quantized_dtype(quantize, device_type, dtype):
-    """--quantize checked (an unknown scheme stops with one line) and the dtype a model talks in with it:
-    int8 on a CPU computes in bfloat16, the only activations PyTorch's int8 kernel vectorises there (in
-    float32 it is slower than bfloat16 weights); elsewhere dtype."""
-    if quantize not in ('none', 'int8'):
-        die(f"--quantize={quantize}: use none or int8")
-    return 'bfloat16' if quantize == 'int8' and device_type == 'cpu' else dtype
+    """--quantize checked (an unknown scheme, or int4 off a CPU, stops with one line) and the dtype a model talks
+    in with it: on a CPU bfloat16, the only activations PyTorch's int8 kernel vectorises there (in float32 it is
+    slower than bfloat16 weights); elsewhere dtype."""
+    if quantize not in ('none', 'int8', 'int4'):  # model.QUANTIZERS
+        die(f"--quantize={quantize}: use none, int8 or int4")
+    if quantize == 'int4' and device_type != 'cpu':
+        die(f"--quantize=int4 runs on a CPU only (PyTorch's int4 kernel for CPUs); on {device_type} use --quantize=int8")
+    return 'bfloat16' if quantize != 'none' and device_type == 'cpu' else dtype
 
 
 def setup(device='auto', dtype='auto', seed=1337):

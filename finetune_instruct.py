@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step, save_text, quantized_dtype
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merge_lora, merged_state_dict, quantize_int8, set_lora_enabled
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merge_lora, merged_state_dict, QUANTIZERS, set_lora_enabled
 from weights import download, load_checkpoint, load_pretrained, save_checkpoint
 from tokenizer import PROMPT_STYLES, format_input, format_prompt, get_tokenizer, response_end_id
 
@@ -71,7 +71,7 @@ compile = False
 eval_limit = 0  # generate responses for the first N test entries only (0 = all; grpo: test problems evaluated)
 max_new_tokens = 256
 gen_batch_size = 8  # test responses generated at once (left-padded; each equals its prompt's answer alone)
-quantize = 'none'  # int8: the test responses from int8 weights (model.quantize_int8), as sample.py --quantize=int8 talks
+quantize = 'none'  # int8 or int4: the test responses from those weights (model.QUANTIZERS), as sample.py --quantize talks
 judge = 'ollama'  # ollama (an Ollama-compatible /api/chat), openai (OpenAI-compatible, judge_url ending in /v1) or none
 judge_url = 'http://localhost:11434'
 judge_model = 'llama3'
@@ -794,8 +794,8 @@ def main():
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
                      'tokenizer': tokenizer.spec, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
                      'config': config}, Path(out_dir) / 'ckpt.pt')
-    if quantize == 'int8':  # as sample.py --quantize=int8 talks with the checkpoint just saved: merged, cast, quantized
-        quantize_int8(merge_lora(model).to(dtype=getattr(torch, talk_dtype)))
+    if quantize != 'none':  # as sample.py --quantize talks with the checkpoint just saved: merged, cast, quantized
+        QUANTIZERS[quantize](merge_lora(model).to(dtype=getattr(torch, talk_dtype)))
     test = save_responses(model, splits['test'][:eval_limit or None], tokenizer, dev, ctx)  # kept if the judge fails
     metrics = {'method': method, 'val_loss': after['loss'], 'val_loss_before': before['loss'], 'judge_score': None,
                'steps': step, 'test_responses': len(test)}

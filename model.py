@@ -665,7 +665,9 @@ def merge_lora(model):
     return model
 
 
-# -------------------------------------------------------------------- int8 weight-only linears (for talking, not training)
+# -------------------------------------------------------------------- int8 and int4 weight-only linears (for talking, not training)
+
+INT4_GROUP = 32  # int4: weights per scale and zero (gpt-fast's default; smaller groups round less, store more)
 
 def quantize_rows(w, rows=512):
     """(int8 (out, in), scale (out,)) with w ~= int8 * scale[:, None]: symmetric, one scale per output channel
@@ -720,15 +722,54 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """The token embedding of a model whose head is tied to it, reading the head's int8 rows: a lookup
-    dequantizes just the rows it reads."""
+    """A token embedding in int8 rows with one scale each: a lookup dequantizes just the rows it reads. Given the
+    head's own Parameters (int8), it stays tied to the head; given rows of its own (int4, whose packed head rows
+    cannot be looked up), it holds them."""
 
-    def __init__(self, head):
+    def __init__(self, weight, scale):
         super().__init__()
-        self.weight, self.scale = head.weight, head.scale  # the head's own Parameters: still tied
+        self.weight, self.scale = weight, scale  # (vocab, C) int8, (vocab,): Parameters
 
     def forward(self, idx):
         return self.weight[idx].to(self.scale.dtype) * self.scale[idx, None]  # (B, T, C)
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weights are 4 bits, a quarter of bf16's bytes, for decoding on a CPU. Each run of `group`
+    weights along a row has its own scale and zero (asymmetric: 16 levels from the run's smallest weight to its
+    largest), the layout of PyTorch's CPU kernel (_weight_int4pack_mm_for_cpu), which computes (q - 8) * scale +
+    zero. The packed weights are in that kernel's own tiled order, made for the CPU that packs them: CPU only,
+    and made where the model talks (never saved)."""
+
+    def __init__(self, linear, group=INT4_GROUP, rows=512):
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        w = linear.weight.detach()
+        packed, scale_and_zero = [], []
+        for i in range(0, w.size(0), rows):  # 512 rows at a time: small float32 working copies, as quantize_rows
+            chunk = w[i:i + rows].float().view(-1, self.in_features // group, group)  # (rows, groups, group)
+            low, high = chunk.amin(dim=2), chunk.amax(dim=2)
+            # rounded to the stored dtype first, so the 4-bit values fit the scale and zero that are stored
+            scale = ((high - low).clamp(min=1e-12) / 15).to(w.dtype).float()
+            zero = (low + 8 * scale).to(w.dtype).float()
+            q = ((chunk - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15)
+            packed.append(torch._convert_weight_to_int4pack_for_cpu(q.view(chunk.size(0), -1).to(torch.int32), 2))
+            scale_and_zero.append(torch.stack([scale, zero], dim=2).to(w.dtype))  # (rows, groups, 2)
+        self.weight = nn.Parameter(torch.cat(packed), requires_grad=False)  # (out, in / 2) uint8, two per byte
+        # (groups, out, 2), the kernel's order; cast with the model's dtype
+        self.scale_and_zero = nn.Parameter(torch.cat(scale_and_zero).transpose(0, 1).contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    @staticmethod
+    def takes(linear, group=INT4_GROUP):
+        """Whether the kernel takes this Linear's shape: rows a multiple of 16, columns of the group."""
+        return linear.out_features % 16 == 0 and linear.in_features % group == 0
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1))
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scale_and_zero.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 def release_freed_memory():
@@ -743,23 +784,43 @@ def release_freed_memory():
         pass
 
 
-def quantize_int8(model):
-    """Turn the blocks' Linears and the head into Int8Linears, in place, for talking to the model (sample.py,
-    its chat and server, test-set responses, train.py --eval_only=True); never for training. LoRA adapters
-    are merged first. Each Linear's full-precision weights are dropped as soon as its int8 copy exists, so
-    quantizing right after loading costs little more memory than the loaded model. Returns model."""
+def swap_linears(model, make_layer):
+    """Replace the blocks' Linears and the head by make_layer(linear), in place, LoRA adapters merged first. Each
+    Linear's full-precision weights are dropped as soon as its copy exists, so quantizing right after loading costs
+    little more memory than the loaded model."""
     merge_lora(model)
     # by name, one at a time: a list of the modules themselves would keep every full-precision Linear alive to the end
     for name in [name for name, m in model.named_modules() if type(m) is nn.Linear]:
         parent, _, child = name.rpartition('.')
         parent = model.get_submodule(parent)
-        setattr(parent, child, Int8Linear(getattr(parent, child)))
+        setattr(parent, child, make_layer(getattr(parent, child)))
+
+
+def quantize_int8(model):
+    """Turn the blocks' Linears and the head into Int8Linears, in place, for talking to the model (sample.py,
+    its chat and server, test-set responses, train.py --eval_only=True); never for training. Returns model."""
+    swap_linears(model, Int8Linear)
     # A tied embedding (GPT-2, Llama 3.2 1B, Qwen3-0.6B) reads the head's int8 rows, dequantized per lookup,
     # rather than keeping its own full-precision rows: a lookup reads a few rows (nothing next to a token's
     # matmuls), while full-precision rows would be the largest tensor left in memory (Qwen3-0.6B: 311 MB of
     # bf16 beside 600 MB of int8 in all). The cost, the head's rounding on the input embeddings, is inside
     # the logit tolerance the tests hold. An untied embedding keeps its full-precision rows.
     if model.config.tie_embeddings:
-        model.transformer.wte = Int8Embedding(model.lm_head)
+        model.transformer.wte = Int8Embedding(model.lm_head.weight, model.lm_head.scale)
     release_freed_memory()
     return model.requires_grad_(False)  # the norms and biases too: a quantized model is for talking, never trained
+
+
+def quantize_int4(model):
+    """As quantize_int8, with Int4Linears (CPU only) wherever the kernel takes the shape, Int8Linears elsewhere
+    (an unpadded GPT-2 head: 50,257 rows). A tied embedding gets int8 rows of its own, for the same reason as
+    in quantize_int8 (the head's packed int4 rows cannot be looked up). Returns model."""
+    swap_linears(model, lambda linear: Int4Linear(linear) if Int4Linear.takes(linear) else Int8Linear(linear))
+    if model.config.tie_embeddings:
+        weight, scale = (nn.Parameter(t, requires_grad=False) for t in quantize_rows(model.transformer.wte.weight.detach()))
+        model.transformer.wte = Int8Embedding(weight, scale)
+    release_freed_memory()
+    return model.requires_grad_(False)
+
+
+QUANTIZERS = {'int8': quantize_int8, 'int4': quantize_int4}  # --quantize's schemes

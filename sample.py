@@ -14,7 +14,7 @@ import sys
 import torch
 
 from configurator import configure, setup, die, compile_decoding, quantized_dtype
-from model import quantize_int8
+from model import QUANTIZERS
 from serve import ChatSession, TextStream, run_server
 from weights import load_pretrained
 from tokenizer import PROMPT_STYLES, format_prompt, get_tokenizer, response_end_id
@@ -31,7 +31,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes each token reads
 compile = False  # torch.compile each generated token's step into one fixed graph (a CUDA graph on GPUs)
-quantize = 'none'  # int8: int8 weights (model.quantize_int8), half of bf16's bytes per token; on a CPU with bf16 activations
+quantize = 'none'  # int8: int8 weights (model.quantize_int8), half of bf16's bytes per token; int4 (CPU only): a quarter
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
 chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
@@ -135,8 +135,8 @@ if __name__ == '__main__':
     # than autocast (which would re-read the float32 weights and convert them at every step).
     # Quantized on the CPU in that dtype, before the move: each Linear's weights are freed as its int8 copy is made
     model.eval().to(dtype=getattr(torch, dtype))
-    if quantize == 'int8':
-        quantize_int8(model)
+    if quantize != 'none':
+        QUANTIZERS[quantize](model)
     model.to(device)
     decode_step = compile_decoding(model, compile, device_type)
     if serve:  # the same chat, over HTTP

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
                           compile_available, pick_dtype, gpu_peak_flops, save_text, save_plot, quantized_dtype)
-from model import GPT, GPTConfig, quantize_int8
+from model import GPT, GPTConfig, QUANTIZERS
 from weights import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
 from tokenizer import get_tokenizer, token_bytes
 from prepare_data import data_tokenizer, find_shards, hellaswag_examples, prepare, read_meta, read_shard
@@ -40,7 +40,7 @@ sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
 sample_tokens = 64
 eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (the README gives GPT-2 124M's)
 eval_only = False  # measure the model (val loss and bits per byte, HellaSwag if asked) on the fixed eval batches and exit
-quantize = 'none'  # eval_only: int8 = measure it with int8 weights (model.quantize_int8): what talking in int8 costs
+quantize = 'none'  # eval_only: int8 or int4 = measure it with those weights (model.QUANTIZERS): what talking in them costs
 hellaswag_dir = 'data/hellaswag'  # where its validation set is downloaded to (or already is)
 hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 # data
@@ -321,8 +321,8 @@ def start_process():
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
     quantized_dtype(quantize, device_type, amp_dtype)  # an unknown scheme stops here
     if quantize != 'none' and not eval_only:
-        die(f"--quantize={quantize} needs --eval_only=True: int8 weights do not train; train or fine-tune first, "
-            "then quantize to talk (sample.py --quantize=int8)")
+        die(f"--quantize={quantize} needs --eval_only=True: {quantize} weights do not train; train or fine-tune first, "
+            f"then quantize to talk (sample.py --quantize={quantize})")
     if gradient_accumulation_steps % world_size:
         die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
     return Process(distributed, rank, local_rank, world_size, dev, device_type, amp_dtype, ctx,
@@ -418,7 +418,7 @@ def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
     compare on equal tokens; printed, nothing written."""
     losses = estimate_loss(model, {'val': splits['val']}, tokenizer, byte_counts, hellaswag, proc)
     if proc.master:
-        print(f"{init_from}{' (int8 weights)' if quantize == 'int8' else ''}: val loss {losses['val']:.4f}, "
+        print(f"{init_from}{f' ({quantize} weights)' if quantize != 'none' else ''}: val loss {losses['val']:.4f}, "
               f"{losses['val_bpb']:.4f} bits per byte on {eval_iters} x "
               f"{batch_size} x {model.config.block_size} tokens of {data_dir}" + hellaswag_text(losses, hellaswag))
     if proc.distributed:
@@ -627,8 +627,8 @@ def main():
     T = model.config.block_size
     splits, tokenizer, byte_counts, hellaswag = load_data(T, proc)
     about_run = {'model_args': asdict(model.config), 'tokenizer': tokenizer.spec, 'config': config}  # in every checkpoint
-    if quantize == 'int8':  # in the dtype sample.py --quantize=int8 talks in, on the CPU before the move
-        quantize_int8(model.to(dtype=getattr(torch, quantized_dtype(quantize, proc.device_type, proc.amp_dtype))))
+    if quantize != 'none':  # in the dtype sample.py --quantize talks in, on the CPU before the move
+        QUANTIZERS[quantize](model.to(dtype=getattr(torch, quantized_dtype(quantize, proc.device_type, proc.amp_dtype))))
     model.to(proc.dev)
     if eval_only:
         return evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc)
