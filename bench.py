@@ -40,7 +40,8 @@ optimizer = 'adamw'  # adamw or muon
 grad_checkpoint = False
 compile = False  # train: the compiled model; generate: also time the compiled one-token step (configurator.compile_decoding)
 ablate = False  # train: walk the book's speed-ups one at a time and print the table
-profile = False  # train: 3 more steps under torch.profiler: its table printed, its trace written (chrome://tracing, perfetto)
+profile = False  # train: 3 more steps under torch.profiler: its table printed, its trace written (chrome://tracing, perfetto);
+# generate: after the timed rounds, one eager generation of each of our models under it: its costliest ops
 prompt_tokens = 64  # generate
 max_new_tokens = 200  # generate
 repeats = 3  # generate: timed rounds, each running every variant once in turn; the medians are reported
@@ -258,6 +259,13 @@ def generate_speed(dev, dtype_name):
                     for s in schemes if compile)
           + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
+    if profile:  # after the timed rounds, so that the profiler's own cost is not in the figures
+        for name in [n for n in names if n.startswith('ours') and n.endswith(', KV cache')]:
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                variants[name]()
+            where = 'device' if dev.startswith('cuda') else 'cpu'
+            print(f"{name}, one generation: where its time goes")
+            print(prof.key_averages().table(sort_by=f'self_{where}_time_total', row_limit=10, max_name_column_width=40))
     # a token reads every weight once: what that costs against what the memory can deliver
     for label, m, scheme in [('', model, 'none')] + [(f'{s} ', quantized[s], s) for s in schemes]:
         # the token embedding's own rows are looked up, a few a token, not read whole (tied, they are the head's)

@@ -464,7 +464,9 @@ def filter_logits(logits, top_k=None, top_p=None):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, vocab) logits -> (B,) next token ids."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16 (Qwen3's 151,936
+        # logits: 0.19 ms against 0.46 ms, 1-2% of a quantized token)
+        return logits.float().argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 

@@ -25,10 +25,12 @@ def test_bench_runs_a_tiny_config_in_both_modes():
     for row in ('baseline', 'bfloat16 autocast', 'native LayerNorm and GELU', 'SDPA', 'micro-batch x2'):
         assert row in ablate.stdout
     gen = run_script('bench.py', '--mode=generate', *args, '--max_new_tokens=8', '--repeats=1', '--batch_size=1',
-                     '--quantize=int8,int4', '--bandwidth_mb=16')
+                     '--quantize=int8,int4', '--bandwidth_mb=16', '--profile=True')
     assert gen.returncode == 0 and 'KV cache == no cache: True' in gen.stdout, gen.stdout + gen.stderr
     for scheme in ('int8', 'int4'):  # timed in the same rounds, each beside a probe of its own kernel
         assert f'ours {scheme}, KV cache' in gen.stdout and f"the machine's {scheme} bandwidth probe" in gen.stdout
+    # --profile=True: where each of our models' generations spends its time, after the timed rounds
+    assert gen.stdout.count('one generation: where its time goes') == 3 and 'aten::_weight_int8pack_mm' in gen.stdout
 
 
 def test_bench_profile_prints_the_costliest_ops_after_the_timed_steps(tmp_path):
