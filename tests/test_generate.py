@@ -129,3 +129,40 @@ def test_chapter7_responses_in_batches_equal_one_at_a_time():
     alone = [fi.respond(model, e, tok, 'alpaca', 'cpu', nullcontext(), 24) for e in test]
     batched = fi.respond_batch(model, test, tok, 'alpaca', 'cpu', nullcontext(), 24)
     assert batched == alone and len(set(alone)) > 3
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2], ids=['mha', 'gqa'])
+def test_one_query_attention_equals_sdpa(n_kv_head):
+    # decoding on a CPU in bfloat16 past 64 keys attends with plain matmuls (model.one_query_attention), not SDPA
+    import torch.nn.functional as F
+    from model import one_query_attention
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, n_kv_head, 100, 16)
+    v = torch.randn_like(k)
+    mask = torch.rand(2, 1, 1, 100) > 0.3  # (B, 1, 1, S): padding, or the static cache's empty slots
+    for m in (None, mask):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv_head != 4)
+        assert (one_query_attention(q, k, v, m) - expected).abs().max() < 1e-5
+        got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m).float()
+        assert (got - expected).abs().max() < 0.02  # bfloat16's rounding
+
+
+@pytest.mark.parametrize('family', [{}, LLAMA_STYLE], ids=['gpt2', 'llama'])
+def test_bfloat16_decoding_past_64_keys_attends_in_matmuls(family, monkeypatch):
+    import model as model_file
+    original, keys = model_file.one_query_attention, []
+
+    def counted(q, k, v, mask=None):
+        keys.append(k.size(2))
+        return original(q, k, v, mask)
+    monkeypatch.setattr(model_file, 'one_query_attention', counted)
+    torch.manual_seed(0)
+    model = spread_weights(GPT(GPTConfig(block_size=128, vocab_size=96, n_layer=2, n_head=4, n_embd=32, **family)))
+    model = model.eval().to(torch.bfloat16)
+    text = model.generate(torch.randint(1, 96, (1, 60)), 20, temperature=0)
+    assert max(keys) == 79 and min(keys) == 65  # every one-token step past 64 keys, and only those
+    cache = model.new_kv_cache(1, 128, torch.device('cpu'))
+    with torch.no_grad():
+        for t in range(60, 80):  # each cached step's logits against the whole text's, through SDPA
+            cached, full = model.next_logits(text[:, :t], cache).float(), model(text[:, :t])[0][:, -1].float()
+            assert (cached - full).abs().max() <= 0.05 * full.std(), t
