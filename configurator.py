@@ -272,6 +272,12 @@ def compile_decoding(model, enabled, device_type):
     runs eagerly. The prompt is always computed eagerly (its length varies)."""
     if not (enabled and compile_available(device_type)):
         return None
+    if device_type == 'cuda' and any(p.dtype == torch.int8 for p in model.parameters()):
+        # int8 weights (model.Int8Linear): inductor fuses their dequantization into a one-row matmul only as its own
+        # reduction, which it makes with coordinate-descent tuning on (gpt-fast's setting); else one kernel would
+        # write the bf16 weights out and cuBLAS read them back, more bytes than bf16 weights alone
+        return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                             options={'triton.cudagraphs': True, 'coordinate_descent_tuning': True})  # + reduce-overhead
     return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
                          mode='reduce-overhead' if device_type == 'cuda' else None)
 

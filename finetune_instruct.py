@@ -794,6 +794,8 @@ def main():
     save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
                      'tokenizer': tokenizer.spec, 'prompt_style': prompt_style, 'method': method, 'iter_num': step,
                      'config': config}, Path(out_dir) / 'ckpt.pt')
+    del optimizer, params  # the optimizer's state (two float32 copies of what trained) and the DPO reference are
+    reference = None  # no longer needed: the test responses need only the model
     if quantize != 'none':  # as sample.py --quantize talks with the checkpoint just saved: merged, cast, quantized
         QUANTIZERS[quantize](merge_lora(model).to(dtype=getattr(torch, talk_dtype)))
     test = save_responses(model, splits['test'][:eval_limit or None], tokenizer, dev, ctx)  # kept if the judge fails

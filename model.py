@@ -96,10 +96,11 @@ def one_query_attention(q, k, v, mask=None):
     below ~64 keys its fixed cost is the smaller. q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or
     a bool (B or 1, 1, 1, S) of the keys it may see -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
-    rows = q.reshape(B, k.size(1), nh // k.size(1), hs)  # the query heads that read each key/value head, as rows
+    # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
+    rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * hs ** -0.5
     # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would
     # first copy whole (in bfloat16: 0.34 ms against 0.09 ms at 1,024 keys)
-    scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float() * hs ** -0.5  # (B, n_kv_head, nh / n_kv_head, S)
+    scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float('-inf'))
     return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, nh, 1, hs)  # softmax in float32, as SDPA's
@@ -736,8 +737,10 @@ class Int8Linear(nn.Module):
             rows = x.reshape(-1, x.size(-1)).contiguous()
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        else:  # dequantized first, so float16 holds what an unquantized layer holds (int8 * x alone can overflow it),
+            # in the dtype autocast would run the matmul in (not a float32 copy of the weights from a float32 input)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y = F.linear(x.to(dtype), self.weight.to(dtype) * self.scale.to(dtype)[:, None])
         return y if self.bias is None else y + self.bias
 
 
@@ -786,7 +789,7 @@ class Int4Linear(nn.Module):
         return linear.out_features % 16 == 0 and linear.in_features % group == 0
 
     def forward(self, x):
-        rows = x.reshape(-1, x.size(-1))
+        rows = x.reshape(-1, x.size(-1)).contiguous()  # the kernel takes contiguous rows (the head reads x[:, -1])
         y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scale_and_zero.to(x.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

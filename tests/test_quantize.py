@@ -37,6 +37,22 @@ def test_int8_linear_equals_a_dequantized_matmul(dtype):
     # float32 exactly; bfloat16 within its rounding of the output (8 bits of mantissa)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * expected.abs().max().item()
     assert (layer(x).float() - expected).abs().max().item() <= tol
+    assert (layer(x[:, -1]).float() - expected[:, -1]).abs().max().item() <= tol  # the head's rows of a batch: strided
+
+
+def test_the_dequantizing_int8_path_holds_float16_and_follows_autocast():
+    # the path CUDA takes (and a CPU without bf16 activations): dequantized first, so float16 holds what an
+    # unquantized layer holds; int8 values times x alone would reach 127 / absmax times the output and overflow
+    linear = nn.Linear(96, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.uniform_(-1e-3, 1e-3)  # small weights, large activations: the unscaled sum is ~10^6
+    layer = Int8Linear(linear)
+    x = torch.full((2, 96), 100.0)
+    expected = x @ (layer.weight.float() * layer.scale[:, None]).T
+    y = copy.deepcopy(layer).half()(x.half()).float()
+    assert torch.isfinite(y).all() and (y - expected).abs().max() <= 1e-2 * expected.abs().max()
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # as nn.Linear would: the autocast dtype out, no float32 copy
+        assert layer(x).dtype == torch.bfloat16
 
 
 
@@ -58,6 +74,8 @@ def test_int4_linear_equals_a_dequantized_matmul():
     x = torch.randn(2, 5, 96).to(torch.bfloat16)  # (B, T, C), as the blocks call it
     expected = x.float() @ dequantized.T + linear.bias.float()
     assert (layer(x).float() - expected).abs().max().item() <= 2 ** -7 * expected.abs().max().item()
+    # the head's rows of a batch (x[:, -1], strided): the kernel takes only contiguous rows
+    assert (layer(x[:, -1]).float() - expected[:, -1]).abs().max().item() <= 2 ** -7 * expected.abs().max().item()
     # shapes the kernel does not take stay int8: rows not a multiple of 16 (an unpadded GPT-2 head), columns of 32
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=48, vocab_size=100, block_size=16))
     quantize_int4(model.to(torch.bfloat16))
@@ -77,6 +95,19 @@ def test_the_int8_kernel_is_chosen_only_where_it_applies():
     # MPS's kernel refuses sides that are not multiples of 32: GPT-2's unpadded head has 50,257 rows
     assert not int8_kernel_applies(on('mps', torch.float16), torch.empty(50257, 768, dtype=torch.int8))
     assert not int8_kernel_applies(on('mps', torch.float32), torch.empty(64, 48, dtype=torch.int8))
+
+
+def test_an_int8_model_compiles_on_cuda_with_its_matmuls_fused(monkeypatch):
+    # no GPU here: what compile_decoding asks of torch.compile for an int8 model on CUDA (a bf16 one: reduce-overhead)
+    import configurator
+    asked = []
+    monkeypatch.setattr(configurator, 'compile_available', lambda device_type: True)
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: asked.append(kw) or fn)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    configurator.compile_decoding(model, True, 'cuda')
+    configurator.compile_decoding(quantize_int8(model), True, 'cuda')
+    assert asked[0]['mode'] == 'reduce-overhead' and 'options' not in asked[0]
+    assert asked[1]['options'] == {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}  # reduce-overhead's + one
 
 def fixture_logits(name):
     folder = FIXTURES / name
