@@ -690,6 +690,7 @@ def merge_lora(model):
 
 INT4_GROUP = 32  # int4: weights per scale and zero (gpt-fast's default; smaller groups round less, store more)
 
+
 def quantize_rows(w, rows=512):
     """(int8 (out, in), scale (out,)) with w ~= int8 * scale[:, None]: symmetric, one scale per output channel
     (absmax / 127, so zero stays zero and each row's largest weight is exact). A chunk of rows at a time, so

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import weights
 from conftest import (FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, make_llama_folder, run_script,
                       save_big_random_model)
 from model import GPT, GPTConfig, Int4Linear, Int8Embedding, Int8Linear, QUANTIZERS, quantize_int4, quantize_int8
 from prepare_data import prepare
 from tokenizer import format_chat
-from weights import from_pretrained, save_pretrained
+from weights import from_pretrained
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])  # bfloat16: PyTorch's int8 kernel; float32: the fallback
