@@ -53,7 +53,6 @@ def test_the_dequantizing_int8_path_holds_float16_and_follows_autocast():
         assert layer(x).dtype == torch.bfloat16
 
 
-
 def test_int4_linear_equals_a_dequantized_matmul():
     torch.manual_seed(0)
     linear = nn.Linear(96, 48).to(torch.bfloat16)
@@ -106,6 +105,7 @@ def test_an_int8_model_compiles_on_cuda_with_its_matmuls_fused(monkeypatch):
     configurator.compile_decoding(quantize_int8(model), True, 'cuda')
     assert asked[0]['mode'] == 'reduce-overhead' and 'options' not in asked[0]
     assert asked[1]['options'] == {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}  # reduce-overhead's + one
+
 
 def fixture_logits(name):
     folder = FIXTURES / name
