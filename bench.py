@@ -4,7 +4,7 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py --ablate=True                    # the book's speed-ups one at a time
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
     python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
-    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 weights beside bf16 (int4: CPU)
+    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 beside bf16
     python bench.py --mode=optimizer                 # one optimizer step alone, GPT-2 124M: fused AdamW vs Muon
 """
 import copy
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding, quantized_dtype
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, Int4Linear, Int8Linear, QUANTIZERS
-from weights import empty_model, from_pretrained, save_pretrained
+from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
+from quantize import Int4Linear, Int8Linear, cast_and_quantize, talk_dtype
+from weights import empty_model, load_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory), generate (tokens/s with and without the KV cache) or optimizer
@@ -38,18 +39,16 @@ warmup_steps = 3  # train: untimed steps first (allocations, kernels, compilatio
 steps = 10  # train: timed steps
 optimizer = 'adamw'  # adamw or muon
 grad_checkpoint = False
-compile = False  # train: the compiled model; generate: also time the compiled one-token step (configurator.compile_decoding)
+compile = False  # train: the compiled model; generate: also time the compiled one-token step
 ablate = False  # train: walk the book's speed-ups one at a time and print the table
-profile = False  # train: 3 more steps under torch.profiler: its table printed, its trace written (chrome://tracing, perfetto);
-# generate: after the timed rounds, one eager generation of each of our models under it: its costliest ops
+profile = False  # train: 3 more steps under torch.profiler (table and trace); generate: each model's costliest ops
 prompt_tokens = 64  # generate
 max_new_tokens = 200  # generate
 repeats = 3  # generate: timed rounds, each running every variant once in turn; the medians are reported
 uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
 compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
-quantize = 'none'  # generate: int8, int4 or int8,int4 = also time weight-only copies (model.QUANTIZERS) in the same rounds
-bandwidth_mb = 1024  # generate: the size of the matrix whose matrix-vector product measures memory bandwidth (0 = skip;
-# with --quantize a matrix in its scheme is measured too)
+quantize = 'none'  # generate: int8, int4 or int8,int4 = also time weight-only copies (quantize.py) in the same rounds
+bandwidth_mb = 1024  # generate: MB of the matrix whose matrix-vector product measures memory bandwidth (0 = skip)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -75,7 +74,7 @@ class BookGELU(nn.Module):  # ch04's GELU, the tanh approximation written out
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def manual_attention(self, x, rope=None, kv_cache=None, mask=None, slot=None):  # ch03's attention: scores, mask, softmax, weighted sum
+def manual_attention(self, x, rope=None, kv_cache=None, mask=None, slot=None):  # ch03's attention, written out
     B, T, C = x.size()
     q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, 2))
     att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
@@ -112,7 +111,7 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
     else:
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
     fwd = maybe_compile(model, compiled, device_type)
-    ctx = torch.autocast(device_type, dtype=getattr(torch, dtype_name)) if dtype_name != 'float32' else torch.autocast(device_type, enabled=False)
+    ctx = torch.autocast(device_type, dtype=getattr(torch, dtype_name), enabled=dtype_name != 'float32')
     shards = [read_shard(p) for p in find_shards(data_dir, 'train')] if data_dir else None
     gen = torch.Generator().manual_seed(seed)
 
@@ -123,9 +122,7 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
             xy = torch.from_numpy(np.stack([s[i:i + block_size + 1] for i in starts]).astype(np.int64))
         else:
             xy = torch.randint(0, vocab_size, (bs, block_size + 1), generator=gen)
-        if pin:
-            xy = xy.pin_memory()
-        xy = xy.to(dev, non_blocking=pin)
+        xy = (xy.pin_memory() if pin else xy).to(dev, non_blocking=pin)
         return xy[:, :-1], xy[:, 1:]
 
     def step():
@@ -135,32 +132,30 @@ def train_speed(dev, device_type, bs, pad, tf32, fused, pin, native_norms, sdpa,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    sync = lambda: synchronize(device_type)  # noqa: E731
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup_steps + steps):
         if i == warmup_steps:
-            sync()
+            synchronize(device_type)
             t0 = time.perf_counter()
         step()
-    sync()
+    synchronize(device_type)
     dt = (time.perf_counter() - t0) / steps
     if profiled:  # after the timed steps, so that the profiler's own cost is not in the figures
         with torch.profiler.profile(on_trace_ready=torch.profiler.tensorboard_trace_handler('bench_trace')) as prof:
             for _ in range(3):
                 step()
-            sync()
+            synchronize(device_type)
         where = 'device' if device_type == 'cuda' else 'cpu'
         print(prof.key_averages().table(sort_by=f'self_{where}_time_total', row_limit=30, max_name_column_width=60))
     tok_s = bs * block_size / dt
-    mfu = model.estimate_mfu(tok_s, gpu_peak_flops(dev, dtype_name) if tf32 or dtype_name != 'float32' else None)  # plain FP32: no peak listed
-    return dt * 1000, tok_s, mfu, peak_memory(device_type)
+    peak = gpu_peak_flops(dev, dtype_name) if tf32 or dtype_name != 'float32' else None  # plain FP32: no peak listed
+    return dt * 1000, tok_s, model.estimate_mfu(tok_s, peak), peak_memory(device_type)
 
 
 def optimizer_speed(dev, device_type, dtype_name):
-    """ms per optimizer step alone (random gradients, no forward or backward): fused AdamW and Muon
-    on the same model, in alternation, medians. Muon's Newton-Schulz in bfloat16 where that is the
-    dtype (as train.py picks it), else float32."""
+    """ms per optimizer step alone (random gradients): fused AdamW and Muon on the same model, in alternation,
+    medians. Muon's Newton-Schulz in bfloat16 where that is the dtype (as train.py picks it), else float32."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
                           padded_vocab_size=math.ceil(vocab_size / pad_vocab) * pad_vocab)).to(dev)
@@ -169,16 +164,8 @@ def optimizer_speed(dev, device_type, dtype_name):
     ns_dtype = torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32
     opts = {name: model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, name, muon_dtype=ns_dtype)
             for name in ('adamw', 'muon')}
-    times = {name: [] for name in opts}
-    for i in range(warmup_steps + steps):
-        for name, opt in opts.items():
-            synchronize(device_type)
-            t0 = time.perf_counter()
-            opt.step()
-            synchronize(device_type)
-            if i >= warmup_steps:
-                times[name].append(1000 * (time.perf_counter() - t0))
-    ms = {name: float(np.median(t)) for name, t in times.items()}
+    seconds, _ = time_interleaved({name: opt.step for name, opt in opts.items()}, device_type, warmup_steps, steps)
+    ms = {name: 1000 * t for name, t in seconds.items()}
     print(f"optimizer step alone, GPT {n_layer}x{n_embd} ({model.get_num_params() / 1e6:.1f}M params), {dev}, "
           f"threads={torch.get_num_threads()}, Muon's Newton-Schulz in {str(ns_dtype)[6:]}, median of {steps}")
     print(f"adamw {ms['adamw']:.2f} ms/step | muon {ms['muon']:.2f} ms/step ({ms['muon'] / ms['adamw']:.2f}x)")
@@ -214,44 +201,43 @@ def random_model(config, dtype):
     model = empty_model(config, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight')) \
-                else p.normal_(0, 0.02)
+            norm = p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight'))
+            p.fill_(1.0) if norm else p.normal_(0, 0.02)
     return model
 
 
-def generate_speed(dev, dtype_name):
+def generate_speed(dev, device_type, dtype_name):
     if shape:
         if shape not in SHAPES:
             die(f"--shape={shape}: use one of {', '.join(SHAPES)}")
         model = random_model(SHAPES[shape], getattr(torch, dtype_name))
-    elif init_from == 'scratch':
-        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size))
     else:
+        scratch = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size)
         try:
-            model = from_pretrained(init_from)
+            model = load_pretrained(init_from, scratch=scratch)[0]
         except (OSError, ValueError) as e:
             die(e)
     model.eval().to(device=dev, dtype=getattr(torch, dtype_name))
     schemes = [s for s in quantize.split(',') if s != 'none']
-    quantized_dtype_name = dtype_name
-    for scheme in schemes:  # each checked: an unknown scheme, or int4 off a CPU, stops here
-        quantized_dtype_name = quantized_dtype(scheme, dev.split(':')[0], dtype_name)
-    # the quantized copies beside the model itself, so that all are timed in the same rounds; cast, then quantized,
-    # as sample.py --quantize does (the scales rounded to the dtype they are stored in)
-    quantized = {s: QUANTIZERS[s](copy.deepcopy(model).to(dtype=getattr(torch, quantized_dtype_name))) for s in schemes}
+    try:  # an unknown scheme, or int4 off a CPU, stops here; every scheme talks in the same dtype
+        q_dtype = talk_dtype(schemes[0] if schemes else 'none', device_type, dtype_name)
+        # the quantized copies beside the model itself, so that all are timed in the same rounds
+        quantized = {s: cast_and_quantize(copy.deepcopy(model), s, device_type, dtype_name) for s in schemes}
+    except ValueError as e:
+        die(e)
     idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_tokens), device=dev)
-    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}" + (f" (and {' and '.join(schemes)} with {quantized_dtype_name} activations)" if schemes else '')
-          + f", {dev}, threads={torch.get_num_threads()}, batch {batch_size}, {prompt_tokens}-token prompt, "
-          f"{max_new_tokens} new tokens, greedy; median of {repeats} interleaved rounds")
+    also = f" (and {' and '.join(schemes)} with {q_dtype} activations)" if schemes else ''
+    print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}{also}, {dev}, threads={torch.get_num_threads()}, "
+          f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy; "
+          f"median of {repeats} interleaved rounds")
     with torch.no_grad():
-        variants = generation_variants(model, quantized, idx, dev, dtype_name)
-        times, outs = time_interleaved(variants, dev.split(':')[0])
-    names = list(variants)
-    hf_rows = [n for n in names if n.startswith('transformers')]
+        variants = generation_variants(model, quantized, idx, device_type, dtype_name)
+        times, outs = time_interleaved(variants, device_type, 1, repeats)
+    hf_rows = [n for n in variants if n.startswith('transformers')]
     print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'vs transformers':>16s}")
-    for name in names:
-        rel = f"{times[hf_rows[-1]] / times[name]:.2f}x" if hf_rows else '-'
-        print(f"{name:42s} {batch_size * max_new_tokens / times[name]:9.1f} {1e3 * times[name] / max_new_tokens:9.2f} {rel:>16s}")
+    for name, t in times.items():
+        rel = f"{times[hf_rows[-1]] / t:.2f}x" if hf_rows else '-'
+        print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
     same = lambda a, b: f"{torch.equal(outs[a], outs[b])}" if a in outs and b in outs else 'not run'  # noqa: E731
     print(f"KV cache == no cache: {same('ours, KV cache', 'ours, no cache (recompute the context)')}"
           + (f"; compiled == eager: {same('ours, KV cache', 'ours, KV cache, compiled step')}" if compile else '')
@@ -260,10 +246,10 @@ def generate_speed(dev, dtype_name):
           + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
     if profile:  # after the timed rounds, so that the profiler's own cost is not in the figures
-        for name in [n for n in names if n.startswith('ours') and n.endswith(', KV cache')]:
+        for name in [n for n in variants if n.startswith('ours') and n.endswith(', KV cache')]:
             with torch.no_grad(), torch.profiler.profile() as prof:
                 variants[name]()
-            where = 'device' if dev.startswith('cuda') else 'cpu'
+            where = 'device' if device_type == 'cuda' else 'cpu'
             print(f"{name}, one generation: where its time goes")
             print(prof.key_averages().table(sort_by=f'self_{where}_time_total', row_limit=10, max_name_column_width=40))
     # a token reads every weight once: what that costs against what the memory can deliver
@@ -275,15 +261,15 @@ def generate_speed(dev, dtype_name):
         read = weight_bytes * max_new_tokens / best
         line = f"{label}weights {weight_bytes / 1e9:.2f} GB; our fastest {label}decoding reads {read / 1e9:.1f} GB/s"
         if bandwidth_mb:
-            peak = memory_bandwidth(dev, getattr(torch, dtype_name if scheme == 'none' else quantized_dtype_name), bandwidth_mb, scheme)
+            talk = getattr(torch, dtype_name if scheme == 'none' else q_dtype)
+            peak = memory_bandwidth(dev, talk, bandwidth_mb, scheme)
             line += f"; the machine's {label}bandwidth probe {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
         print(line)
 
 
-def generation_variants(model, quantized, idx, dev, dtype_name):
+def generation_variants(model, quantized, idx, device_type, dtype_name):
     """{row name: a function generating max_new_tokens greedily}: ours with the KV cache (and compiled, and
     quantized), without it, and transformers' generate() on the same weights."""
-    device_type = dev.split(':')[0]
     variants = {}
     for label, m in [('ours', model)] + [(f'ours {s}', q) for s, q in quantized.items()]:
         # one cache per model for every run: a compiled step's graph is recorded for its addresses
@@ -306,7 +292,7 @@ def generation_variants(model, quantized, idx, dev, dtype_name):
             die("--compare_hf=True needs transformers: pip install transformers")
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(model, tmp)  # the same weights, in the same dtype
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(dev)
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=getattr(torch, dtype_name)).eval().to(idx.device)
         mask = torch.ones_like(idx)
         hf_generate = lambda **kw: hf.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens,  # noqa: E731
                                                min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kw)
@@ -320,27 +306,26 @@ def generation_variants(model, quantized, idx, dev, dtype_name):
     return variants
 
 
-def time_interleaved(variants, device_type):
-    """({name: median seconds}, {name: its last output}) over `repeats` rounds, each round running every
-    variant once in turn, after one untimed warm-up round (allocations, kernels, compilation): a load on
-    the machine that comes and goes then falls on every variant alike."""
+def time_interleaved(variants, device_type, warmup, rounds):
+    """({name: median seconds}, {name: its last output}) over `rounds` rounds, each running every variant once
+    in turn, after `warmup` untimed ones (allocations, kernels, compilation): a load on the machine that comes
+    and goes then falls on every variant alike."""
     times, outs = {name: [] for name in variants}, {}
-    for r in range(repeats + 1):
+    for r in range(warmup + rounds):
         for name, fn in variants.items():
             synchronize(device_type)
             t0 = time.perf_counter()
             outs[name] = fn()
             synchronize(device_type)
-            if r:
+            if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}, outs
 
 
 def memory_bandwidth(dev, dtype, megabytes, scheme='none', tries=5):
-    """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`):
-    the speed limit of decoding one token, which does the same with every weight. As a Linear layer
-    computes it (x @ W^T, one row of x), so that it runs the kernels decoding runs; int8 or int4: as an
-    Int8Linear or Int4Linear does (model.QUANTIZERS' layers, dtype activations)."""
+    """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`): the speed limit
+    of decoding one token, which does the same with every weight. Computed as a Linear layer does (x @ W^T, one row
+    of x), or an Int8Linear or Int4Linear for int8 or int4, so that it runs the kernels decoding runs."""
     cols = 4096
     with torch.device('meta'):
         bits = {'int8': 8, 'int4': 4}.get(scheme, torch.finfo(dtype).bits)
@@ -349,7 +334,8 @@ def memory_bandwidth(dev, dtype, megabytes, scheme='none', tries=5):
     layer = layer.to_empty(device=dev).to(dtype)
     with torch.no_grad():  # random values made in place: no float32 copy of the matrix first
         for p in layer.parameters():
-            p.random_(-127, 128) if p.dtype == torch.int8 else p.random_(0, 256) if p.dtype == torch.uint8 else p.normal_()
+            low, high = (-127, 128) if p.dtype == torch.int8 else (0, 256)  # int8, or int4 packed two to a uint8
+            p.normal_() if p.is_floating_point() else p.random_(low, high)
     x = torch.randn(1, cols, device=dev, dtype=dtype)
     best = float('inf')
     with torch.no_grad():
@@ -366,18 +352,18 @@ if __name__ == '__main__':
     configure(globals())
     dev, device_type, dtype_name, _ = setup(device, dtype, seed)
     if mode == 'generate':
-        generate_speed(dev, dtype_name)
+        generate_speed(dev, device_type, dtype_name)
     elif mode == 'optimizer':
         optimizer_speed(dev, device_type, dtype_name)
     elif mode != 'train':
         die(f"--mode={mode}: use train, generate or optimizer")
     elif ablate:  # cumulative, in the book's order; what a CPU lacks is shown as n/a
-        cuda = device_type == 'cuda'
-        rows = [('baseline: float32, the book\'s LayerNorm/GELU/attention', {}),
-                ('+ TF32 tensor cores', {'tf32': True}), ('+ fused AdamW', {'fused': True}),
-                ('+ pinned memory', {'pin': True}), ('+ bfloat16 autocast', {'dtype_name': 'bfloat16'}),
+        rows = [("baseline: float32, the book's LayerNorm/GELU/attention", {}), ('+ TF32 tensor cores', {'tf32': True}),
+                ('+ fused AdamW', {'fused': True}), ('+ pinned memory', {'pin': True}),
+                ('+ bfloat16 autocast', {'dtype_name': 'bfloat16'}),
                 ('+ native LayerNorm and GELU', {'native_norms': True}), ('+ SDPA (flash) attention', {'sdpa': True}),
-                ('+ torch.compile', {'compiled': True}), (f'+ vocab padded to {math.ceil(vocab_size / 64) * 64}', {'pad': 64}),
+                ('+ torch.compile', {'compiled': True}),
+                (f'+ vocab padded to {math.ceil(vocab_size / 64) * 64}', {'pad': 64}),
                 ('+ micro-batch x2', {'bs': 2 * batch_size})]
         cfg = dict(bs=batch_size, pad=1, tf32=False, fused=False, pin=False, native_norms=False,
                    sdpa=False, compiled=False, dtype_name='float32')
@@ -386,7 +372,7 @@ if __name__ == '__main__':
         print(f"{'change (cumulative)':52s} {'ms/step':>9s} {'tokens/s':>10s} {'speed-up':>9s} {'MFU':>6s}")
         base = None
         for name, change in rows:
-            if not cuda and any(k in change for k in ('tf32', 'pin')):
+            if device_type != 'cuda' and any(k in change for k in ('tf32', 'pin')):
                 print(f"{name:52s} {'n/a on ' + device_type:>9s}")
                 continue
             cfg.update(change)
@@ -394,12 +380,14 @@ if __name__ == '__main__':
             base = base or tok_s
             print(f"{name:52s} {ms:9.1f} {tok_s:10,.0f} {tok_s / base:8.2f}x {f'{100 * mfu:.1f}%' if mfu else '-':>6s}")
     else:
-        ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, pad_vocab, tf32=device_type == 'cuda',
-                                          fused=device_type in FUSED_ADAMW_DEVICES, pin=device_type == 'cuda', native_norms=True,
-                                          sdpa=True, compiled=compile, dtype_name=dtype_name, profiled=profile)
+        cuda = device_type == 'cuda'
+        ms, tok_s, mfu, mem = train_speed(dev, device_type, batch_size, pad_vocab, tf32=cuda, pin=cuda,
+                                          fused=device_type in FUSED_ADAMW_DEVICES, native_norms=True, sdpa=True,
+                                          compiled=compile, dtype_name=dtype_name, profiled=profile)
         print(f"GPT {n_layer}x{n_embd}, context {block_size}, batch {batch_size}, {dev} {dtype_name}"
               f"{', compiled' if compile else ''}{', grad checkpointing' if grad_checkpoint else ''}, {optimizer}")
-        print(f"{ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {f'{100 * mfu:.1f}%' if mfu else 'n/a (not a known GPU)'} | "
-              f"peak memory {f'{mem / 2**30:.2f} GiB' if mem else 'n/a'}" + (' (process)' if device_type != 'cuda' else ''))
+        mfu_text = f'{100 * mfu:.1f}%' if mfu else 'n/a (not a known GPU)'
+        print(f"{ms:.1f} ms/step | {tok_s:,.0f} tokens/s | MFU {mfu_text} | peak memory "
+              f"{f'{mem / 2**30:.2f} GiB' if mem else 'n/a'}{' (process)' if not cuda else ''}")
         if profile:
             print("trace written to bench_trace/ (open with tensorboard, or the .json in chrome://tracing / perfetto)")

@@ -1,20 +1,20 @@
 """
-The setup every script shares: config overrides, device and dtype choice, autocast,
-distributed init, seeding, compile, atomic writes and the training plots. Imports nothing from this project.
+The setup every script shares: config overrides, device and dtype choice, autocast, distributed init, seeding,
+compile and the training plots. Imports nothing from this project.
 
-Config (nanoGPT's idea, made safer): each script keeps its settings as plain globals at the
-top and calls `configure(globals())`. Then
+Config (nanoGPT's idea, made safer): each script keeps its settings as plain globals at the top and calls
+`configure(globals())`. Then
     python train.py config/train_verdict.py --batch_size=32 --compile=False
-runs the config file (plain Python assigning the same globals), then applies each
---key=value. Values are parsed with ast.literal_eval (a bare word stays a string) and must
-have the type of the default; an unknown key stops with the closest known name.
+runs the config file (plain Python assigning the same globals), then applies each --key=value, parsed with
+ast.literal_eval (a bare word stays a string) and of the default's type; an unknown key stops naming the closest.
 """
 import ast
 import difflib
+import importlib.util
 import os
 import re
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,8 +26,7 @@ def die(msg):
 
 
 def config_keys(g):
-    """The overridable settings of a script: its lower-case globals of plain types
-    (UPPER_CASE ones are constants, _private ones internal)."""
+    """A script's overridable settings: its lower-case globals of plain types (UPPER_CASE are constants)."""
     return [k for k, v in g.items() if not k.startswith('_') and not k.isupper()
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))]
 
@@ -56,12 +55,9 @@ def configure(g, argv=None):
         print(doc.splitlines()[0] if doc else '')
         print(f"usage: python {os.path.basename(sys.argv[0])} [config/file.py] [--key=value ...]\n")
         comments = {}  # the comment beside each setting in the script, shown as its help
-        if g.get('__file__'):
-            with open(g['__file__'], encoding='utf-8') as f:
-                for line in f:
-                    m = re.match(r"(\w+)\s*=[^#]*#\s*(.*)", line)
-                    if m:
-                        comments.setdefault(m.group(1), m.group(2))
+        source = Path(g['__file__']).read_text(encoding='utf-8') if g.get('__file__') else ''
+        for key, comment in re.findall(r"^(\w+)\s*=[^#\n]*#\s*(.*)", source, re.MULTILINE):
+            comments.setdefault(key, comment)
         for k in keys:
             print(f"  --{k}={g[k]!r}" + (f"  # {comments[k]}" if k in comments else ""))
         sys.exit(0)
@@ -70,8 +66,7 @@ def configure(g, argv=None):
             if not os.path.isfile(arg):
                 die(f"config file {arg} not found (expected a path like config/train_verdict.py or --key=value)")
             defaults = {k: g[k] for k in keys}
-            with open(arg, encoding='utf-8') as f:
-                exec(compile(f.read(), arg, 'exec'), g)  # trusted code you chose to run, as in nanoGPT
+            exec(compile(Path(arg).read_text(encoding='utf-8'), arg, 'exec'), g)  # code you chose to run (nanoGPT)
             for k in config_keys(g):
                 if k not in defaults:
                     die(f"config file {arg} sets unknown key '{k}'" + _closest(k, keys))
@@ -110,18 +105,15 @@ def pick_device(device='auto'):
 
 
 def cpu_has_native_bf16():
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX: recent Xeons, AMD Zen 4+).
-    Elsewhere (AVX2-only CPUs, most laptops) bfloat16 is emulated, many times slower than float32 (RESULTS.md).
-    PyTorch kernels held to AVX2 (ATEN_CPU_CAPABILITY=avx2) count as no: they cannot use it."""
-    cpu = getattr(torch, 'cpu', None)
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX: recent Xeons, AMD Zen 4+); elsewhere it is
+    emulated, slower than float32. PyTorch kernels held to AVX2 (ATEN_CPU_CAPABILITY=avx2) cannot use it."""
     if 'AVX512' not in torch.backends.cpu.get_cpu_capability():
         return False
-    return any(getattr(cpu, probe, lambda: False)() for probe in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    return any(getattr(torch.cpu, p, lambda: False)() for p in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
 
 
 _PEAK_FLOPS = [  # dense tensor-core FLOP/s from the vendors' data sheets: (name, bf16/fp16, float32 as TF32);
-    # first match wins, so 'H100 NVL' and 'H100 PCIe' come before 'H100' (the SXM part). V100 and T4
-    # have no TF32: their float32 figure is the plain FP32 peak.
+    # first match wins ('H100 NVL' before 'H100', the SXM part). V100 and T4 have no TF32: plain FP32 there.
     ('H200', 989e12, 494e12), ('H100 NVL', 835e12, 418e12), ('H100 PCIe', 756e12, 378e12),
     ('H100', 989e12, 494e12), ('H800', 989e12, 494e12), ('GH200', 989e12, 494e12),
     ('A100', 312e12, 156e12), ('A800', 312e12, 156e12), ('L40S', 362e12, 183e12), ('L40', 181e12, 90.5e12),
@@ -132,9 +124,8 @@ _PEAK_FLOPS = [  # dense tensor-core FLOP/s from the vendors' data sheets: (name
 
 
 def gpu_peak_flops(device, dtype='bfloat16'):
-    """Peak FLOP/s of the CUDA device from its name for the dtype the matmuls run in (float32 runs
-    as TF32, about half the bf16 rate), or None (CPU, MPS, a GPU not listed: give train.py
-    --peak_flops then)."""
+    """Peak FLOP/s of the CUDA device from its name for the dtype the matmuls run in (float32 as TF32),
+    or None (CPU, MPS, a GPU not listed: give train.py --peak_flops then)."""
     if not str(device).startswith('cuda') or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
@@ -157,33 +148,21 @@ def pick_dtype(dtype, device_type):
     return dtype
 
 
-def quantized_dtype(quantize, device_type, dtype):
-    """--quantize checked (an unknown scheme, or int4 off a CPU, stops with one line) and the dtype a model talks
-    in with it: on a CPU bfloat16, the only activations PyTorch's int8 kernel vectorises there (in float32 it is
-    slower than bfloat16 weights); elsewhere dtype."""
-    if quantize not in ('none', 'int8', 'int4'):  # model.QUANTIZERS
-        die(f"--quantize={quantize}: use none, int8 or int4")
-    if quantize == 'int4' and device_type != 'cpu':
-        die(f"--quantize=int4 runs on a CPU only (PyTorch's int4 kernel for CPUs); on {device_type} use --quantize=int8")
-    return 'bfloat16' if quantize != 'none' and device_type == 'cpu' else dtype
-
-
 def setup(device='auto', dtype='auto', seed=1337):
-    """Device, dtype and autocast context for a script's loop, seeded.
-    Returns (device, device_type, dtype_name, ctx)."""
+    """(device, device_type, dtype_name, autocast context) for a script's loop, seeded."""
     device = pick_device(device)
     device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
     if device.startswith('cuda:'):  # cuda:1 must be the current device, or synchronize, memory stats,
         torch.cuda.set_device(device)  # the bf16 query and the RNG state all act on cuda:0
     dtype = pick_dtype(dtype, device_type)
-    if device_type == 'mps' and dtype == 'float16' and tuple(map(int, re.findall(r'\d+', torch.__version__)[:2])) < (2, 8):
-        die("--dtype=float16 on MPS needs torch 2.8 or newer (its GradScaler uses float64 before); use --dtype=bfloat16")
+    old_torch = tuple(map(int, re.findall(r'\d+', torch.__version__)[:2])) < (2, 8)
+    if device_type == 'mps' and dtype == 'float16' and old_torch:
+        die("--dtype=float16 on MPS needs torch 2.8 or newer (its GradScaler uses float64 before); "
+            "use --dtype=bfloat16")
     torch.manual_seed(seed)
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # tensor cores for any float32 matmul left
-        torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == 'cuda':  # tensor cores for any float32 matmul left
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
     return device, device_type, dtype, ctx
 
 
@@ -200,13 +179,11 @@ def optimizer_step(loss, optimizer, scaler, params, grad_clip=0.0):
 
 
 def init_distributed(device='auto'):
-    """Under torchrun (RANK set): join the process group, nccl on GPUs and gloo on CPU.
-    Returns (ddp, rank, local_rank, world_size, device)."""
+    """(ddp, rank, local_rank, world_size, device), in torchrun's process group if RANK is set (nccl or gloo)."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 0, 1, device
     import torch.distributed as dist
-    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-    world_size = int(os.environ['WORLD_SIZE'])
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda') or device.startswith('cuda')
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
@@ -221,11 +198,9 @@ def init_distributed(device='auto'):
 
 
 def local_rank0_first(fn, distributed, local_rank):
-    """fn(), a download into a shared cache or the preparation of a data set (which two processes
-    writing the same file at once would corrupt), in three waves: rank 0; then the first process of
-    every other machine (which finds the files ready if the machines share a disk); then the rest,
-    which find them ready. An error in any wave ends every process with the same line, instead of
-    leaving the others waiting in a collective. Returns fn()'s result."""
+    """Run fn (a download into a shared cache, a data set's preparation: two processes writing one file would
+    corrupt it) in three waves and return its result: rank 0; each other machine's first process (files ready if
+    the disk is shared); the rest. An error in any wave ends every process with the same line, not a hang."""
     rank = int(os.environ.get('RANK', 0))
     waves = (rank == 0, rank != 0 and local_rank == 0, local_rank != 0)
     result = None
@@ -252,17 +227,14 @@ def compile_available(device_type):
     if device_type == 'cpu' and not any(shutil.which(c) for c in ('cc', 'gcc', 'clang', 'cl')):
         print("notice: --compile needs a C compiler for the CPU backend; running without it")
         return False
-    if device_type == 'mps' or (sys.platform == 'win32' and device_type == 'cuda'):
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            print(f"notice: torch.compile is not supported for {device_type} here; running without it")
-            return False
+    needs_triton = device_type == 'mps' or (sys.platform == 'win32' and device_type == 'cuda')
+    if needs_triton and importlib.util.find_spec('triton') is None:
+        print(f"notice: torch.compile is not supported for {device_type} here; running without it")
+        return False
     return True
 
 
 def maybe_compile(model, enabled, device_type, **kwargs):
-    """torch.compile where the platform can run it; otherwise say so and run eagerly."""
     return torch.compile(model, **kwargs) if enabled and compile_available(device_type) else model
 
 
@@ -273,11 +245,10 @@ def compile_decoding(model, enabled, device_type):
     if not (enabled and compile_available(device_type)):
         return None
     if device_type == 'cuda' and any(p.dtype == torch.int8 for p in model.parameters()):
-        # int8 weights (model.Int8Linear): inductor fuses their dequantization into a one-row matmul only as its own
-        # reduction, which it makes with coordinate-descent tuning on (gpt-fast's setting); else one kernel would
-        # write the bf16 weights out and cuBLAS read them back, more bytes than bf16 weights alone
-        return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
-                             options={'triton.cudagraphs': True, 'coordinate_descent_tuning': True})  # + reduce-overhead
+        # int8 weights (quantize.Int8Linear): inductor fuses their dequantization into a one-row matmul only with
+        # coordinate-descent tuning on (gpt-fast's setting); else the bf16 weights are written out and read back
+        return torch.compile(model.decode_step, fullgraph=True, dynamic=False,  # cudagraphs: as reduce-overhead
+                             options={'triton.cudagraphs': True, 'coordinate_descent_tuning': True})
     return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
                          mode='reduce-overhead' if device_type == 'cuda' else None)
 
@@ -288,26 +259,6 @@ def synchronize(device_type):
         torch.cuda.synchronize()
     elif device_type == 'mps':
         torch.mps.synchronize()
-
-
-@contextmanager
-def atomic_write(path):
-    """`with atomic_write(path) as tmp:` write to tmp; it replaces `path` only when the block ends without an
-    error, so a crash never leaves half a file where a whole one was (os.replace is atomic on every platform)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_text(path, text):
-    """A UTF-8 text file written atomically: a crash never leaves half of one."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding='utf-8')
 
 
 def save_plot(path, xlabel, panels):
@@ -324,8 +275,7 @@ def save_plot(path, xlabel, panels):
     for ax, (name, x, train, val) in zip(axes[0], panels):
         ax.plot(x, train, label=f'Training {name.lower()}')
         ax.plot(x, val, linestyle='-.', label=f'Validation {name.lower()}')
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(name)
+        ax.set(xlabel=xlabel, ylabel=name)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)

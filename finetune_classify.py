@@ -6,7 +6,6 @@ Fine-tune a GPT as a text classifier: spam or not (book chapter 6).
 """
 import csv
 import io
-import json
 import math
 import os
 import sys
@@ -19,18 +18,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import atomic_write, configure, setup, die, maybe_compile, optimizer_step, save_plot, save_text
-from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, merged_state_dict
-from weights import download, load_checkpoint, load_pretrained, load_state_dict_checked, save_checkpoint
+from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step, save_plot
+from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, pad_rows
+from weights import (atomic_write, download, load_checkpoint, load_pretrained, load_state_dict_checked,
+                     save_checkpoint, save_json)
 from tokenizer import get_tokenizer
+from prepare_data import read_text
 
 # data
-data = ''  # the UCI zip, its tab-separated SMSSpamCollection, or a CSV/TSV with text and label columns; '' = download UCI's
+data = ''  # the UCI zip, its SMSSpamCollection (label<TAB>text), a CSV/TSV with text and label columns; '' = UCI's
 data_dir = 'data/sms_spam'  # where the UCI data set is downloaded to
 balance = True  # undersample every class to the size of the smallest (the book: as many ham as spam)
 max_length = 0  # tokens per text: 0 = the longest training text (at most the model's context)
 # model
-init_from = 'gpt2'  # gpt2 / gpt2-medium / -large / -xl, scratch, resume (out_dir/classifier.pt), or a ckpt.pt / HF folder
+init_from = 'gpt2'  # gpt2 (-medium, -large, -xl), scratch, resume (out_dir/classifier.pt), a ckpt.pt or HF folder
 n_layer = 4  # for init_from=scratch
 n_head = 4
 n_embd = 128
@@ -41,20 +42,20 @@ lora_rank = 16
 lora_alpha = 16
 pool = 'last'  # read the prediction at the last real token (last) or average all real tokens (mean)
 # training (the book's settings)
-out_dir = 'out-classify'
 learning_rate = 5e-5
 weight_decay = 0.1
 num_epochs = 5
-batch_size = 8
+batch_size = 8  # texts per step; an epoch's last, shorter batch is dropped (the book's drop_last=True)
 max_iters = 0  # stop after this many steps (0 = run all epochs)
-eval_interval = 50
+eval_interval = 50  # steps between loss estimates; accuracies are estimated at each epoch's end
 eval_iters = 5  # batches per loss/accuracy estimate during training
 grad_clip = 0.0
 seed = 123
 device = 'auto'
 dtype = 'auto'
 compile = False
-# use a trained classifier
+# the trained classifier
+out_dir = 'out-classify'  # where classifier.pt, metrics.json and accuracy-loss.png go
 classify = ''  # a text to classify with out_dir/classifier.pt (with --init_from=resume)
 
 UCI_URLS = ('https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip',
@@ -71,15 +72,12 @@ def download_sms_spam(folder):
     if tsv.is_file():
         return tsv
     zip_path = folder / 'sms+spam+collection.zip'
-    for i, url in enumerate(UCI_URLS):
+    for url in UCI_URLS[:-1]:
         try:
-            download(url, zip_path, sha256=UCI_SHA256)
-            break
+            return extract_sms_spam(download(url, zip_path, sha256=UCI_SHA256), tsv)
         except OSError as e:
-            if i == len(UCI_URLS) - 1:
-                raise
             print(f"{e}\ntrying the backup URL", file=sys.stderr)
-    return extract_sms_spam(zip_path, tsv)
+    return extract_sms_spam(download(UCI_URLS[-1], zip_path, sha256=UCI_SHA256), tsv)
 
 
 def extract_sms_spam(zip_path, dest):
@@ -96,17 +94,13 @@ def extract_sms_spam(zip_path, dest):
 
 
 def read_labelled(path):
-    """[(text, label)] from a zip (UCI's), a label<TAB>text file, or a CSV/TSV with a header
-    naming `text` and `label` columns. A malformed line stops with its line number."""
+    """[(text, label)] from a zip (UCI's), a label<TAB>text file, or a CSV/TSV whose header names text and label."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data={path}: no such file")
     if path.suffix == '.zip':
         path = extract_sms_spam(path, path.with_name('SMSSpamCollection'))
-    try:
-        raw = path.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    raw = read_text(path)
     lines = raw.splitlines()
     first = lines[0].lower() if lines else ''
     rows = []
@@ -145,23 +139,17 @@ def balance_and_split(rows, labels, seed):
 
 
 def encode_split(rows, tokenizer, label_ids, length):
-    """Token ids padded with end-of-text to `length` (longer texts truncated), their real
-    lengths and label ids: x (N, length), lengths (N,), y (N,)."""
+    """Token ids padded with end-of-text to `length` (or cut): x (N, length), real lengths (N,), labels y (N,)."""
     ids = [tokenizer.encode(text)[:length] or [tokenizer.eot_id] for text, _ in rows]
-    x = torch.full((len(ids), length), tokenizer.eot_id, dtype=torch.long)
-    for i, t in enumerate(ids):
-        x[i, :len(t)] = torch.tensor(t)
-    lengths = torch.tensor([len(t) for t in ids])
-    y = torch.tensor([label_ids[label] for _, label in rows])
-    return x, lengths, y
+    x = pad_rows(ids, tokenizer.eot_id, length)
+    return x, torch.tensor([len(t) for t in ids]), torch.tensor([label_ids[label] for _, label in rows])
 
 
 # -------------------------------------------------------------------- model (ch06 6.5-6.6)
 
 def classify_logits(model, x, lengths, pool):
-    """(B, T) padded token ids -> (B, num_classes). The prediction is read at each text's last
-    real token (the book reads position -1, which for a short text is padding), or averaged
-    over its real tokens."""
+    """(B, T) padded token ids -> (B, num_classes), read at each text's last real token (the book reads position -1,
+    padding for a short text) or averaged over its real tokens."""
     h = model.hidden_states(x)  # (B, T, C)
     if pool == 'mean':
         mask = (torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
@@ -252,8 +240,7 @@ def load_data():
 
 
 def load_model(labels):
-    """(model, tokenizer): a pretrained GPT whose output head is replaced by n_embd -> num_classes,
-    or the classifier of out_dir to train further (on CPU)."""
+    """(model, tokenizer): a pretrained GPT with a new n_embd -> num_classes head, or out_dir's classifier (on CPU)."""
     try:
         if init_from == 'resume':
             model, tokenizer, ckpt = load_classifier(Path(out_dir) / 'classifier.pt', 'cpu')
@@ -261,13 +248,10 @@ def load_model(labels):
                 die(f"{out_dir}/classifier.pt knows labels {ckpt['labels']} but the data has {labels}")
             model.train()
         else:
-            if init_from == 'scratch':
-                tokenizer = get_tokenizer('gpt2')
-                model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                      vocab_size=tokenizer.vocab_size, dropout=dropout))
-            else:
-                model, info = load_pretrained(init_from, dtype=torch.float32, dropout=dropout)
-                tokenizer = get_tokenizer(info['tokenizer'])
+            scratch = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                vocab_size=50257, dropout=dropout)  # GPT-2's tokenizer
+            model, info = load_pretrained(init_from, torch.float32, scratch=scratch, dropout=dropout)
+            tokenizer = get_tokenizer(info['tokenizer'])
             torch.manual_seed(seed)
             model.lm_head = nn.Linear(model.config.n_embd, len(labels))  # the classification head (6.5)
     except (OSError, ValueError) as e:
@@ -291,13 +275,14 @@ def main():
     longest = max(len(tokenizer.encode(text)) for text, _ in splits['train'])
     length = min(max_length or longest, model.config.block_size)
     enc = {name: encode_split(rs, tokenizer, label_ids, length) for name, rs in splits.items()}
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{len(rows):,} texts, labels {label_ids}; after balancing: {len(splits['train'])} train, "
-          f"{len(splits['val'])} val, {len(splits['test'])} test; {length} tokens per text\n"
-          f"{init_from}: {model.get_num_params():,} parameters, {n_train:,} trainable ({trainable}); {dev} {amp_dtype}")
-
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type in FUSED_ADAMW_DEVICES)
+    print(f"{len(rows):,} texts, labels {label_ids}; after balancing: {len(splits['train'])} train, "
+          f"{len(splits['val'])} val, {len(splits['test'])} test; {length} tokens per text\n{init_from}: "
+          f"{model.get_num_params():,} parameters, {sum(p.numel() for p in params):,} trainable ({trainable}); "
+          f"{dev} {amp_dtype}")
+
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
+                                  fused=device_type in FUSED_ADAMW_DEVICES)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
     fwd = maybe_compile(classify_logits, compile, device_type)
     shuffle = torch.Generator().manual_seed(seed)
@@ -311,19 +296,17 @@ def main():
             optimizer_step(loss, optimizer, scaler, params, grad_clip)
             step += 1
             if step % eval_interval == 0:
-                tl, _ = evaluate(model, enc['train'], dev, ctx, eval_iters)
-                vl, _ = evaluate(model, enc['val'], dev, ctx, eval_iters)
+                tl, vl = (evaluate(model, enc[s], dev, ctx, eval_iters)[0] for s in ('train', 'val'))
                 history.append({'step': step, 'train_loss': tl, 'val_loss': vl})
                 print(f"epoch {epoch + 1} step {step}: train loss {tl:.3f}, val loss {vl:.3f} "
                       f"({(time.time() - t0) / step * 1000:.0f} ms/step)")
             if max_iters and step >= max_iters:
                 break
-        _, ta = evaluate(model, enc['train'], dev, ctx, eval_iters)
-        _, va = evaluate(model, enc['val'], dev, ctx, eval_iters)
-        history.append({'step': step, 'train_accuracy': ta, 'val_accuracy': va,
-                        'train_loss': history[-1]['train_loss'] if history else math.nan,
-                        'val_loss': history[-1]['val_loss'] if history else math.nan})
-        print(f"epoch {epoch + 1}: train accuracy {100 * ta:.1f}%, val accuracy {100 * va:.1f}% (on {eval_iters} batches)")
+        ta, va = (evaluate(model, enc[s], dev, ctx, eval_iters)[1] for s in ('train', 'val'))
+        last = history[-1] if history else {'train_loss': math.nan, 'val_loss': math.nan}  # every row has losses
+        history.append({**last, 'step': step, 'train_accuracy': ta, 'val_accuracy': va})
+        print(f"epoch {epoch + 1}: train accuracy {100 * ta:.1f}%, val accuracy {100 * va:.1f}% "
+              f"(on {eval_iters} batches)")
         if max_iters and step >= max_iters:
             break
 
@@ -332,11 +315,11 @@ def main():
     for name in ('train', 'val', 'test'):
         metrics[f'{name}_loss'], metrics[f'{name}_accuracy'] = evaluate(model, enc[name], dev, ctx)
     print(' | '.join(f"{n} accuracy {100 * metrics[f'{n}_accuracy']:.2f}%" for n in ('train', 'val', 'test')))
-    save_text(Path(out_dir) / 'metrics.json', json.dumps({**metrics, 'labels': labels, 'init_from': init_from,
-                                                          'trainable': trainable, 'pool': pool}, indent=2))
-    save_checkpoint({'model': merged_state_dict(model), 'model_args': vars(model.config).copy(),
-                     'tokenizer': tokenizer.spec, 'labels': labels, 'max_length': length, 'pool': pool,
-                     'metrics': metrics}, Path(out_dir) / 'classifier.pt')
+    save_json(Path(out_dir) / 'metrics.json', {**metrics, 'labels': labels, 'init_from': init_from,
+                                               'trainable': trainable, 'pool': pool})
+    config = {k: globals()[k] for k in config_keys(globals())}
+    save_checkpoint(Path(out_dir) / 'classifier.pt', model, tokenizer.spec, config, labels=labels, max_length=length,
+                    pool=pool, metrics=metrics)
     accuracies = [h for h in history if 'train_accuracy' in h]  # the epochs' ends; every row has losses
     save_plot(Path(out_dir) / 'accuracy-loss.png', 'Step', [
         (name, [h['step'] for h in points], [h[f'train_{key}'] for h in points], [h[f'val_{key}'] for h in points])

@@ -9,6 +9,7 @@ weights, downloads) are weights.py's job; it imports this file, never the other 
 Imports only torch and the standard library.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,15 +92,14 @@ def apply_rope(x, cos, sin):
 
 
 def one_query_attention(q, k, v, mask=None):
-    """Attention of one new token to S cached keys, in plain matmuls. On a CPU in bfloat16, PyTorch's SDPA kernel
-    costs ~1.4 us a key at one query (Qwen3-0.6B's shape: 1.4 ms a layer at 1,024 keys, against 0.13 ms here);
-    below ~64 keys its fixed cost is the smaller. q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or
-    a bool (B or 1, 1, 1, S) of the keys it may see -> (B, nh, 1, hs)."""
+    """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel
+    costs ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller.
+    q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
     rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * hs ** -0.5
     # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would
-    # first copy whole (in bfloat16: 0.34 ms against 0.09 ms at 1,024 keys)
+    # first copy whole
     scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float('-inf'))
@@ -238,7 +238,8 @@ class KVCache:
         if self.padding is None:
             return query_slots, sees[:, None]
         pads = self.window_padding[:, None, None]  # (B, 1, 1)
-        sees = sees & ((key_slots >= pads) | (key_slots == query_slots[..., None]))  # a padding query sees itself: no empty row (NaN)
+        # a padding query sees itself: no row of the mask is empty (a NaN)
+        sees = sees & ((key_slots >= pads) | (key_slots == query_slots[..., None]))
         return (query_slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
 
     def restart(self, offset=0):
@@ -354,16 +355,13 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and
-        LayerNorm gains; the fused kernel on CUDA and CPU (one pass over all params, not a loop over tensors).
-        optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest (embeddings and
-        head, biases, gains), as modded-nanogpt and nanochat. Muon's matrices decay too, the
-        AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at Muon's larger
-        lr that is a real pull toward zero, which a run that reads its data several times needs
-        (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its learning rate relative to
-        learning_rate, for the schedule. muon_dtype: what its
-        Newton-Schulz iteration computes in: bfloat16 where that is native (GPUs, recent CPUs),
-        float32 where bfloat16 is emulated (AVX2 CPUs, where it is many times slower: RESULTS.md)."""
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and norm gains; the
+        fused kernel on CUDA and CPU (one pass over all params, not a loop over tensors). optimizer='muon': Muon
+        for the blocks' 2-D weights, AdamW for the rest (embeddings and head, biases, gains), as modded-nanogpt
+        and nanochat. Muon's matrices decay too, the AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon
+        is Scalable"): at Muon's larger lr a real pull toward zero, which a run that reads its data several times
+        needs (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its lr relative to learning_rate, for the
+        schedule. muon_dtype: what Newton-Schulz computes in, bfloat16 where that is native, else float32."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -439,8 +437,8 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def new_kv_cache(self, batch_size, length, device, padding=None):
         """A KVCache in the dtype attention computes in (autocast's, else the weights')."""
-        # else the final norm's weights' dtype (not the head's: quantize_int8 makes those int8)
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.transformer.ln_f.weight.dtype
+        dtype = self.transformer.ln_f.weight.dtype  # the final norm's, not the head's (int8 once quantized)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
         return KVCache(self.config, batch_size, device, dtype, length, padding)
 
     def next_logits(self, text, cache, decode_step=None):
@@ -453,7 +451,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         new = text[:, cache.offset + cache.filled:]
         if decode_step is not None and new.size(1) == 1:
             cache.step_slot.fill_(cache.filled)
-            logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache, cache.step_slot)  # same strides every call
+            new = new.clone(memory_format=torch.contiguous_format)  # the same strides every call: one graph
+            logits = decode_step(new, cache, cache.step_slot)
             cache.filled += 1
             return logits
         return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
@@ -483,11 +482,48 @@ def filter_logits(logits, top_k=None, top_p=None):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, vocab) logits -> (B,) next token ids."""
     if temperature == 0:
-        # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16 (Qwen3's 151,936
-        # logits: 0.19 ms against 0.46 ms, 1-2% of a quantized token)
+        # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16
         return logits.float().argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# -------------------------------------------------------------------- batches of rows of different lengths
+
+def pad_rows(rows, pad_id, length=None, left=False):
+    """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded
+    with pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
+    x = torch.full((len(rows), length or max(map(len, rows))), pad_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = x.size(1) - len(row) if left else 0
+        x[i, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
+    return x
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, generator=None):
+    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id
+    (kept as the row's last token; a row without it never ended). Prompts of different lengths are left-padded
+    (the padding is never attended to, and each row's positions start at its first token), so each row equals
+    its prompt's continuation alone. temperature=0 is greedy. Run it inside the caller's autocast."""
+    device = model.lm_head.weight.device
+    x = pad_rows(prompts, end_id, left=True).to(device)  # (B, longest)
+    padding = torch.tensor([x.size(1) - len(ids) for ids in prompts], device=device)
+    was_training = model.training
+    model.eval()  # no dropout while answering
+    out = model.generate(x, max_new_tokens, temperature=temperature, eos_id=end_id, padding=padding,
+                         generator=generator)[:, x.size(1):].tolist()
+    model.train(was_training)
+    return [row[:row.index(end_id) + 1] if end_id in row else row for row in out]  # what follows the end is padding
+
+
+def token_logprobs(model, x, y, temperature=1.0):
+    """(log-probabilities of y's tokens (B, T), 0 where y is -100 (a prompt, the padding); that mask (B, T)) under
+    the distribution at `temperature` (GRPO scores its samples at the temperature they were drawn at)."""
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    mask = y != -100
+    return logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
 
 
 # -------------------------------------------------------------------- Muon
@@ -566,7 +602,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if mine:
                 local[:len(mine)] = orthogonalize(self.nesterov(mine, momentum).to(dtype), dtype=dtype)
             updates = local.new_empty(world, share, rows, cols)  # process r's share in updates[r]
-            gathers.append((torch.distributed.all_gather(list(updates), local, async_op=True), same, updates, first, alpha))
+            gather = torch.distributed.all_gather(list(updates), local, async_op=True)
+            gathers.append((gather, same, updates, first, alpha))
             first += len(same)
         return gathers
 
@@ -610,7 +647,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         adamw(params, [p.grad for p in params], [s['exp_avg'] for s in states], [s['exp_avg_sq'] for s in states], [],
               [s['step'] for s in states], fused=fused or None, amsgrad=False, beta1=group['betas'][0],
-              beta2=group['betas'][1], lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'], maximize=False)
+              beta2=group['betas'][1], lr=group['lr'], weight_decay=group['weight_decay'], eps=group['eps'],
+              maximize=False)
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)
@@ -641,22 +679,37 @@ class LoRALinear(nn.Linear):
         return (self.weight + self.scale * self.lora_B @ self.lora_A).detach()
 
 
-def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
-    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only
-    trainable parameters afterwards, until you unfreeze e.g. a new head). Returns model."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
+def swap_modules(model, wanted, make):
+    """Replace, in place, each submodule for which wanted(name, module) holds by make(module), and return model.
+    By name, one at a time: a list of the modules themselves would keep every replaced one alive to the end
+    (quantizing right after loading then costs little more memory than the loaded model)."""
+    for name in [name for name, m in model.named_modules() if name and wanted(name, m)]:
+        parent, _, child = name.rpartition('.')
+        parent = model.get_submodule(parent)
+        setattr(parent, child, make(getattr(parent, child)))
     return model
 
 
-def set_lora_enabled(model, enabled):
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.lora_enabled = enabled
+def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
+    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only
+    trainable parameters afterwards, until you unfreeze e.g. a new head). Returns model."""
+    model.requires_grad_(False)
+    return swap_modules(model, lambda name, m: name.rpartition('.')[2] in targets and type(m) is nn.Linear,
+                        lambda linear: LoRALinear(linear, rank, alpha))
+
+
+@contextmanager
+def lora_disabled(model):
+    """`with lora_disabled(model):` the model without its LoRA adapters, which is the model fine-tuning
+    started from: DPO's and GRPO's reference without a second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.lora_enabled = True
 
 
 def merged_state_dict(model):
@@ -671,180 +724,13 @@ def merged_state_dict(model):
 
 
 def merge_lora(model):
-    """Replace every LoRALinear by a plain Linear holding W + (alpha/rank) B A, in place."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                  device=child.weight.device, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    plain.weight.copy_(child.merged_weight())
-                    if child.bias is not None:
-                        plain.bias.copy_(child.bias)
-                plain.weight.requires_grad_(child.weight.requires_grad)
-                setattr(module, child_name, plain)
-    return model
-
-
-# -------------------------------------------------------------------- int8 and int4 weight-only linears (for talking, not training)
-
-INT4_GROUP = 32  # int4: weights per scale and zero (gpt-fast's default; smaller groups round less, store more)
-
-
-def quantize_rows(w, rows=512):
-    """(int8 (out, in), scale (out,)) with w ~= int8 * scale[:, None]: symmetric, one scale per output channel
-    (absmax / 127, so zero stays zero and each row's largest weight is exact). A chunk of rows at a time, so
-    the float32 working copies stay small (2 MB at 1,024 columns; Qwen3-0.6B's head whole would be 620 MB)."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.size(0), dtype=w.dtype, device=w.device)
-    for i in range(0, w.size(0), rows):
-        chunk = w[i:i + rows].float()
-        # rounded to the scale's own dtype first, so the int8 values fit the scale that is stored
-        s = (chunk.abs().amax(dim=1).clamp(min=1e-12) / 127).to(w.dtype)
-        q[i:i + rows] = (chunk / s.float()[:, None]).round().clamp(-127, 127)
-        scale[i:i + rows] = s
-    return q, scale
-
-
-def int8_kernel_applies(x, weight):
-    """Whether torch._weight_int8pack_mm computes x @ W^T here: on a CPU it is vectorised for bfloat16
-    activations only (in float32 it is slower than dequantizing first), on MPS for any float where both sides
-    of the weight are multiples of 32 (its kernel's tiles: GPT-2's unpadded 50,257-row head is not). On CUDA the
-    plain dequantize-and-matmul is used: torch.compile fuses it into one kernel (gpt-fast's way)."""
-    if x.device.type == 'mps':
-        return weight.size(0) % 32 == 0 and weight.size(1) % 32 == 0
-    return x.device.type == 'cpu' and x.dtype == torch.bfloat16
-
-
-class Int8Linear(nn.Module):
-    """A Linear whose weights are int8 with one scale per output channel, for decoding: each token reads
-    every weight once, so half of bf16's bytes is up to twice the tokens/s where memory bandwidth is the
-    limit (a CPU, or any device at batch 1). Made from a Linear (whose weights are then free to go).
-    Never trained: the int8 values cannot take gradient steps (fine-tune first, then quantize to talk)."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_rows(linear.weight.detach())
-        # frozen Parameters rather than buffers: module.to() keeps a shared Parameter shared (the tied
-        # embedding reads these), while it would copy a shared buffer twice
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in) int8
-        self.scale = nn.Parameter(scale, requires_grad=False)  # (out,), cast with the model's dtype
-        self.bias = linear.bias
-
-    def forward(self, x):
-        if int8_kernel_applies(x, self.weight):
-            # the kernel takes (rows, in) activations, contiguous on MPS (the head reads x[:, -1] of a batch)
-            rows = x.reshape(-1, x.size(-1)).contiguous()
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:  # dequantized first, so float16 holds what an unquantized layer holds (int8 * x alone can overflow it),
-            # in the dtype autocast would run the matmul in (not a float32 copy of the weights from a float32 input)
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            y = F.linear(x.to(dtype), self.weight.to(dtype) * self.scale.to(dtype)[:, None])
-        return y if self.bias is None else y + self.bias
-
-
-class Int8Embedding(nn.Module):
-    """A token embedding in int8 rows with one scale each: a lookup dequantizes just the rows it reads. Given the
-    head's own Parameters (int8), it stays tied to the head; given rows of its own (int4, whose packed head rows
-    cannot be looked up), it holds them."""
-
-    def __init__(self, weight, scale):
-        super().__init__()
-        self.weight, self.scale = weight, scale  # (vocab, C) int8, (vocab,): Parameters
-
-    def forward(self, idx):
-        return self.weight[idx].to(self.scale.dtype) * self.scale[idx, None]  # (B, T, C)
-
-
-class Int4Linear(nn.Module):
-    """A Linear whose weights are 4 bits, a quarter of bf16's bytes, for decoding on a CPU. Each run of `group`
-    weights along a row has its own scale and zero (asymmetric: 16 levels from the run's smallest weight to its
-    largest), the layout of PyTorch's CPU kernel (_weight_int4pack_mm_for_cpu), which computes (q - 8) * scale +
-    zero. The packed weights are in that kernel's own tiled order, made for the CPU that packs them: CPU only,
-    and made where the model talks (never saved)."""
-
-    def __init__(self, linear, group=INT4_GROUP, rows=512):
-        super().__init__()
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        w = linear.weight.detach()
-        packed, scale_and_zero = [], []
-        for i in range(0, w.size(0), rows):  # 512 rows at a time: small float32 working copies, as quantize_rows
-            chunk = w[i:i + rows].float().view(-1, self.in_features // group, group)  # (rows, groups, group)
-            low, high = chunk.amin(dim=2), chunk.amax(dim=2)
-            # rounded to the stored dtype first, so the 4-bit values fit the scale and zero that are stored
-            scale = ((high - low).clamp(min=1e-12) / 15).to(w.dtype).float()
-            zero = (low + 8 * scale).to(w.dtype).float()
-            q = ((chunk - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15)
-            packed.append(torch._convert_weight_to_int4pack_for_cpu(q.view(chunk.size(0), -1).to(torch.int32), 2))
-            scale_and_zero.append(torch.stack([scale, zero], dim=2).to(w.dtype))  # (rows, groups, 2)
-        self.weight = nn.Parameter(torch.cat(packed), requires_grad=False)  # (out, in / 2) uint8, two per byte
-        # (groups, out, 2), the kernel's order; cast with the model's dtype
-        self.scale_and_zero = nn.Parameter(torch.cat(scale_and_zero).transpose(0, 1).contiguous(), requires_grad=False)
-        self.bias = linear.bias
-
-    @staticmethod
-    def takes(linear, group=INT4_GROUP):
-        """Whether the kernel takes this Linear's shape: rows a multiple of 16, columns of the group."""
-        return linear.out_features % 16 == 0 and linear.in_features % group == 0
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.size(-1)).contiguous()  # the kernel takes contiguous rows (the head reads x[:, -1])
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group, self.scale_and_zero.to(x.dtype))
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-
-def release_freed_memory():
-    """Hand memory freed inside the C heap back to the system where the C library can (glibc's malloc_trim; a
-    no-op elsewhere). Weights of a few MB each come from glibc's heap once it has raised its mmap threshold, and
-    freeing them leaves holes it keeps: without this, the process would go on holding most of the full-precision
-    weights that quantize_int8 just dropped."""
-    import ctypes
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): its allocator decides alone
-        pass
-
-
-def swap_linears(model, make_layer):
-    """Replace the blocks' Linears and the head by make_layer(linear), in place, LoRA adapters merged first. Each
-    Linear's full-precision weights are dropped as soon as its copy exists, so quantizing right after loading costs
-    little more memory than the loaded model."""
-    merge_lora(model)
-    # by name, one at a time: a list of the modules themselves would keep every full-precision Linear alive to the end
-    for name in [name for name, m in model.named_modules() if type(m) is nn.Linear]:
-        parent, _, child = name.rpartition('.')
-        parent = model.get_submodule(parent)
-        setattr(parent, child, make_layer(getattr(parent, child)))
-
-
-def quantize_int8(model):
-    """Turn the blocks' Linears and the head into Int8Linears, in place, for talking to the model (sample.py,
-    its chat and server, test-set responses, train.py --eval_only=True); never for training. Returns model."""
-    swap_linears(model, Int8Linear)
-    # A tied embedding (GPT-2, Llama 3.2 1B, Qwen3-0.6B) reads the head's int8 rows, dequantized per lookup,
-    # rather than keeping its own full-precision rows: a lookup reads a few rows (nothing next to a token's
-    # matmuls), while full-precision rows would be the largest tensor left in memory (Qwen3-0.6B: 311 MB of
-    # bf16 beside 600 MB of int8 in all). The cost, the head's rounding on the input embeddings, is inside
-    # the logit tolerance the tests hold. An untied embedding keeps its full-precision rows.
-    if model.config.tie_embeddings:
-        model.transformer.wte = Int8Embedding(model.lm_head.weight, model.lm_head.scale)
-    release_freed_memory()
-    return model.requires_grad_(False)  # the norms and biases too: a quantized model is for talking, never trained
-
-
-def quantize_int4(model):
-    """As quantize_int8, with Int4Linears (CPU only) wherever the kernel takes the shape, Int8Linears elsewhere
-    (an unpadded GPT-2 head: 50,257 rows). A tied embedding gets int8 rows of its own, for the same reason as
-    in quantize_int8 (the head's packed int4 rows cannot be looked up). Returns model."""
-    swap_linears(model, lambda linear: Int4Linear(linear) if Int4Linear.takes(linear) else Int8Linear(linear))
-    if model.config.tie_embeddings:
-        weight, scale = (nn.Parameter(t, requires_grad=False) for t in quantize_rows(model.transformer.wte.weight.detach()))
-        model.transformer.wte = Int8Embedding(weight, scale)
-    release_freed_memory()
-    return model.requires_grad_(False)
-
-
-QUANTIZERS = {'int8': quantize_int8, 'int4': quantize_int4}  # --quantize's schemes
+    """Replace every LoRALinear by a plain Linear holding W + (alpha/rank) B A, in place. Returns model."""
+    def plain_linear(lora):
+        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None,
+                          device=lora.weight.device, dtype=lora.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(lora.merged_weight())
+            if lora.bias is not None:
+                plain.bias.copy_(lora.bias)
+        return plain.requires_grad_(lora.weight.requires_grad)
+    return swap_modules(model, lambda name, m: isinstance(m, LoRALinear), plain_linear)

@@ -6,11 +6,10 @@ Text -> tokens -> token shards (book chapter 2), the input of train.py.
     python prepare_data.py --input=my_texts/ --tokenizer=path/to/Llama-3.2-1B --data_dir=data/mine
     python prepare_data.py --dataset=fineweb10B --num_shards=10   # llm.c's GPT-2 tokens, 100M per shard
     python prepare_data.py --dataset=arithmetic   # worked additions (shards) + answer-only problems for GRPO
-Shards use the llm.c / modded-nanogpt format (a 256 x int32 header: magic 20240520, version 1,
-token count; then uint16 tokens), so shards made here train there and theirs train here; a
-vocabulary above 65,536 ids (Llama 3, Qwen) writes version 2, the same with uint32 tokens.
-meta.json beside them names the tokenizer (and a tokenizer.json copy, when it has one); the
-tokenizers themselves are in tokenizer.py.
+Shards use the llm.c / modded-nanogpt format (a 256 x int32 header: magic 20240520, version 1, token count; then
+uint16 tokens), so shards made here train there and theirs train here; a vocabulary above 65,536 ids (Llama 3,
+Qwen) writes version 2, the same with uint32 tokens. meta.json beside them names the tokenizer (and a
+tokenizer.json copy, when it has one); the tokenizers themselves are in tokenizer.py.
 """
 import functools
 import hashlib
@@ -24,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import atomic_write, configure, die, save_text
+from configurator import configure, die
 from tokenizer import GPT4_PATTERN, get_tokenizer, train_bpe
-from weights import download
+from weights import atomic_write, download, save_text
 
 dataset = 'pydoc'  # pydoc | verdict | shakespeare | fineweb10B | arithmetic (ignored when --input is given)
 input = ''  # a UTF-8 text file, or a folder of .txt files (one document each)
-tokenizer = 'bytes'  # bytes (256 byte values + end-of-text) | gpt2 | bpe (trained here) | qwen3-0.6b, a hub id, a folder or tokenizer.json
+tokenizer = 'bytes'  # bytes (256 bytes + end-of-text) | gpt2 | bpe (trained here) | a hub id, folder or tokenizer.json
 vocab_size = 4096  # --tokenizer=bpe: 256 bytes + merges + end-of-text
 tokenizer_max_chars = 20_000_000  # --tokenizer=bpe: learn from at most this many characters of the training split
 data_dir = ''  # where the shards go; default data/<dataset> (or data/<input name>)
@@ -45,22 +44,20 @@ SHARD_TOKENS = 100_000_000  # at most this many tokens per shard (llm.c's size)
 PIECE_CHARS = 1 << 20  # large texts are tokenized in pieces of about this many characters
 
 DATASETS = {  # name: (url, file name, sha256)
-    'verdict': ('https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt',
-                'the-verdict.txt', 'b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f'),
+    'verdict': ('https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/'
+                'the-verdict.txt', 'the-verdict.txt',
+                'b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f'),
     'shakespeare': ('https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
                     'tinyshakespeare.txt', '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
 }
 FINEWEB_URL = 'https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/'
-
-
-# -------------------------------------------------------------------- HellaSwag (the benchmark GPT-2 runs are compared on)
-
 HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
 
 
+# -------------------------------------------------------------------- HellaSwag (GPT-2 runs are compared on it)
+
 def hellaswag_examples(folder):
-    """HellaSwag's 10,042 validation examples [{ctx, endings (4), label}], downloaded once into
-    folder (or read from it when hellaswag_val.jsonl is already there)."""
+    """HellaSwag's 10,042 validation examples [{ctx, endings (4), label}], downloaded into folder once."""
     path = download(HELLASWAG_URL, Path(folder) / 'hellaswag_val.jsonl')
     try:
         with open(path, encoding='utf-8') as f:
@@ -92,8 +89,7 @@ def write_shard(path, tokens):
 
 
 def read_shard(path):
-    """The tokens of an llm.c shard as a read-only memory map (uint16, or uint32 for version 2);
-    ValueError if corrupt."""
+    """An llm.c shard's tokens as a read-only memory map (uint16, or uint32 for version 2); ValueError if corrupt."""
     path = Path(path)
     size = path.stat().st_size
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS) if size >= 4 * HEADER_INTS else np.zeros(3, np.int32)
@@ -121,8 +117,7 @@ def read_meta(data_dir):
 
 
 def data_tokenizer(data_dir):
-    """The tokenizer of a prepared data folder: bytes or gpt2 by name, else the tokenizer.json copied beside
-    the shards (checked to be the one they were made with)."""
+    """A prepared data folder's tokenizer: by name, or the tokenizer.json beside the shards (checked against them)."""
     meta = read_meta(data_dir)
     if 'tokenizer_file' not in meta:
         return get_tokenizer(meta['tokenizer'])
@@ -137,8 +132,7 @@ def data_tokenizer(data_dir):
 
 
 class ShardWriter:
-    """Collects tokens of one split and writes <prefix>_<split>_<index>.bin shards of at most
-    SHARD_TOKENS tokens; memory stays bounded by one shard."""
+    """One split's tokens as <prefix>_<split>_<index>.bin shards of at most SHARD_TOKENS tokens (one in memory)."""
 
     def __init__(self, folder, prefix, split, dtype=np.uint16):
         self.folder, self.prefix, self.split, self.dtype = folder, prefix, split, dtype
@@ -192,9 +186,8 @@ STDLIB_SKIP = {'test', 'tests', 'idlelib', 'turtledemo', 'lib2to3', 'site-packag
 
 @functools.cache  # the same on every call in a process, and parsing the whole library takes seconds
 def stdlib_docstrings():
-    """[(name, size, text)] of the docstrings (module, class, function) of every module of this
-    Python's standard library, one document a file, tests left out: English about Python, on
-    every machine that has Python's sources (some trimmed installs do not: then none)."""
+    """[(name, size, text)]: the docstrings of every module of this Python's standard library, a document a file,
+    tests left out: English about Python wherever Python's sources are (some trimmed installs lack them: none)."""
     import ast
     lib = Path(sysconfig.get_paths()['stdlib'])
     docs = []
@@ -215,6 +208,7 @@ def stdlib_docstrings():
 
 
 def read_text(source):
+    """A document's text: given as a string, or read from a UTF-8 file (a byte-order mark dropped)."""
     if isinstance(source, str):
         return source
     try:
@@ -225,9 +219,8 @@ def read_text(source):
 
 
 def split_pieces(text, size=PIECE_CHARS):
-    """Cut a long text into pieces of about `size` characters, each ending in a newline that
-    precedes a non-space character, where BPE would split anyway: tokenizing the pieces gives
-    the same tokens as tokenizing the whole."""
+    """A long text cut into pieces of about `size` characters, each ending in a newline before a non-space
+    character, where BPE would split anyway: the pieces' tokens are the whole's."""
     pieces, start = [], 0
     while len(text) - start > size:
         cut = start + size
@@ -273,8 +266,7 @@ def _start_worker(spec):  # runs once in each worker process (module-level funct
 
 
 def encode_piece(piece, tokenizer=None):
-    """(text, split, ends a document) -> (token ids, split, ends, characters); in a worker process the
-    tokenizer is the one _start_worker made there."""
+    """(text, split, ends a document) -> (token ids, split, ends, characters); workers use _start_worker's tokenizer."""
     text, split, ends = piece
     tokenizer = tokenizer or _worker_tokenizer
     return np.array(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size)), split, ends, len(text)
@@ -365,11 +357,10 @@ def prepare(dataset='pydoc', input='', tokenizer='bytes', data_dir='', raw_dir='
     name = Path(input.rstrip('/\\')).stem if input else dataset
     data_dir = Path(data_dir or Path('data') / name)
     docs = list_documents(dataset, input, Path(raw_dir or data_dir))
-    # pydoc: the standard library's docstrings are more training text; the validation split stays the
-    # topics' last 10%, so that bits per byte compare with runs on the topics alone. They depend on this
-    # Python and the skip list only, so they are fingerprinted by those and parsed only when there is work
-    docstrings_stamp = f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}" \
-        if dataset == 'pydoc' and not input else None
+    # pydoc: the standard library's docstrings are more training text, val stays the topics' last 10% (bits per
+    # byte compare with runs on the topics alone); fingerprinted by this Python and the skip list, parsed if needed
+    docstrings_stamp = (f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{sorted(STDLIB_SKIP)}"
+                        if dataset == 'pydoc' and not input else None)
     tok = None if tokenizer == 'bpe' else get_tokenizer(tokenizer)
     fp = fingerprint(docs, tok.name if tok else ['bpe', vocab_size, tokenizer_max_chars, GPT4_PATTERN], val_fraction,
                      docstrings_stamp)
@@ -407,7 +398,7 @@ def prepare_fineweb(data_dir, num_shards):
     return data_dir
 
 
-# -------------------------------------------------------------------- a generated task for GRPO (finetune_instruct.py)
+# -------------------------------------------------------------------- a generated task for GRPO (finetune_grpo.py)
 
 ARITHMETIC = {'worked': 200, 'val': 100, 'answers': 20_000, 'test': 500}  # problems in each part
 ARITHMETIC_DIGITS = 3  # operands of this many digits
@@ -427,10 +418,9 @@ def worked_addition(a, b):
 
 
 def prepare_arithmetic(data_dir='', seed=1337, quiet=False):
-    """The from-scratch GRPO demonstration's data, set up like the sequel's problem (few worked solutions, many
-    problems a verifier can check), in data_dir: a small fixed set of worked additions as train/val shards
-    (the only supervised data), answers.json (further problems with their final answers only: GRPO's prompts)
-    and test.json (held-out problems whose operands never appear in the other two), both [{problem, answer}]."""
+    """The from-scratch GRPO demonstration's data, like the sequel's (few worked solutions, many problems a verifier
+    checks), in data_dir: a few worked additions as train/val shards (the only supervised data), answers.json
+    (more problems with final answers only: GRPO's prompts) and test.json (held-out operands), [{problem, answer}]."""
     data_dir = Path(data_dir or 'data/arithmetic')
     rng = random.Random(seed)
     operands = list(range(10 ** (ARITHMETIC_DIGITS - 1), 10 ** ARITHMETIC_DIGITS))
@@ -458,6 +448,46 @@ def prepare_arithmetic(data_dir='', seed=1337, quiet=False):
               f"{ARITHMETIC['val']} for val; {ARITHMETIC['answers']:,} answer-only problems in answers.json, "
               f"{ARITHMETIC['test']} held-out in test.json")
     return data_dir
+
+
+# -------------------------------------------------------------------- instructions and problems (for fine-tuning)
+
+PROBLEM_SETS = {  # {problem, answer} sets by name: (url, file name); no checksums are published for them
+    'math500': ('https://raw.githubusercontent.com/rasbt/reasoning-from-scratch/main/ch03/01_main-chapter-code/'
+                'math500_test.json', 'math500_test.json'),  # the sequel's JSON list
+    'math500_jsonl': ('https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl',
+                      'math500_test.jsonl'),  # the published JSON-lines test set
+    'math_train': ('https://raw.githubusercontent.com/rasbt/math_full_minus_math500/refs/heads/main/'
+                   'math_full_minus_math500.json', 'math_full_minus_math500.json'),  # the sequel's 12,000 for training
+}
+
+
+def read_entries(path, required=('instruction', 'input', 'output')):
+    """Entries from a JSON list or JSONL file; one missing a field stops with its index."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data={path}: no such file")
+    text = read_text(path)
+    try:
+        entries = (json.loads(text) if text.lstrip().startswith('[')
+                   else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is neither a JSON list nor JSON lines ({e.msg} at line {e.lineno})") from None
+    if not entries:
+        raise ValueError(f"{path} holds no entries")
+    for i, entry in enumerate(entries):
+        missing = [k for k in required if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing or not entry[required[0]].strip():
+            raise ValueError(f"{path} entry {i}: missing or empty {', '.join(missing) or required[0]}")
+    return entries
+
+
+def load_problems(source, folder):
+    """[{problem, answer}] from a JSON list or JSON lines file, or one of PROBLEM_SETS by name (downloaded once)."""
+    if source in PROBLEM_SETS:
+        url, name = PROBLEM_SETS[source]
+        source = download(url, Path(folder) / name)
+    return read_entries(source, ('problem', 'answer'))
 
 
 if __name__ == '__main__':

@@ -6,15 +6,15 @@ Sample text from a trained model or from GPT-2 (book chapter 5.3; nanoGPT's samp
     python sample.py --init_from=qwen3-0.6b --start="The capital of France"    # the Llama family too
     python sample.py --init_from=smollm2-135m-instruct --chat=True            # a terminal chat
     python sample.py --init_from=smollm2-135m-instruct --serve=8000           # a web page and an OpenAI-style API
-    python sample.py --init_from=qwen3-0.6b --chat=True --quantize=int8       # int8 weights: up to twice the tokens/s on a CPU
+    python sample.py --init_from=qwen3-0.6b --chat=True --quantize=int8       # int8 weights: half the bytes to read
 """
-import os
 import sys
+from functools import partial
 
 import torch
 
-from configurator import configure, setup, die, compile_decoding, quantized_dtype
-from model import QUANTIZERS
+from configurator import configure, setup, die, compile_decoding
+from quantize import cast_and_quantize, talk_dtype
 from serve import ChatSession, TextStream, run_server
 from weights import load_pretrained
 from tokenizer import PROMPT_STYLES, format_prompt, get_tokenizer, response_end_id
@@ -31,7 +31,7 @@ seed = 1337
 device = 'auto'
 dtype = 'auto'  # float16/bfloat16 store the weights in 16 bits: half the bytes each token reads
 compile = False  # torch.compile each generated token's step into one fixed graph (a CUDA graph on GPUs)
-quantize = 'none'  # int8: int8 weights (model.quantize_int8), half of bf16's bytes per token; int4 (CPU): a quarter
+quantize = 'none'  # int8: int8 weights (quantize.py), half of bf16's bytes per token; int4 (CPU): a quarter
 # (faster than int8 where the CPU has AVX-512, slower with AVX2 only: bench.py --quantize=int8,int4)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
@@ -42,12 +42,7 @@ serve = 0  # a port: serve an OpenAI-compatible API and a chat page there instea
 host = '127.0.0.1'  # serve: the address to listen on (0.0.0.0 = every network; there is no authentication)
 allow_origin = ''  # serve: web pages (origins, comma-separated, e.g. http://localhost:3000) allowed to call the API
 
-
-def load_model(init_from, out_dir):
-    """(model, tokenizer, prompt style or None) from out_dir's checkpoint, a published model, or a
-    checkpoint / HF-layout path."""
-    model, info = load_pretrained(os.path.join(out_dir, 'ckpt.pt') if init_from == 'resume' else init_from)
-    return model, get_tokenizer(info['tokenizer']), info['prompt_style']
+write = partial(print, end='', flush=True)  # generated text, shown as it comes
 
 
 def guess_style(tokenizer, prompt_style):
@@ -58,9 +53,8 @@ def guess_style(tokenizer, prompt_style):
 
 
 def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
-    """A terminal chat (returns its replies), a thin caller of serve.ChatSession: each turn sends the whole
-    conversation, and only what the KV cache does not hold yet (the new user turn) is computed. A conversation too
-    long for chat_context loses its oldest exchanges for good, with a notice."""
+    """A terminal chat on serve.ChatSession (returns its replies): a conversation too long for chat_context
+    loses its oldest exchanges for good, with a notice."""
     session = ChatSession(model, tokenizer, style, device, chat_context, system, decode_step)
     print(f"chat ({style} format, up to {session.capacity} tokens); /reset forgets the conversation, /exit ends it")
     messages, replies = [], []
@@ -94,19 +88,13 @@ def encode_prompt(text, tokenizer, config):
     """Token ids (1, T) of the prompt; longer than the context: its last block_size tokens."""
     ids = tokenizer.encode(text) or [tokenizer.eot_id]
     if max(ids) >= config.vocab_size:
-        raise ValueError(f"the {tokenizer.name} tokenizer gives token id {max(ids)} but the model knows only "
-                         f"{config.vocab_size} tokens; this model was trained with another tokenizer")
-    block_size = config.block_size
-    if len(ids) > block_size:
-        print(f"notice: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}; "
-              f"keeping its last {block_size}", file=sys.stderr)
-        ids = ids[-block_size:]
+        die(f"the {tokenizer.name} tokenizer gives token id {max(ids)} but the model knows only "
+            f"{config.vocab_size} tokens; this model was trained with another tokenizer")
+    if len(ids) > config.block_size:
+        print(f"notice: the prompt is {len(ids)} tokens, longer than the model's context of {config.block_size}; "
+              f"keeping its last {config.block_size}", file=sys.stderr)
+        ids = ids[-config.block_size:]
     return torch.tensor([ids], dtype=torch.long)
-
-
-def write(text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 if __name__ == '__main__':
@@ -118,9 +106,10 @@ if __name__ == '__main__':
         except (OSError, UnicodeDecodeError) as e:
             die(f"cannot read the prompt file {start[5:]} ({e.__class__.__name__}); give a UTF-8 text file")
     device, device_type, dtype, _ = setup(device, dtype, seed)
-    dtype = quantized_dtype(quantize, device_type, dtype)
     try:
-        model, tokenizer, prompt_style = load_model(init_from, out_dir)
+        talk_dtype(quantize, device_type, dtype)  # an unknown scheme stops before the model loads
+        model, info = load_pretrained(init_from, out_dir=out_dir)  # out_dir's checkpoint, a published model, a path
+        tokenizer, prompt_style = get_tokenizer(info['tokenizer']), info['prompt_style']
         style = guess_style(tokenizer, prompt_style) if chat_style == 'auto' else chat_style
         if (chat or serve) and style not in PROMPT_STYLES:
             raise ValueError(f"--chat_style={style}: use auto, {', '.join(PROMPT_STYLES)}")
@@ -132,13 +121,8 @@ if __name__ == '__main__':
     if prompt_style:  # an instruction-tuned checkpoint (finetune_instruct.py): --start is the instruction
         start = format_prompt({'instruction': start.strip(), 'input': ''}, prompt_style)
         eos_id = response_end_id(tokenizer, prompt_style)  # end-of-text, or the chat format's end of a turn
-    # Generation reads every weight once per token, so we store them in the chosen dtype rather
-    # than autocast (which would re-read the float32 weights and convert them at every step).
-    # Quantized on the CPU in that dtype, before the move: each Linear's weights are freed as its int8 copy is made
-    model.eval().to(dtype=getattr(torch, dtype))
-    if quantize != 'none':
-        QUANTIZERS[quantize](model)
-    model.to(device)
+    # generation reads every weight once a token: stored in dtype, not autocast (which converts them every step)
+    cast_and_quantize(model.eval(), quantize, device_type, dtype).to(device)
     decode_step = compile_decoding(model, compile, device_type)
     if serve:  # the same chat, over HTTP
         run_server(ChatSession(model, tokenizer, style, device, chat_context, system, decode_step), host, serve,
@@ -148,10 +132,7 @@ if __name__ == '__main__':
     if chat:
         chat_loop(model, tokenizer, style, device, decode_step=decode_step)
         sys.exit(0)
-    try:
-        x = encode_prompt(start, tokenizer, model.config).to(device)
-    except ValueError as e:
-        die(e)
+    x = encode_prompt(start, tokenizer, model.config).to(device)
     with torch.no_grad():
         for k in range(num_samples):
             sys.stdout.write(start)

@@ -37,6 +37,9 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request, and their length
 STALL_TIMEOUT = 5  # seconds a client may stop reading a stream before it counts as gone (it holds the model)
 LOCAL_NAMES = ('localhost', '127.0.0.1', '[::1]')
 PAGE = Path(__file__).with_name('chat.html')
+# the page fetches from this server only (it needs no network), and no other page may frame it (clickjacking)
+PAGE_POLICY = ("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src 'self' data:; "
+               "frame-ancestors 'none'")
 
 
 class ApiError(Exception):
@@ -81,8 +84,7 @@ def check_message(message, i):
 
 
 def check_request(body, defaults):
-    """The settings of one chat completion from its JSON body, sample.py's for what it leaves out; ApiError(400)
-    naming the first thing wrong."""
+    """A chat completion's settings from its JSON body (sample.py's where it has none); ApiError(400) if wrong."""
     try:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:  # a JSONDecodeError is a ValueError
@@ -127,8 +129,7 @@ class TextStream:
         return ''.join(self.sent)
 
     def add(self, token_id):
-        """Take one token; StopText once a stop string appears (the text ends before it). A stop string cannot
-        start in the emitted text: that text would have been held back."""
+        """Take one token; StopText once a stop string appears (the text ends before it)."""
         self.held += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
         found = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if found:
@@ -172,8 +173,7 @@ class ChatSession:
 
     def fit(self, messages, max_tokens):
         """(token ids, reply length, messages dropped, notice or None): the conversation in the chat template, its
-        oldest messages after the system message dropped while it and the reply would outgrow the context
-        (tokenizer.fit_chat); the reply takes at most half of the context."""
+        oldest messages after the system one dropped until it fits beside a reply of at most half the context."""
         if self.system and messages[0]['role'] != 'system':
             messages = [{'role': 'system', 'content': self.system}] + messages
         reply_tokens = min(max_tokens, self.capacity // 2)
@@ -186,9 +186,8 @@ class ChatSession:
         return ids, reply_tokens, dropped, notice
 
     def reply(self, ids, reply_tokens, emit, temperature, top_k, top_p, stop=(), seed=None, gone=None):
-        """Generate the reply to the prompt `ids`, passing its text to emit(piece) as it comes; it ends at the
-        template's end of turn, a stop string, reply_tokens, or when gone() says the listener left (ClientGone).
-        Returns (text, finish_reason, completion tokens)."""
+        """(text, finish_reason, completion tokens) of the reply to `ids`, its text passed to emit(piece) as it comes;
+        it ends at the end of turn, a stop string, reply_tokens, or with ClientGone once gone() says the client left."""
         common = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
         self.cache.truncate(common)  # what the cache holds beyond the shared start is overwritten
         stream, new = TextStream(self.tokenizer, stop, emit), []
@@ -271,8 +270,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def cors_headers(self):
         origin = self.headers.get('Origin') if hasattr(self, 'headers') else None  # (none before a request parses)
-        return [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin')] \
-            if origin in self.server.allowed_origins else []
+        allowed = origin in self.server.allowed_origins
+        return [('Access-Control-Allow-Origin', origin), ('Vary', 'Origin')] if allowed else []
 
     def check_caller(self):
         """421 for a Host that is not this server's (a page under another name: DNS rebinding), 403 for a page of
@@ -334,11 +333,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def page(self):
         html = self.server.page
-        # the page may fetch from this server only (nothing it does needs the network), and no other page may
-        # frame it (a click on it would be the other page's)
         self.send_head(200, [('Content-Type', 'text/html; charset=utf-8'), ('Content-Length', str(len(html))),
-                             ('Content-Security-Policy', "default-src 'self'; style-src 'unsafe-inline'; script-src "
-                                                         "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")])
+                             ('Content-Security-Policy', PAGE_POLICY)])
         self.wfile.write(html)
 
     def health(self):
@@ -411,9 +407,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """The HTTP server around one chat session: a thread per connection, at most MAX_CONNECTIONS of them, and one
-    generation at a time, with at most queue_size requests waiting (beyond either, a 503 at once).
-    name: the model's id in replies; the sampling settings: what a request leaves out."""
+    """The HTTP server around one chat session: a thread per connection (at most MAX_CONNECTIONS), one generation at
+    a time, queue_size requests waiting. name: the model's id in replies; the sampling settings: requests' defaults."""
     daemon_threads = True  # a stuck client does not keep the process alive at Ctrl+C
     request_queue_size = 64  # the listen backlog: 20 clients connecting at once all get in
 
@@ -474,8 +469,7 @@ class Server(ThreadingHTTPServer):
 
 
 def public_name(source):
-    """The model's id in replies: a published name as given; a checkpoint or folder by its folder's own name,
-    never the path (a reply says nothing about the machine)."""
+    """The model's id in replies: a published name as given, a local model by its folder's name (never a path)."""
     path = Path(source)
     if not path.exists():
         return source
@@ -484,8 +478,7 @@ def public_name(source):
 
 
 def run_server(session, host, port, source, allow_origin=(), **defaults):
-    """Serve the ChatSession until Ctrl+C; source: what the model was loaded from; defaults: Server's sampling
-    settings."""
+    """Serve the ChatSession until Ctrl+C; source: what the model was loaded from; defaults: Server's sampling."""
     try:
         httpd = Server((host, port), session, public_name(source), allow_origin, **defaults)
     except (OSError, OverflowError) as e:  # OverflowError: a port above 65535

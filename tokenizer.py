@@ -3,11 +3,10 @@ Tokenizers (book chapter 2) and the chat templates that belong to them (chapter 
     from tokenizer import get_tokenizer
     tok = get_tokenizer('gpt2')          # bytes | gpt2 | a model name or hub id | a folder or tokenizer.json
     ids = tok.encode("Hello, world")     # and tok.decode(ids)
-bytes and gpt2 need no files (gpt2's BPE comes through tiktoken); everything else is one format, Hugging
-Face's tokenizer.json (byte-level BPE: Llama 3, Qwen, SmolLM2, and the ones train_bpe makes here), translated
-into tiktoken's ranks so that one fast encoder runs them all. Llama 3's original tokenizer.model is read too.
-The instruction and chat templates (alpaca, phi3, llama3, chatml) live here because a template is part of
-a tokenizer, as in Hugging Face: its end-of-turn token must exist in the vocabulary.
+bytes and gpt2 need no files (gpt2's BPE comes through tiktoken); everything else is one format, Hugging Face's
+tokenizer.json (byte-level BPE: Llama 3, Qwen, SmolLM2, and the ones train_bpe makes here), read into tiktoken's
+ranks so that one fast encoder runs them all; Llama 3's original tokenizer.model too. The chat templates live
+here because a template is part of a tokenizer, as in Hugging Face: its end-of-turn token must be in the vocabulary.
 """
 import base64
 import hashlib
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from weights import is_hub_name, pretrained_path
 
 EOT = '<|endoftext|>'
 
@@ -47,29 +45,6 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode('utf-8', errors='replace')
-
-
-class GPT2Tokenizer:
-    """GPT-2's byte-pair encoding (book ch. 2.5) through tiktoken: 50,257 tokens."""
-    name = spec = 'gpt2'
-    vocab_size, eot_id, special_ids = 50257, 50256, {50256}
-
-    def __init__(self):
-        import tiktoken
-        try:
-            self.enc = tiktoken.get_encoding('gpt2')
-        except Exception as e:
-            raise OSError(f"GPT-2's BPE files could not be loaded ({type(e).__name__}); go online once, "
-                          "or set TIKTOKEN_CACHE_DIR to a folder holding them, or use --tokenizer=bytes") from None
-
-    def encode(self, text):
-        return self.enc.encode(text, allowed_special={EOT})
-
-    def decode_bytes(self, ids):
-        return self.enc.decode_bytes(ids)
-
-    def decode(self, ids):
-        return self.enc.decode(ids, errors='replace')
 
 
 # GPT-2's split of text into pieces that BPE works on one by one (the ByteLevel pre-tokenizer's use_regex);
@@ -179,10 +154,10 @@ def normal_forms(normalizer, label):
 
 
 class JsonTokenizer:
-    """A byte-level BPE in Hugging Face's tokenizer.json format (GPT-2, Llama 3, Qwen2/2.5/3, SmolLM2, ours) run by
-    tiktoken: the vocabulary becomes tiktoken's ranks, the pre-tokenizer one split regex, the added tokens its
-    special tokens, encoded wherever their text appears (chat templates need that). Like the tokenizers library
-    with add_special_tokens=False, encode adds no <|begin_of_text|>: templates write it."""
+    """A byte-level BPE in Hugging Face's tokenizer.json format (GPT-2, Llama 3, Qwen, SmolLM2, ours) run by tiktoken:
+    the vocabulary becomes its ranks, the pre-tokenizer one split regex, the added tokens special tokens, encoded
+    wherever their text is (as chat templates need). As the tokenizers library with add_special_tokens=False,
+    encode adds no <|begin_of_text|>: templates write it."""
 
     def __init__(self, label, text):
         import tiktoken
@@ -226,14 +201,26 @@ class JsonTokenizer:
         return self.enc.decode(ids, errors='replace')
 
 
+class GPT2Tokenizer(JsonTokenizer):
+    """GPT-2's byte-pair encoding (book ch. 2.5): 50,257 tokens, the ranks from tiktoken's own files."""
+    name = spec = 'gpt2'
+    vocab_size, eot_id, special_ids, forms = 50257, 50256, {50256}, []
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding('gpt2')
+        except Exception as e:
+            raise OSError(f"GPT-2's BPE files could not be loaded ({type(e).__name__}); go online once, "
+                          "or set TIKTOKEN_CACHE_DIR to a folder holding them, or use --tokenizer=bytes") from None
+
+
 def bpe_json(ranks, merges, pattern, special_tokens, ignore_merges=False):
     """Hugging Face's tokenizer.json text for a byte-level BPE, laid out as Llama 3's: ranks {token bytes: id} and
     merges [(bytes, bytes)] spelled in GPT-2's byte alphabet, `pattern` as the pre-tokenizer's Split,
     special_tokens {text: id} as added tokens."""
     alphabet = byte_to_unicode()
-
-    def spell(token):
-        return ''.join(alphabet[b] for b in token)
+    spell = lambda token: ''.join(alphabet[b] for b in token)  # noqa: E731
     config = {
         'version': '1.0', 'truncation': None, 'padding': None,
         'added_tokens': [{'id': id, 'content': text, 'single_word': False, 'lstrip': False, 'rstrip': False,
@@ -252,10 +239,9 @@ def bpe_json(ranks, merges, pattern, special_tokens, ignore_merges=False):
 
 
 def llama3_tokenizer_json(path):
-    """Llama 3's original/tokenizer.model (tiktoken's own format: a base64 token and its rank per line) as
-    tokenizer.json text, converted as Hugging Face does: Llama 3's split (GPT-4's pattern), its 256 special tokens
-    after the ranks (<|begin_of_text|> = 128000, <|end_of_text|>, ... <|eot_id|> = 128009, ...), and every split
-    of a token into two tokens as a merge, since tiktoken merges any pair whose bytes join into a token."""
+    """Llama 3's original/tokenizer.model (tiktoken's format: a base64 token and its rank per line) as tokenizer.json
+    text, converted as Hugging Face does: GPT-4's split, the 256 special tokens after the ranks (<|begin_of_text|> =
+    128000, ...), and every split of a token into two tokens as a merge (tiktoken merges any pair that makes one)."""
     ranks = {}
     for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         try:
@@ -276,8 +262,8 @@ def llama3_tokenizer_json(path):
 
 def get_tokenizer(spec):
     """bytes | gpt2 | a published model's name or hub id (qwen3-0.6b, Qwen/Qwen3-0.6B: its tokenizer.json is
-    downloaded once, without the weights) | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model), or such a file |
-    {'name', 'json': tokenizer.json text}, what a tokenizer's .spec gives (so checkpoints and meta.json carry it)."""
+    downloaded once, without the weights) | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model),
+    or such a file | {'name', 'json': tokenizer.json text}: a tokenizer's .spec, as checkpoints carry it."""
     if isinstance(spec, dict):
         if not isinstance(spec.get('name'), str) or not isinstance(spec.get('json'), str):
             raise ValueError("a tokenizer given as a dict needs {'name': str, 'json': tokenizer.json text}")
@@ -289,7 +275,10 @@ def get_tokenizer(spec):
     if spec == 'bpe':
         raise ValueError("the bpe tokenizer is trained per data set: prepare_data.py --tokenizer=bpe makes it, and "
                          "data_tokenizer(data_dir) or its data_dir/tokenizer.json loads it")
-    path = pretrained_path(spec, weights=False) if is_hub_name(spec) else Path(spec)  # qwen3-0.6b: its tokenizer.json
+    path = Path(spec)
+    if not path.exists():  # qwen3-0.6b, a hub id: its tokenizer.json, downloaded by weights.py (which loads torch)
+        from weights import is_hub_name, pretrained_path
+        path = pretrained_path(spec, weights=False) if is_hub_name(spec) else path
     if path.is_dir():
         found = [p for p in (path / 'tokenizer.json', path / 'original' / 'tokenizer.model') if p.is_file()]
         if not found:
@@ -334,13 +323,12 @@ def merge_pair(ids, pair, new_id):
 
 
 def train_bpe(texts, vocab_size, pattern=GPT4_PATTERN, quiet=False):
-    """Learn a byte-level BPE from the strings in `texts` and return it as tokenizer.json text: ids 0-255 the
-    bytes, then vocab_size - 257 merges, then end-of-text. The book's BPETokenizerSimple.train, with these
-    departures: it merges bytes, not characters, so any text encodes; the text is first cut with `pattern` into
-    chunks (words with their leading space, numbers, punctuation, as tiktoken does), and each distinct chunk is
-    kept once with its count, so memory grows with the distinct chunks, not the text; after a merge the pair
-    counts are updated only in the chunks that held the pair, instead of recounting everything; the most frequent
-    pair comes off a heap (ties: the smallest pair of ids, so the result does not depend on dict order)."""
+    """Learn a byte-level BPE from the strings in `texts` and return it as tokenizer.json text: ids 0-255 the bytes,
+    then vocab_size - 257 merges, then end-of-text. The book's BPETokenizerSimple.train, except: it merges bytes, not
+    characters, so any text encodes; the text is first cut with `pattern` into chunks (words with their leading
+    space, numbers, punctuation, as tiktoken does), each distinct chunk kept once with its count (memory grows with
+    the distinct chunks, not the text); after a merge only the chunks that held the pair are recounted; the most
+    frequent pair comes off a heap (ties: the smallest pair of ids, so the result does not depend on dict order)."""
     import regex  # installed with tiktoken; unlike re, it knows \p{L}
     if vocab_size < 257:
         raise ValueError(f"--vocab_size={vocab_size}: a byte-level BPE needs at least 257 tokens "
@@ -402,15 +390,17 @@ PROMPT_STYLES = ('alpaca', 'phi3', 'llama3', 'chatml')
 ALPACA_OPENING = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                   "the request.")
 ROLES = ('system', 'user', 'assistant')
-CHAT_FORMATS = {  # style: (start of a conversation, each role's turn, the header that asks for the assistant's turn)
+CHAT_FORMATS = {  # style: (start of a conversation, each role's turn, the header that asks for the assistant's turn,
+    # what joins an instruction to its input in a user turn)
     'alpaca': ('', {'system': '{}', 'user': '\n\n### Instruction:\n{}', 'assistant': '\n\n### Response:\n{}'},
-               '\n\n### Response:\n'),
+               '\n\n### Response:\n', '\n\n### Input:\n'),
     'phi3': ('', {'system': '<|system|>\n{}\n', 'user': '<|user|>\n{}\n', 'assistant': '<|assistant|>:\n{}\n'},
-             '<|assistant|>:\n'),
+             '<|assistant|>:\n', '\n'),
     'llama3': ('<|begin_of_text|>',
                {role: f'<|start_header_id|>{role}<|end_header_id|>\n\n{{}}<|eot_id|>' for role in ROLES},
-               '<|start_header_id|>assistant<|end_header_id|>\n\n'),
-    'chatml': ('', {role: f'<|im_start|>{role}\n{{}}<|im_end|>\n' for role in ROLES}, '<|im_start|>assistant\n'),
+               '<|start_header_id|>assistant<|end_header_id|>\n\n', '\n\n'),
+    'chatml': ('', {role: f'<|im_start|>{role}\n{{}}<|im_end|>\n' for role in ROLES}, '<|im_start|>assistant\n',
+               '\n\n'),
 }
 # what follows a response in training text (and stops generation): the book's templates end with the tokenizer's
 # end-of-text (this is its GPT-2 spelling; response_end_id gives any tokenizer's), the chat formats end the turn
@@ -422,46 +412,38 @@ def check_style(style):
         raise ValueError(f"unknown prompt style {style!r}; use {', '.join(PROMPT_STYLES)}")
 
 
-def format_input(entry, style='alpaca'):
-    """An {instruction, input} entry as text (the book's format_input, 7.2). alpaca is the
-    book's template; phi3 its exercise 7.1; llama3 and chatml (Qwen, SmolLM2) a user turn."""
-    check_style(style)
-    if style == 'alpaca':
-        text = ALPACA_OPENING + f"\n\n### Instruction:\n{entry['instruction']}"
-        return text + (f"\n\n### Input:\n{entry['input']}" if entry.get('input') else "")
-    if style == 'phi3':
-        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get('input') else "")
-    start, turns, _ = CHAT_FORMATS[style]
-    text = entry['instruction'] + (f"\n\n{entry['input']}" if entry.get('input') else "")
-    return start + turns['user'].format(text)
-
-
 def format_prompt(entry, style='alpaca'):
-    """The prompt a model continues with its response: the one template that training, generation and
-    sample.py share. Training text = format_prompt(entry) + entry['output'] + RESPONSE_END[style]."""
-    return format_input(entry, style) + ("\n<|assistant|>:\n" if style == 'phi3' else CHAT_FORMATS[style][2])
+    """The prompt a model continues with its response to an {instruction, input} entry: a chat of one user turn, so
+    training, generation and the chat share one template (alpaca: the book's, 7.2; phi3: its exercise 7.1; llama3
+    and chatml: chat formats). Training text = format_prompt(entry) + entry['output'] + RESPONSE_END[style]."""
+    check_style(style)
+    text = entry['instruction'] + (CHAT_FORMATS[style][3] + entry['input'] if entry.get('input') else '')
+    return format_chat([{'role': 'user', 'content': text}], style)
+
+
+def format_input(entry, style='alpaca'):
+    """The entry without the header that asks for a response (the book's format_input, 7.2)."""
+    return format_prompt(entry, style).removesuffix(CHAT_FORMATS[style][2])
 
 
 def format_chat(messages, style='alpaca'):
-    """A conversation [{'role': 'system' | 'user' | 'assistant', 'content': text}, ...] as one prompt that ends
-    with the assistant's header, ready for generation; for one user message the same as format_prompt. alpaca
-    opens with the book's sentence unless a system message takes its place; no other style adds a default system
-    message (Qwen's and SmolLM2's own templates do)."""
+    """A conversation [{'role': 'system' | 'user' | 'assistant', 'content': text}, ...] as one prompt that ends with
+    the assistant's header, ready for generation. alpaca opens with the book's sentence unless a system message
+    takes its place; no other style adds a default system message (Qwen's and SmolLM2's own templates do)."""
     check_style(style)
     for i, message in enumerate(messages):
         if not (isinstance(message, dict) and message.get('role') in ROLES and isinstance(message.get('content'), str)):
             raise ValueError(f"chat message {i} is not {{'role': 'system' | 'user' | 'assistant', 'content': text}}")
-    start, turns, header = CHAT_FORMATS[style]
+    start, turns, header, _ = CHAT_FORMATS[style]
     if style == 'alpaca' and (not messages or messages[0]['role'] != 'system'):
         start = ALPACA_OPENING
     return start + ''.join(turns[message['role']].format(message['content']) for message in messages) + header
 
 
 def fit_chat(messages, tokenizer, style, room):
-    """The conversation's token ids in `style`, at most `room` of them: the oldest messages after the opening
-    system messages are dropped, as few as possible, the kept part starting at a user turn (or at the last
-    message); if the last message alone is still too long, its end is kept. Returns (ids, how many messages
-    were dropped, whether the ids were cut). sample.py --chat and serve.py crop conversations with it."""
+    """The conversation's token ids in `style`, at most `room` of them: the oldest messages after the opening system
+    messages are dropped, as few as possible, the kept part starting at a user turn (or at the last message); if
+    the last message alone is still too long, its end is kept. Returns (ids, messages dropped, whether ids were cut)."""
     encode = lambda kept: tokenizer.encode(format_chat(kept, style))  # noqa: E731
     ids = encode(messages)
     if len(ids) <= room:

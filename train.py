@@ -1,10 +1,10 @@
 """
 Pretrain a GPT (book chapter 5 and appendix D; nanoGPT's train.py).
-    python train.py                                     # a small GPT on Python's docs (RESULTS.md: its time and loss)
-    python train.py config/train_verdict.py             # the book's chapter-5 run
-    python train.py --init_from=resume                  # continue the run in out_dir exactly
-    python train.py --init_from=gpt2 --eval_only=True --data_dir=data/verdict   # compare models on the same tokens
-    python train.py config/train_llama_style.py         # the same run with RoPE, RMSNorm, SwiGLU, GQA
+    python train.py                                 # a small GPT on Python's docs, no download
+    python train.py config/train_verdict.py         # the book's chapter-5 run
+    python train.py --init_from=resume              # continue the run in out_dir exactly
+    python train.py --init_from=gpt2 --eval_only=True --data_dir=data/verdict  # compare models on the same tokens
+    python train.py config/train_llama_style.py     # the same run with RoPE, RMSNorm, SwiGLU, GQA
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_fineweb.py
 """
 import json
@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -23,32 +23,33 @@ import torch
 import torch.nn.functional as F
 
 from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
-                          compile_available, pick_dtype, gpu_peak_flops, save_text, save_plot, quantized_dtype)
-from model import GPT, GPTConfig, QUANTIZERS
-from weights import load_checkpoint, load_pretrained, model_from_checkpoint, save_checkpoint
+                          compile_available, pick_dtype, gpu_peak_flops, save_plot)
+from model import GPTConfig, pad_rows, token_logprobs
+from quantize import cast_and_quantize, talk_dtype
+from weights import load_pretrained, save_checkpoint, save_text
 from tokenizer import get_tokenizer, token_bytes
 from prepare_data import data_tokenizer, find_shards, hellaswag_examples, prepare, read_meta, read_shard
 
 # I/O
 out_dir = 'out'
 data_dir = 'data/pydoc_bpe2048'  # token shards from prepare_data.py (the pydoc ones below are made on first use)
-init_from = 'scratch'  # scratch, resume (out_dir/ckpt.pt), or published weights to continue: gpt2, qwen3-0.6b, a folder...
+init_from = 'scratch'  # scratch, resume (out_dir/ckpt.pt), or weights to continue: gpt2, qwen3-0.6b, a folder...
 eval_interval = 500  # evaluate, print a sample and save the checkpoint every this many steps
 eval_iters = 20  # batches per loss estimate
 log_interval = 25
 sample_prompt = 'The '  # continued at each eval (the book's habit); '' for none
 sample_tokens = 64
 eval_hellaswag = False  # also measure HellaSwag acc_norm at each eval (the README gives GPT-2 124M's)
-eval_only = False  # measure the model (val loss and bits per byte, HellaSwag if asked) on the fixed eval batches and exit
-quantize = 'none'  # eval_only: int8 or int4 = measure it with those weights (model.QUANTIZERS): what talking in them costs
+eval_only = False  # measure the model (val loss, bits per byte, HellaSwag if asked) on the eval batches, then exit
+quantize = 'none'  # eval_only: int8 or int4 = measure it with those weights (quantize.py): what talking in them costs
 hellaswag_dir = 'data/hellaswag'  # where its validation set is downloaded to (or already is)
 hellaswag_limit = 0  # score only the first N examples (0 = all 10,042)
 # data
 batch_size = 16  # sequences per micro-batch
 block_size = 128  # context length
 gradient_accumulation_steps = 1  # micro-batches per step, in total (divided among torchrun processes)
-data_order = 'random'  # random: windows drawn anywhere, with replacement (nanoGPT); one_pass: each window once per epoch, shuffled (llm.c)
-ddp = 'ddp'  # under torchrun: ddp (each process holds the whole model) or fsdp (weights, gradients, optimizer state sharded)
+data_order = 'random'  # random: windows anywhere, with replacement (nanoGPT); one_pass: each once an epoch (llm.c)
+ddp = 'ddp'  # under torchrun: ddp (each process holds the whole model) or fsdp (weights, grads, optimizer sharded)
 # model
 n_layer = 4
 n_head = 4
@@ -67,7 +68,6 @@ qk_norm = False
 qkv_bias = False
 tie_embeddings = True  # the head shares the token embedding's weights
 pad_vocab = 64  # scratch: embedding/head rows up to a multiple of this (50257 -> 50304), faster; 1 = none
-# (the extra logits are cut off in model.py: never sampled or scored)
 # optimizer
 optimizer = 'muon'  # muon (Muon for the blocks' matrices, AdamW for the rest), or adamw
 muon_lr = 0.02  # Muon's peak learning rate (follows the same schedule)
@@ -90,27 +90,23 @@ grad_checkpoint = False  # recompute each block's activations in backward: less 
 seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU, when configurator.py's table does not know it
 
-# Python's own docs (the help() topics and the standard library's docstrings: no download), prepared on
-# first use: with our own BPE of 2,048 tokens trained on their training split (the default run), of 1,024,
-# or as bytes (the whole-book block)
+# Python's own docs (help() topics, the standard library's docstrings: no download), prepared on first use
+# with our own BPE of 2,048 tokens trained on their training split (the default run), of 1,024, or as bytes
 AUTO_DATA = {'data/pydoc_bpe2048': dict(tokenizer='bpe', vocab_size=2048),
              'data/pydoc_bpe1024': dict(tokenizer='bpe', vocab_size=1024), 'data/pydoc': dict(tokenizer='bytes')}
 
 NOT_FINITE = ("the {what} is not finite at step {step}; the last good checkpoint in {out_dir} is kept. "
               "Lower --learning_rate, or use --dtype=bfloat16 or float32")
-# Generator keys of the training batches: (seed * SEED_STRIDE + step) * KEYS_PER_STEP + the micro-batch's
-# number among all processes. A prime above any step or epoch count, so that no two (seed, step) pairs
-# share a key (another --seed draws other batches); 4096 leaves room for every micro-batch of a step.
+# Generator keys of the training batches: (seed * SEED_STRIDE + step) * KEYS_PER_STEP + the micro-batch's number
+# among all processes: a prime above any step or epoch count, so that no two (seed, step) pairs share a key.
 SEED_STRIDE = 1_000_003
 KEYS_PER_STEP = 4096
 EVAL_KEY = 10**9  # the evaluation batches' keys start here: fixed, so every evaluation sees the same batches
 
 
 class OnePass:
-    """The data order one_pass: the split cut into windows of T + 1 tokens (stride T), each read
-    once per epoch in an order shuffled by (seed, epoch), as llm.c and most large runs read a
-    corpus: no window seen twice before every one has been seen once. Batch k is a function of k
-    alone, so resuming needs no loader state beyond the step number."""
+    """The data order one_pass: the split cut into windows of T + 1 tokens (stride T), each read once per epoch in
+    an order shuffled by (seed, epoch), as llm.c reads a corpus: no window twice before every one once."""
 
     def __init__(self, shards, T, seed):
         self.windows_per_shard = torch.tensor([(len(s) - 1) // T for s in shards])
@@ -134,8 +130,7 @@ class OnePass:
 
 def get_batch(shards, key, T, dev, one_pass=None):
     """batch_size windows from the shards: x (B, T) and y = x shifted by one (B, T). Random windows drawn from a
-    generator seeded by `key` alone, or with one_pass, micro-batch number `key` of its epochs; either way a step's
-    batch never depends on what ran before it: resuming needs no data-loader state beyond the step number."""
+    generator seeded by `key` alone, or with one_pass, micro-batch number `key` of its epochs."""
     if one_pass is not None:
         which, starts = one_pass.starts(key)
     else:
@@ -145,7 +140,8 @@ def get_batch(shards, key, T, dev, one_pass=None):
         pos = torch.randint(int(ends[-1]), (batch_size,), generator=g)
         which = torch.searchsorted(ends, pos, right=True)
         starts = pos - ends[which] + starts_per_shard[which]
-    xy = torch.from_numpy(np.stack([shards[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())]).astype(np.int64))
+    rows = [shards[w][s:s + T + 1] for w, s in zip(which.tolist(), starts.tolist())]
+    xy = torch.from_numpy(np.stack(rows).astype(np.int64))
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     if dev.startswith('cuda'):  # pinned memory lets the copy overlap with compute
         return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
@@ -153,9 +149,8 @@ def get_batch(shards, key, T, dev, one_pass=None):
 
 
 class TrainBatches:
-    """The training split's micro-batches in the run's data order (order: random or one_pass, drawn
-    with order_seed): micro-batch `micro` of step `step` in this process is a function of those
-    alone, so a resumed run reads exactly the batches the uninterrupted run would have."""
+    """The training split's micro-batches in the run's data order (random or one_pass, drawn with order_seed):
+    micro-batch `micro` of step `step` is a function of those alone, so resuming needs no loader state."""
 
     def __init__(self, shards, T, order, order_seed, proc):
         self.shards, self.T, self.order, self.order_seed, self.proc = shards, T, order, order_seed, proc
@@ -163,14 +158,13 @@ class TrainBatches:
 
     def get(self, step, micro):
         p = self.proc
-        if self.one_pass is not None:  # the micro-batch's number in the whole run: consecutive windows of the epoch's order
+        if self.one_pass is not None:  # the micro-batch's number in the whole run: the epoch's windows in order
             key = (step * p.world_size + p.rank) * p.micro_steps + micro
         else:  # unique per (seed, step, micro-batch across all ranks)
             key = (self.order_seed * SEED_STRIDE + step) * KEYS_PER_STEP + p.rank * p.micro_steps + micro
         return get_batch(self.shards, key, self.T, p.dev, self.one_pass)
 
-    def after(self, step, micro):
-        """The micro-batch that follows (step, micro): the next of the step, or the first of the next step."""
+    def after(self, step, micro):  # the next micro-batch of the step, or the first of the next step
         return self.get(step, micro + 1) if micro + 1 < self.proc.micro_steps else self.get(step + 1, 0)
 
 
@@ -185,11 +179,6 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def tokenizer_name(spec):
-    """The name in a tokenizer's spec as checkpoints carry it: 'bytes', 'gpt2' or {'name', 'json'}."""
-    return spec['name'] if isinstance(spec, dict) else spec
 
 
 def same_tokenizer(a, b):
@@ -209,8 +198,8 @@ def my_share(n, rank, world_size):
 
 
 def sum_across_ranks(values, comm_dev='cpu'):
-    """Element-wise sum of a list of numbers over all processes (each one measured its share). comm_dev: where
-    the process group meets (the GPU under nccl, else the CPU; never MPS, which has no float64)."""
+    """Element-wise sum of a list of numbers over all processes. comm_dev: where the process group meets (the GPU
+    under nccl, else the CPU; never MPS, which has no float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=comm_dev)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -219,24 +208,22 @@ def sum_across_ranks(values, comm_dev='cpu'):
 
 @torch.no_grad()
 def estimate_loss(model, splits, tokenizer, byte_counts, hellaswag, proc):
-    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader), the batches
-    shared out among the processes; and val_bpb, the validation loss in bits per UTF-8 byte of text (summed over
-    tokens, divided by the bytes they stand for), which compares across tokenizers. byte_counts: (vocab,) bytes per
-    token id, 0 for special tokens (not counted). With HellaSwag examples, their acc_norm too."""
+    """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader), shared out
+    among the processes; and val_bpb, the val loss summed over tokens per UTF-8 byte they stand for, which compares
+    across tokenizers (byte_counts: (vocab,), 0 for special tokens). With HellaSwag examples, their acc_norm too."""
     model.eval()
     out = {}
     for name, shards in splits.items():
-        loss_sum, tokens, text_loss, text_bytes = 0.0, 0, 0.0, 0
+        sums = np.zeros(4)  # loss and tokens; the loss on text tokens (not special ones) and their bytes
         for k in my_share(eval_iters, proc.rank, proc.world_size):
             x, y = get_batch(shards, EVAL_KEY + (k or 0), model.config.block_size, proc.dev)
             with proc.ctx:
                 logits, _ = model(x)
             losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction='none')
             nbytes = byte_counts[y.reshape(-1)]
-            if k is not None:
-                loss_sum, tokens = loss_sum + losses.sum().item(), tokens + losses.numel()
-                text_loss, text_bytes = text_loss + losses[nbytes > 0].sum().item(), text_bytes + nbytes.sum().item()
-        loss_sum, tokens, text_loss, text_bytes = sum_across_ranks([loss_sum, tokens, text_loss, text_bytes], proc.comm_dev)
+            if k is not None:  # (a padding slot, None, runs only to keep the ranks in step)
+                sums += [losses.sum().item(), losses.numel(), losses[nbytes > 0].sum().item(), nbytes.sum().item()]
+        loss_sum, tokens, text_loss, text_bytes = sum_across_ranks(sums.tolist(), proc.comm_dev)
         out[name] = loss_sum / tokens
         if name == 'val':
             out['val_bpb'] = text_loss / math.log(2) / max(text_bytes, 1)
@@ -249,9 +236,8 @@ def estimate_loss(model, splits, tokenizer, byte_counts, hellaswag, proc):
 
 @torch.no_grad()
 def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
-    """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the
-    lowest mean loss after the context is the model's choice. The examples are shared out among
-    the processes and the counts summed."""
+    """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the lowest mean
+    loss after the context is the model's choice. The examples are shared out among the processes."""
     model.eval()
     correct = 0
     for index in my_share(len(examples), rank, world_size):
@@ -259,17 +245,13 @@ def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=
         ctx_ids = tokenizer.encode(ex['ctx'])
         endings = [tokenizer.encode(' ' + e) for e in ex['endings']]
         rows = [(ctx_ids + e)[-model.config.block_size - 1:] for e in endings]  # 4 candidates, one per row
-        T = max(map(len, rows))
-        x = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T - 1)  # 1 where the next token belongs to the ending
-        for i, (r, e) in enumerate(zip(rows, endings)):
-            x[i, :len(r)] = torch.tensor(r)
-            mask[i, max(len(r) - len(e) - 1, 0):len(r) - 1] = 1
-        x, mask = x.to(dev), mask.to(dev)
+        starts = [max(len(r) - len(e), 1) for r, e in zip(rows, endings)]  # where each ending starts in its row
+        x = pad_rows([r[:-1] for r in rows], 0).to(dev)
+        y = pad_rows([[-100] * (s - 1) + r[s:] for r, s in zip(rows, starts)], -100).to(dev)  # only the endings
         with ctx:
-            logits, _ = model(x[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction='none')  # (4, T-1)
-        correct += int((losses * mask).sum(1).div(mask.sum(1)).argmin().item() == ex['label'] and index is not None)
+            logp, mask = token_logprobs(model, x, y)  # (4, T-1)
+        choice = (logp.sum(1) / mask.sum(1)).argmax().item()  # the highest mean log-probability = lowest mean loss
+        correct += int(choice == ex['label'] and index is not None)
     model.train()
     return sum_across_ranks([correct], comm_dev)[0] / max(len(examples), 1)
 
@@ -278,8 +260,8 @@ def save_loss_plot(log_path, png_path):
     """The book's loss plot: train and val loss against tokens seen, at each evaluation."""
     with open(log_path, encoding='utf-8') as f:
         rows = [json.loads(line) for line in f if '"val_loss": null' not in line]
-    save_plot(png_path, 'Tokens seen', [('Loss', [r['tokens_seen'] for r in rows], [r['train_loss'] for r in rows],
-                                         [r['val_loss'] for r in rows])])
+    tokens, train, val = ([r[k] for r in rows] for k in ('tokens_seen', 'train_loss', 'val_loss'))
+    save_plot(png_path, 'Tokens seen', [('Loss', tokens, train, val)])
 
 
 # ---------------------------------------------------------------- the run's setup, in the order main() calls it
@@ -307,8 +289,7 @@ class Process:
 
 
 def start_process():
-    """Join torchrun's processes (if started by it), check the settings, pick the device and dtype
-    and seed this process; stops with one line on a setting that cannot work."""
+    """Join torchrun's processes (if started by it), check the settings, pick the device and dtype, seed."""
     distributed, rank, local_rank, world_size, dev = init_distributed(device)
     if ddp not in ('ddp', 'fsdp'):
         die(f"--ddp={ddp}: use ddp or fsdp")
@@ -317,14 +298,19 @@ def start_process():
     if data_order not in ('random', 'one_pass'):
         die(f"--data_order={data_order}: use random or one_pass")
     if decay_lr and min_lr > learning_rate:  # the cosine would climb from the peak, not decay to min_lr
-        die(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}; pass --min_lr={learning_rate / 10:g} (a tenth)")
+        die(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}; "
+            f"pass --min_lr={learning_rate / 10:g} (a tenth)")
     dev, device_type, amp_dtype, ctx = setup(dev, dtype, seed + rank)  # each rank its own dropout masks
-    quantized_dtype(quantize, device_type, amp_dtype)  # an unknown scheme stops here
+    try:
+        talk_dtype(quantize, device_type, amp_dtype)  # an unknown scheme stops here
+    except ValueError as e:
+        die(e)
     if quantize != 'none' and not eval_only:
         die(f"--quantize={quantize} needs --eval_only=True: {quantize} weights do not train; train or fine-tune first, "
             f"then quantize to talk (sample.py --quantize={quantize})")
     if gradient_accumulation_steps % world_size:
-        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} "
+            f"must be a multiple of the {world_size} processes")
     return Process(distributed, rank, local_rank, world_size, dev, device_type, amp_dtype, ctx,
                    gradient_accumulation_steps // world_size)
 
@@ -332,10 +318,11 @@ def start_process():
 def ensure_data(proc):
     """data_dir's meta.json; the default data sets are prepared on first use, any other must hold shards."""
     if data_dir in AUTO_DATA:  # every rank takes part (the first finds what to do, the others find it done)
-        local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=proc.local_rank > 0, **AUTO_DATA[data_dir]),
-                          proc.distributed, proc.local_rank)
+        local_rank0_first(lambda: prepare('pydoc', data_dir=data_dir, quiet=proc.local_rank > 0,
+                                          **AUTO_DATA[data_dir]), proc.distributed, proc.local_rank)
     if not find_shards(data_dir, 'train'):
-        die(f"no training shards (*train*.bin) in {data_dir}; make them with python prepare_data.py --data_dir={data_dir} ...")
+        die(f"no training shards (*train*.bin) in {data_dir}; "
+            f"make them with python prepare_data.py --data_dir={data_dir} ...")
     return read_meta(data_dir)
 
 
@@ -350,39 +337,37 @@ class RunStart(NamedTuple):
 def build_model(meta, proc):
     """The model, initialised alike in every process (FSDP shards it as it is): from scratch, from
     out_dir/ckpt.pt or from published weights. Returns (model, the checkpoint or None, RunStart)."""
-    ckpt, start = None, RunStart(0, float('inf'), data_order, seed)
+    start, vocab = RunStart(0, float('inf'), data_order, seed), meta['vocab_size']
+    scratch = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                        vocab_size=vocab, padded_vocab_size=math.ceil(vocab / pad_vocab) * pad_vocab,
+                        dropout=dropout, norm=norm, pos_emb=pos_emb, rope_theta=rope_theta, mlp=mlp,
+                        mlp_hidden=mlp_hidden, n_kv_head=n_kv_head, head_dim=head_dim, qk_norm=qk_norm,
+                        qkv_bias=qkv_bias, tie_embeddings=tie_embeddings) if init_from == 'scratch' else None
+    # published weights take this run's context and dropout; a resumed run is the checkpoint's own model
+    overrides = {} if init_from == 'resume' else dict(block_size=block_size, dropout=dropout)
     torch.manual_seed(seed)
-    try:
-        if init_from == 'scratch':
-            padded = math.ceil(meta['vocab_size'] / pad_vocab) * pad_vocab
-            model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                                  vocab_size=meta['vocab_size'], padded_vocab_size=padded, dropout=dropout,
-                                  norm=norm, pos_emb=pos_emb, rope_theta=rope_theta, mlp=mlp, mlp_hidden=mlp_hidden,
-                                  n_kv_head=n_kv_head, head_dim=head_dim, qk_norm=qk_norm, qkv_bias=qkv_bias,
-                                  tie_embeddings=tie_embeddings))
-        elif init_from == 'resume':
-            ckpt = load_checkpoint(out_dir, map_location='cpu')
-            model = model_from_checkpoint(ckpt, f"{out_dir}/ckpt.pt")
+    try:  # published weights: one process per machine downloads, the others then load from its cache
+        load = lambda: load_pretrained(init_from, torch.float32, out_dir, scratch, **overrides)  # noqa: E731
+        model, info = local_rank0_first(load, proc.distributed, proc.local_rank)
+        ckpt = info['checkpoint'] if init_from == 'resume' else None
+        if ckpt is not None:
             start = RunStart(ckpt['iter_num'], ckpt['best_val_loss'], order_seed=ckpt['data']['seed'],
                              order=ckpt['data'].get('order', 'random'))
             if (start.order_seed, start.order) != (seed, data_order) and proc.master:
-                print(f"notice: resuming the run of --seed={start.order_seed} --data_order={start.order}; its data order and "
-                      f"generators continue (--seed={seed} --data_order={data_order} ignored)")
-            if not same_tokenizer(tokenizer_name(ckpt.get('tokenizer')), meta['tokenizer']):
-                die(f"{out_dir}/ckpt.pt was trained on {tokenizer_name(ckpt.get('tokenizer'))} tokens but {data_dir} "
-                    f"holds {meta['tokenizer']} tokens")
-        else:  # published weights: one process per machine downloads, the others then load from its cache
-            model, published = local_rank0_first(lambda: load_pretrained(init_from, dtype=torch.float32,
-                                                                         block_size=block_size, dropout=dropout),
-                                                 proc.distributed, proc.local_rank)
-            if not same_tokenizer(get_tokenizer(published['tokenizer']).name, meta['tokenizer']):
-                die(f"{init_from} continues on its own tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
-                    f"prepare it with --tokenizer={published['tokenizer']}")
+                print(f"notice: resuming the run of --seed={start.order_seed} --data_order={start.order}; its data "
+                      f"order and generators continue (--seed={seed} --data_order={data_order} ignored)")
+            saved = ckpt.get('tokenizer')  # 'bytes', 'gpt2' or a spec {'name', 'json'}
+            saved = saved['name'] if isinstance(saved, dict) else saved
+            if not same_tokenizer(saved, meta['tokenizer']):
+                die(f"{out_dir}/ckpt.pt was trained on {saved} tokens but {data_dir} holds {meta['tokenizer']} tokens")
+        elif init_from != 'scratch' and not same_tokenizer(get_tokenizer(info['tokenizer']).name, meta['tokenizer']):
+            die(f"{init_from} continues on its own tokens, but {data_dir} holds {meta['tokenizer']} tokens; "
+                f"prepare it with --tokenizer={info['tokenizer']}")
     except (OSError, ValueError) as e:
         die(e)
     torch.manual_seed(seed + proc.rank)  # dropout then differs per rank
-    if meta['vocab_size'] > model.config.vocab_size:
-        die(f"{data_dir} holds {meta['tokenizer']} tokens ({meta['vocab_size']} ids) but the model knows {model.config.vocab_size}")
+    if vocab > model.config.vocab_size:
+        die(f"{data_dir} holds {meta['tokenizer']} tokens ({vocab} ids) but the model knows {model.config.vocab_size}")
     return model, ckpt, start
 
 
@@ -390,17 +375,15 @@ def load_data(T, proc):
     """The train and val splits (windows of T + 1 tokens), their tokenizer, the bytes each token id
     stands for (for bits per byte) and, if asked, the HellaSwag examples."""
     try:  # each split's memory-mapped shards that hold at least one window of T + 1 tokens
-        splits = {name: [s for s in map(read_shard, find_shards(data_dir, name)) if len(s) > T] for name in ('train', 'val')}
-    except ValueError as e:
+        splits = {name: [s for s in map(read_shard, find_shards(data_dir, name)) if len(s) > T]
+                  for name in ('train', 'val')}
+        tokenizer = data_tokenizer(data_dir)  # travels in the checkpoint, so sample.py decodes on any machine
+    except (OSError, ValueError) as e:
         die(e)
     for name, shards in splits.items():
         if not shards:
             die(f"the {name} split in {data_dir} has no shard longer than block_size={T} tokens; "
                 "use a smaller --block_size or more text (or a larger --val_fraction in prepare_data.py)")
-    try:
-        tokenizer = data_tokenizer(data_dir)  # travels in the checkpoint, so sample.py decodes on any machine
-    except (OSError, ValueError) as e:
-        die(e)
     byte_counts = torch.from_numpy(token_bytes(tokenizer)).to(proc.dev)
     hellaswag = None
     if eval_hellaswag:  # every process scores its share of the examples
@@ -414,8 +397,7 @@ def hellaswag_text(losses, hellaswag):
 
 
 def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
-    """--eval_only: the same eval_iters batches of the validation split as every eval, so that models
-    compare on equal tokens; printed, nothing written."""
+    """--eval_only: the val batches every evaluation scores, so that models compare on equal tokens; nothing written."""
     losses = estimate_loss(model, {'val': splits['val']}, tokenizer, byte_counts, hellaswag, proc)
     if proc.master:
         print(f"{init_from}{f' ({quantize} weights)' if quantize != 'none' else ''}: val loss {losses['val']:.4f}, "
@@ -426,10 +408,9 @@ def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
 
 
 def leave_process_group(exit_code):
-    """The end of a torchrun process: wait for every rank, tear the group down, and exit at once. After that,
-    PyTorch's gloo backend can abort the interpreter's own teardown ('terminate called without an active
-    exception': a worker thread destroyed unjoined, about 1 run in 10 of the tests' FSDP runs), failing a run
-    that finished; everything is written and closed by now, so the process leaves without that teardown."""
+    """The end of a torchrun process: wait for every rank, tear the group down, and exit at once: after that, gloo
+    can abort the interpreter's own teardown ('terminate called without an active exception'), failing a run that
+    finished; everything is written and closed by now."""
     torch.distributed.barrier()  # no process tears gloo/nccl down while another still talks to it
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
@@ -439,9 +420,8 @@ def leave_process_group(exit_code):
 
 class Parallel:
     """How the model trains across torchrun's processes, the one place that tells DDP from FSDP. Alone or under DDP
-    each process holds the whole model (DDP averages the gradients in backward). Under FSDP (--ddp=fsdp) each block's
-    weights, gradients and optimizer state are split across the processes and gathered only while in use, so every
-    rank joins each forward, sample and checkpoint. .raw: the module itself; .model: what the loop trains."""
+    each process holds the whole model. Under FSDP (--ddp=fsdp) each block's weights, gradients and optimizer state
+    are split across the processes and gathered only while in use: every rank joins each forward, sample and save."""
 
     def __init__(self, model, proc):
         self.raw, self.model, self.proc, self.fsdp = model, model, proc, proc.distributed and ddp == 'fsdp'
@@ -453,11 +433,12 @@ class Parallel:
                 self.model = DDP(self.model, device_ids=[proc.local_rank] if proc.device_type == 'cuda' else None)
             return
         if optimizer == 'muon':
-            die("--optimizer=muon orthogonalizes whole matrices; use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
+            die("--optimizer=muon orthogonalizes whole matrices; "
+                "use it with --ddp=ddp, or --optimizer=adamw with --ddp=fsdp")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 weights gathered and used (half the traffic), gradients reduced and kept in float32
-        mixed_precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if proc.amp_dtype == 'bfloat16' else MixedPrecisionPolicy()
+        bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if proc.amp_dtype == 'bfloat16' else {}
+        mixed_precision = MixedPrecisionPolicy(**bf16)
         for block in model.transformer.h:
             if compile and compile_available(proc.device_type):  # each block on its own, before sharding: compiling
                 block.compile()  # the root would break the graph at every block
@@ -475,9 +456,8 @@ class Parallel:
 
     @contextmanager
     def for_generation(self):
-        """The module ready for generate(): under FSDP with its weights gathered (generate() calls the trunk directly,
-        past the root's gathering hook), and eager: the blocks FSDP compiled in place would compile again for one
-        token at a time through a KV cache (another shape, another cache slot), for a few dozen tokens."""
+        """The module ready for generate(): under FSDP with its weights gathered (generate() calls the trunk, past
+        the root's gathering hook), and eager: compiled blocks would compile again for one token at a time."""
         if self.fsdp:
             self.raw.unshard()
         with torch.compiler.set_stance('force_eager'):
@@ -485,13 +465,11 @@ class Parallel:
         if self.fsdp:
             self.raw.reshard()
 
-    def can_checkpoint(self, optim):
-        """Not under FSDP before the first step: gathering an optimizer without state would make one (a
-        zero-gradient step that advances Adam's step count)."""
+    def can_checkpoint(self, optim):  # FSDP: not before the first step (gathering a stateless optimizer steps it)
         return not self.fsdp or bool(optim.state)
 
     def state_dicts(self, optim):
-        """The model's and the optimizer's state; under FSDP gathered whole onto rank 0's CPU (every rank calls it)."""
+        """The model's and the optimizer's state; under FSDP gathered onto rank 0's CPU (every rank calls it)."""
         if not self.fsdp:
             return self.raw.state_dict(), optim.state_dict()
         from torch.distributed.checkpoint.state_dict import get_state_dict, StateDictOptions
@@ -511,17 +489,17 @@ def make_optimizer(model, proc):
     try:
         # Muon's Newton-Schulz in bfloat16 wherever the hardware computes it natively (even in a float32 run)
         native_bf16 = proc.amp_dtype == 'bfloat16' or pick_dtype('auto', proc.device_type) == 'bfloat16'
-        return model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), proc.device_type, optimizer, muon_lr,
-                                          torch.bfloat16 if native_bf16 else torch.float32)
+        return model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), proc.device_type, optimizer,
+                                          muon_lr, torch.bfloat16 if native_bf16 else torch.float32)
     except ValueError as e:
         die(e)
 
 
 def restore_training_state(ckpt, parallel, optim, scaler, proc):
     """The exact state the checkpointed run was in: optimizer, GradScaler and every rank's generators."""
-    saved_optimizer = ckpt.get('config', {}).get('optimizer', 'adamw')  # (checkpoints without the key are AdamW's)
-    if saved_optimizer != optimizer:
-        die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved_optimizer}; resume it with --optimizer={saved_optimizer}")
+    saved = ckpt.get('config', {}).get('optimizer', 'adamw')  # (checkpoints without the key are AdamW's)
+    if saved != optimizer:
+        die(f"{out_dir}/ckpt.pt was trained with --optimizer={saved}; resume it with --optimizer={saved}")
     parallel.load_optimizer_state(optim, ckpt)
     if ckpt['scaler']:  # empty when the run was not float16: a fresh scaler then
         scaler.load_state_dict(ckpt['scaler'])
@@ -533,8 +511,7 @@ def restore_training_state(ckpt, parallel, optim, scaler, proc):
 
 
 def open_log(step):
-    """out_dir/log.jsonl, opened for appending: a resumed run forgets the rows after its checkpoint's step,
-    a new run starts it afresh."""
+    """out_dir/log.jsonl, for appending: a resumed run keeps the rows up to its checkpoint's step, a new one none."""
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, 'log.jsonl')
     kept = []
@@ -579,27 +556,25 @@ class StepTimer:
         return dt
 
 
-def sample_text(parallel, tokenizer, proc):
-    """The model's greedy continuation of sample_prompt (the book prints one at each evaluation)."""
-    prompt = torch.tensor([tokenizer.encode(sample_prompt)[-parallel.raw.config.block_size:]], device=proc.dev)
-    with proc.ctx, parallel.for_generation() as model:
-        out = model.eval().generate(prompt, sample_tokens, temperature=0)
-    model.train()
-    return tokenizer.decode(out[0, prompt.size(1):].tolist())
-
-
 def evaluate(parallel, splits, tokenizer, byte_counts, hellaswag, proc):
-    """Train and val loss (and HellaSwag, if asked) and a sample; (losses, sample). The generators are
-    left as they were, so that a run with evaluations draws the same dropout as one without."""
+    """(losses, sample): train and val loss (and HellaSwag, if asked), and the model's greedy continuation of
+    sample_prompt, as the book prints at each evaluation. The generators are left as they were, so that a run
+    with evaluations draws the same dropout as one without."""
+    sample = ''
     with torch.random.fork_rng(devices=[proc.dev] if proc.device_type == 'cuda' else []):
         losses = estimate_loss(parallel.raw, splits, tokenizer, byte_counts, hellaswag, proc)
-        sample = sample_text(parallel, tokenizer, proc) if parallel.samples_here and sample_prompt else ''
+        if parallel.samples_here and sample_prompt:
+            prompt = torch.tensor([tokenizer.encode(sample_prompt)[-parallel.raw.config.block_size:]], device=proc.dev)
+            with proc.ctx, parallel.for_generation() as model:
+                out = model.eval().generate(prompt, sample_tokens, temperature=0)
+            model.train()
+            sample = tokenizer.decode(out[0, prompt.size(1):].tolist())
     return losses, sample
 
 
 def save_training_state(parallel, optim, scaler, proc, about_run, iter_num, best_val_loss, batches):
-    """out_dir/ckpt.pt; about_run: what stays the same all run (model_args, tokenizer, config). Every rank
-    calls it (the gathers are collective), rank 0 writes it."""
+    """out_dir/ckpt.pt; about_run: what stays the same all run (tokenizer, config). Every rank calls it (the
+    gathers are collective), rank 0 writes it."""
     # every rank's own generators (CPU, and its GPU's for dropout there), so that a resumed run continues exactly
     own_rng = (torch.get_rng_state(), torch.cuda.get_rng_state(proc.dev) if proc.device_type == 'cuda' else None)
     rngs = [own_rng]
@@ -607,13 +582,11 @@ def save_training_state(parallel, optim, scaler, proc, about_run, iter_num, best
         rngs = [None] * proc.world_size
         torch.distributed.all_gather_object(rngs, own_rng)
     model_sd, optim_sd = parallel.state_dicts(optim)
-    state = {'model': model_sd, 'model_args': about_run['model_args'], 'tokenizer': about_run['tokenizer'],
-             'config': about_run['config'], 'iter_num': iter_num, 'best_val_loss': best_val_loss,
-             'optimizer': optim_sd, 'fsdp': parallel.fsdp, 'scaler': scaler.state_dict(),
-             'rng': {'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
-             'data': {'seed': batches.order_seed, 'step': iter_num, 'order': batches.order}}
     if proc.master:
-        save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
+        save_checkpoint(os.path.join(out_dir, 'ckpt.pt'), parallel.raw, **about_run, weights=model_sd,
+                        iter_num=iter_num, best_val_loss=best_val_loss, optimizer=optim_sd, fsdp=parallel.fsdp,
+                        scaler=scaler.state_dict(), rng={'torch': [r[0] for r in rngs], 'cuda': [r[1] for r in rngs]},
+                        data={'seed': batches.order_seed, 'step': iter_num, 'order': batches.order})
 
 
 def finish(proc, interrupted, iter_num, log_file):
@@ -637,9 +610,9 @@ def main():
     model, ckpt, start = build_model(meta, proc)
     T = model.config.block_size
     splits, tokenizer, byte_counts, hellaswag = load_data(T, proc)
-    about_run = {'model_args': asdict(model.config), 'tokenizer': tokenizer.spec, 'config': config}  # in every checkpoint
-    if quantize != 'none':  # in the dtype sample.py --quantize talks in, on the CPU before the move
-        QUANTIZERS[quantize](model.to(dtype=getattr(torch, quantized_dtype(quantize, proc.device_type, proc.amp_dtype))))
+    about_run = {'tokenizer': tokenizer.spec, 'config': config}  # in every checkpoint
+    if quantize != 'none':  # as sample.py --quantize talks, on the CPU before the move
+        cast_and_quantize(model, quantize, proc.device_type, proc.amp_dtype)
     model.to(proc.dev)
     if eval_only:
         return evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc)

@@ -1,13 +1,11 @@
 """
-Every file a model lives in: our own checkpoints (out_dir/ckpt.pt, atomic, loaded weights-only), and
-published weights in and out (book ch. 5.5 and the "GPT to Llama" bonus): downloads from the Hugging
-Face hub with requests, safetensors read and written without the safetensors package, GPT-2 and the
-Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) mapped onto model.py's one GPT.
-    from weights import from_pretrained, save_pretrained, load_pretrained
+Every file a model lives in: our own checkpoints (out_dir/ckpt.pt, atomic, loaded weights-only), and published
+weights in and out (book ch. 5.5 and the "GPT to Llama" bonus): downloads from the Hugging Face hub with requests,
+safetensors read and written without the safetensors package, GPT-2 and the Llama family (Llama 3.2, Qwen2.5,
+Qwen3, SmolLM2) mapped onto model.py's one GPT. Functions, not methods of GPT: model.py imports nothing of ours.
+    from weights import from_pretrained, save_pretrained
     model = from_pretrained('qwen3-0.6b')        # a GPT-2 size, a short name, a hub id or a local folder
     save_pretrained(model, 'my-qwen')            # the family's own layout, loads in transformers
-These are functions here, not methods of GPT: model.py imports nothing of ours, so it stays a file
-you can copy alone into another project, and it is the same class whoever imported what.
 """
 import json
 import math
@@ -15,18 +13,42 @@ import mmap
 import os
 import pickle
 import sys
-import warnings
 import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from configurator import atomic_write, save_text
 from model import GPT, GPTConfig, PRESETS, merged_state_dict
 
 
 # -------------------------------------------------------------------- our checkpoints (out_dir/ckpt.pt)
+
+@contextmanager
+def atomic_write(path):
+    """`with atomic_write(path) as tmp:` write to tmp; it replaces `path` only when the block ends without an
+    error, so a crash never leaves half a file where a whole one was (os.replace is atomic on every platform)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_text(path, text):  # UTF-8, atomically
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
+
+
+def save_json(path, obj):
+    save_text(path, json.dumps(obj, indent=2))
+
 
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -37,7 +59,8 @@ def load_state_dict_checked(model, sd, source):
     sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in sd.items()}
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(t.shape)}" for k, t in own.items()
+              if k in sd and sd[k].shape != t.shape]
     if missing or extra or shapes:
         what = '; '.join(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
                          for label, items in (('missing', missing), ('unexpected', extra), ('shape', shapes)) if items)
@@ -46,10 +69,13 @@ def load_state_dict_checked(model, sd, source):
         model.load_state_dict(sd)
 
 
-def save_checkpoint(ckpt, path):
-    """torch.save, atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path, model, tokenizer, config, weights=None, **state):
+    """A checkpoint at path, atomically. What every script loads from it: the weights (LoRA folded in; or `weights`,
+    a state dict gathered elsewhere, as FSDP's), the model's config, the tokenizer's spec and the run's config (its
+    flags); then `state`: what the script that wrote it needs to continue (step, optimizer, generators, ...)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {'model': merged_state_dict(model) if weights is None else weights, 'model_args': asdict(model.config),
+            'tokenizer': tokenizer, 'config': config, **state}
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -58,8 +84,7 @@ def load_checkpoint(path, map_location='cpu'):
     """A checkpoint dict (path may be its out_dir). weights_only=True: loading never runs code
     from the file; a hostile, truncated or foreign file raises ValueError with one line."""
     path = Path(path)
-    if path.suffix != '.pt':
-        path = path / 'ckpt.pt'
+    path = path if path.suffix == '.pt' else path / 'ckpt.pt'
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one first (python train.py) or use --init_from=gpt2")
     try:
@@ -94,11 +119,9 @@ def model_from_checkpoint(ckpt, source='checkpoint', **overrides):
 # -------------------------------------------------------------------- downloads
 
 def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1.0, headers=None):
-    """Fetch url to path with requests, for real: streamed with a progress display, resumed
-    and retried with backoff after a dropped connection or a 5xx, size-checked against
-    Content-Length and sha256-checked where known. The bytes go to path.part, renamed only when
-    complete, and kept after a failure (unlike atomic_write's temp) for the next try to resume.
-    Returns path (at once if it already exists)."""
+    """Fetch url to path (at once if it exists) with requests: streamed with a progress display, resumed and retried
+    with backoff after a dropped connection or a 5xx, checked against Content-Length and sha256 where known. The
+    bytes go to path.part, renamed only when complete, and kept after a failure for the next try to resume."""
     import hashlib
     import requests
     path = Path(path)
@@ -117,10 +140,9 @@ def download(url, path, sha256=None, desc=None, retries=4, timeout=30, backoff=1
                     raise requests.ConnectionError("range not satisfiable")
                 if r.status_code >= 500 or r.status_code == 429:
                     raise requests.ConnectionError(f"HTTP {r.status_code}")
-                if r.status_code == 404:
-                    raise FileNotFoundError(f"download of {url} failed: HTTP 404 Not Found; check the URL")
-                if r.status_code >= 400:
-                    raise OSError(f"download of {url} failed: HTTP {r.status_code} {r.reason}; check the URL")
+                if r.status_code >= 400:  # a missing file is FileNotFoundError: an optional file may be absent
+                    error = FileNotFoundError if r.status_code == 404 else OSError
+                    raise error(f"download of {url} failed: HTTP {r.status_code} {r.reason}; check the URL")
                 if r.status_code != 206:
                     have = 0  # the server ignored our Range: take the whole body again
                 length = r.headers.get('Content-Length')
@@ -170,10 +192,9 @@ SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes; the hub's largest models need a f
 
 
 def read_safetensors_header(path):
-    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file: 8 bytes of little-endian
-    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor
-    bytes. All checked before a tensor is read: the length is only the file's claim, so one past
-    SAFETENSORS_MAX_HEADER is refused unread, and every tensor must lie inside the file and fill its bytes."""
+    """{name: (dtype, shape, byte offset in the file)} of a .safetensors file: 8 bytes of header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw tensor bytes (little-endian). Checked before a tensor is read:
+    a header claimed past SAFETENSORS_MAX_HEADER is refused unread; each tensor must fill its bytes inside the file."""
     path = Path(path)
     try:
         with open(path, 'rb') as f:
@@ -187,13 +208,15 @@ def read_safetensors_header(path):
             if name == '__metadata__':
                 continue
             dtype, (begin, end) = _ST_DTYPES[info['dtype']], info['data_offsets']
-            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == math.prod(info['shape']) * dtype.itemsize):
+            nbytes = math.prod(info['shape']) * dtype.itemsize
+            if not (0 <= begin <= end and 8 + n + end <= size and end - begin == nbytes):
                 raise ValueError(f"tensor {name} lies outside the file or has the wrong size")
             where[name] = (dtype, info['shape'], 8 + n + begin)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)}); re-download or re-save it") from None
+        raise ValueError(f"{path} is not a valid safetensors file ({_first_line(e)}); "
+                         "re-download or re-save it") from None
     return where
 
 
@@ -214,8 +237,8 @@ def save_safetensors(tensors, path, metadata=None):
     for name, t in tensors.items():
         t = t.detach().to('cpu').contiguous()
         flat[name] = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        header[name] = {'dtype': inv[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + flat[name].numel()]}
-        offset += flat[name].numel()
+        start, offset = offset, offset + flat[name].numel()
+        header[name] = {'dtype': inv[t.dtype], 'shape': list(t.shape), 'data_offsets': [start, offset]}
     head = json.dumps(header, separators=(',', ':')).encode()
     head += b' ' * (-len(head) % 8)  # the data starts 8-byte aligned
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
@@ -232,8 +255,7 @@ CACHE_DIR = Path(os.environ.get('LLM_CACHE_DIR', Path.home() / '.cache' / 'llm-f
 
 
 def fetch_gpt2(name):
-    """Download OpenAI's GPT-2 weights (Hugging Face layout) once into CACHE_DIR/name; later
-    runs find them there and need no network. Returns the folder."""
+    """The folder of OpenAI's GPT-2 weights (Hugging Face layout), downloaded once into CACHE_DIR/name."""
     folder = CACHE_DIR / name
     for file in ('config.json', 'model.safetensors'):
         download(f"{HF_ENDPOINT}/openai-community/{name}/resolve/main/{file}", folder / file, desc=f"{name}/{file}")
@@ -255,22 +277,19 @@ def gpt2_state_dict(tensors):
     return sd
 
 
-def _gpt2_config(path, tensors):
-    """GPTConfig from config.json beside the weights, else from the tensor shapes."""
-    cfg_file = path.parent / 'config.json' if path.suffix == '.safetensors' else path / 'config.json'
-    if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text(encoding='utf-8'))
-        if cfg.get('model_type', 'gpt2') != 'gpt2':
-            raise ValueError(f"{cfg_file}: model_type {cfg.get('model_type')!r} is not GPT-2")
-        return GPTConfig(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                         vocab_size=cfg['vocab_size'], block_size=cfg.get('n_positions', cfg.get('n_ctx')))
-    wte = tensors.get('wte.weight', tensors.get('transformer.wte.weight'))
-    wpe = tensors.get('wpe.weight', tensors.get('transformer.wpe.weight'))
-    n_layer = len({k.removeprefix('transformer.').split('.')[1] for k in tensors if '.h.' in '.' + k.removeprefix('transformer.')})
-    preset = next((p for p in PRESETS.values() if wte is not None and p['n_embd'] == wte.shape[1] and p['n_layer'] == n_layer), None)
-    if preset is None:
-        raise ValueError(f"{path}: no config.json beside the weights and the shapes match no GPT-2 size; add config.json")
-    return GPTConfig(**preset, vocab_size=wte.shape[0], block_size=wpe.shape[0])
+def gpt2_config(hf, tensors, path):
+    """GPTConfig from GPT-2's config.json (hf), or where there is none, from the tensor shapes."""
+    if 'n_layer' in hf:
+        return GPTConfig(n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=hf['n_embd'], vocab_size=hf['vocab_size'],
+                         block_size=hf.get('n_positions', hf.get('n_ctx')))
+    names = [k.removeprefix('transformer.') for k in tensors]
+    wte, wpe = (tensors.get(k, tensors.get('transformer.' + k)) for k in ('wte.weight', 'wpe.weight'))
+    n_layer = len({k.split('.')[1] for k in names if k.startswith('h.')})
+    fits = [p for p in PRESETS.values() if wte is not None and (p['n_embd'], p['n_layer']) == (wte.shape[1], n_layer)]
+    if not fits:
+        raise ValueError(f"{path}: no config.json beside the weights and the shapes match no GPT-2 size; "
+                         "add config.json")
+    return GPTConfig(**fits[0], vocab_size=wte.shape[0], block_size=wpe.shape[0])
 
 
 # Published models by short name (any other hub id works too, e.g. meta-llama/Llama-3.2-3B-Instruct)
@@ -285,10 +304,9 @@ ALIASES = {
 
 
 def fetch_hub(repo, weights=True):
-    """Download a hub model's config.json, tokenizer.json and weights (one model.safetensors, or
-    the shards its model.safetensors.index.json names) once into CACHE_DIR/<repo>. Gated repos
-    (Llama) need the license accepted on the hub and HF_TOKEN set. Returns the folder. A marker
-    file says a fetch was complete, so later runs ask the network nothing (offline works)."""
+    """The folder of a hub model's config.json, tokenizer.json and weights, downloaded once into CACHE_DIR/<repo>;
+    a marker file says a fetch was complete, so later runs ask the network nothing. Gated repos (Llama) need the
+    license accepted on the hub and HF_TOKEN set."""
     folder = CACHE_DIR / repo.replace('/', '--')
     complete = folder / ('.complete' if weights else '.complete-tokenizer')
     if complete.is_file() or (folder / '.complete').is_file():
@@ -298,11 +316,11 @@ def fetch_hub(repo, weights=True):
 
     def get(file, optional=False):
         try:
-            return download(f"{HF_ENDPOINT}/{repo}/resolve/main/{file}", folder / file, desc=f"{repo}/{file}", headers=headers)
+            url = f"{HF_ENDPOINT}/{repo}/resolve/main/{file}"
+            return download(url, folder / file, desc=f"{repo}/{file}", headers=headers)
         except FileNotFoundError:
-            if optional:
-                return None
-            raise
+            if not optional:
+                raise
         except OSError as e:
             if 'HTTP 401' in str(e) or 'HTTP 403' in str(e):
                 raise OSError(f"{repo} is gated: accept its license on the hub, then set HF_TOKEN to an access token "
@@ -311,12 +329,9 @@ def fetch_hub(repo, weights=True):
     get('config.json')
     get('tokenizer.json', optional=True)
     if weights:
-        index = get('model.safetensors.index.json', optional=True)
-        if index is None:
-            get('model.safetensors')
-        else:
-            for shard in sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values())):
-                get(shard)
+        get('model.safetensors.index.json', optional=True)  # a sharded model's: it names the shards
+        for file in weight_files(folder):
+            get(file.name)
     complete.write_text('')
     return folder
 
@@ -352,8 +367,8 @@ def hf_names(name):
 
 
 def llama_config(hf):
-    """GPTConfig from a Llama / Qwen2 / Qwen3 config.json (the hub's rope_theta + rope_scaling, or
-    transformers 5's rope_parameters)."""
+    """GPTConfig from a Llama / Qwen2 / Qwen3 config.json (rope_theta + rope_scaling, or transformers 5's
+    rope_parameters)."""
     family = hf['model_type']
     rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
     rope_type = rope.get('rope_type', rope.get('type', 'default'))
@@ -362,14 +377,16 @@ def llama_config(hf):
     scaling = None
     if rope_type == 'llama3':
         scaling = {k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor')}
-        scaling['original_max_position_embeddings'] = rope.get('original_max_position_embeddings', hf['max_position_embeddings'])
+        scaling['original_max_position_embeddings'] = rope.get('original_max_position_embeddings',
+                                                               hf['max_position_embeddings'])
     if hf.get('use_sliding_window'):
         raise ValueError("sliding-window attention (use_sliding_window) is not supported")
     n_head = hf['num_attention_heads']
     return GPTConfig(
         block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'], n_layer=hf['num_hidden_layers'],
         n_head=n_head, n_embd=hf['hidden_size'], n_kv_head=hf.get('num_key_value_heads') or n_head,
-        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head, bias=bool(hf.get('attention_bias') and hf.get('mlp_bias')),
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_head,
+        bias=bool(hf.get('attention_bias') and hf.get('mlp_bias')),
         qkv_bias=family == 'qwen2' or bool(hf.get('attention_bias')), qk_norm=family == 'qwen3',
         norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), pos_emb='rope',
         rope_theta=hf.get('rope_theta', rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
@@ -398,12 +415,11 @@ class SafetensorsFiles:
             out.copy_(target)
 
 
-def weight_files(folder):
+def weight_files(folder):  # one model.safetensors, or the shards its index names
     index = folder / 'model.safetensors.index.json'
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values()))
-        return [folder / s for s in shards]
-    return [folder / 'model.safetensors']
+    if not index.is_file():
+        return [folder / 'model.safetensors']
+    return [folder / s for s in sorted(set(json.loads(index.read_text(encoding='utf-8'))['weight_map'].values()))]
 
 
 def empty_model(config, dtype):
@@ -423,7 +439,7 @@ def load_llama(folder, hf, dtype=None, **overrides):
     config = llama_config(hf)
     config.dropout = overrides.get('dropout', 0.0)
     files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
-    file_dtype = files.where[HF_NAMES['transformer.wte.weight'][0]][1]  # the embedding's (norms may be kept in float32)
+    file_dtype = files.where[HF_NAMES['transformer.wte.weight'][0]][1]  # the embedding's: norms may be float32
     model = empty_model(config, dtype or file_dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied head is not listed twice
@@ -437,8 +453,8 @@ def load_llama(folder, hf, dtype=None, **overrides):
                 files.copy_into(part, param[row:row + rows])
                 row += rows
             if row != param.size(0):
-                raise ValueError(f"{folder}: {', '.join(parts)} give {row} rows, the model's {name} has {param.size(0)}; "
-                                 "config.json does not match the weights")
+                raise ValueError(f"{folder}: {', '.join(parts)} give {row} rows, the model's {name} has "
+                                 f"{param.size(0)}; config.json does not match the weights")
     return model
 
 
@@ -448,7 +464,8 @@ def is_hub_name(name):
     name = str(name)
     if name.lower() in ALIASES:
         return True
-    looks_like_file = name.startswith(('.', '/', '~', '\\')) or name.endswith(('.pt', '.safetensors', '.json', '.bin', '.model'))
+    looks_like_file = (name.startswith(('.', '/', '~', '\\'))
+                       or name.endswith(('.pt', '.safetensors', '.json', '.bin', '.model')))
     return name.count('/') == 1 and not looks_like_file and not Path(name).exists()
 
 
@@ -468,8 +485,8 @@ def pretrained_path(name_or_path, weights=True):
 
 
 def from_pretrained(name_or_path, dtype=None, **overrides):
-    """GPT-2 sizes, hub ids or short names of the Llama family, or a local folder / .safetensors
-    file in the Hugging Face layout. dtype: the weights' dtype (None: as the files hold them)."""
+    """A GPT-2 size, a Llama-family short name or hub id, or a local folder / .safetensors file in the Hugging Face
+    layout. dtype: the weights' dtype (None: as the files hold them)."""
     bad = set(overrides) - {'block_size', 'dropout'}
     if bad:
         raise ValueError(f"from_pretrained can only override block_size and dropout, not {sorted(bad)}")
@@ -486,7 +503,7 @@ def from_pretrained(name_or_path, dtype=None, **overrides):
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
         tensors = load_safetensors(weights)
-        config = _gpt2_config(path, tensors)
+        config = gpt2_config(hf, tensors, path)
         config.dropout = overrides.get('dropout', 0.0)
         model = GPT(config)
         load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))
@@ -494,17 +511,17 @@ def from_pretrained(name_or_path, dtype=None, **overrides):
             model.to(dtype)
     block_size = overrides.get('block_size', model.config.block_size)
     if block_size > model.config.block_size:
-        raise ValueError(f"block_size {block_size} is longer than the {model.config.block_size} positions the weights have")
+        raise ValueError(f"block_size {block_size} is longer than the {model.config.block_size} positions "
+                         "the weights have")
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
     return model
 
 
 def save_pretrained(model, folder, tokenizer_json=None):
-    """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel:
-    Conv1D weights transposed back, zero biases where this model has none; Llama/Qwen: the hub's
-    names, q/k/v and gate/up split apart again), plus tokenizer.json when given its text, so the
-    folder loads here, in transformers and anywhere else such checkpoints are read."""
+    """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel: Conv1D weights
+    transposed back, zero biases where this model has none; Llama/Qwen: the hub's names, q/k/v and gate/up split
+    apart again), plus tokenizer.json when given its text, so the folder loads here and in transformers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_json is not None:
@@ -556,32 +573,41 @@ def save_llama(model, folder):
               hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
               num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
               max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps, hidden_act='silu',
-              rope_theta=cfg.rope_theta, rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
-              tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
-              attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
+              rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
+              rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
+              mlp_bias=cfg.bias, attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
     save_text(folder / 'config.json', json.dumps(hf, indent=2))
 
 
-def load_pretrained(init_from, dtype=None, **overrides):
-    """(model, info) from a GPT-2 size, a checkpoint of ours (a ckpt.pt or the folder holding
-    it), a Llama-family name or hub id, or Hugging Face-layout weights (a folder or .safetensors
-    file): the starting point every script accepts. info: {'tokenizer': what
-    tokenizer.get_tokenizer takes (a name, the model's folder, or the spec a checkpoint
-    carries), 'prompt_style': the instruction template a fine-tuned checkpoint was trained with,
-    or None}."""
-    path = Path(init_from)
-    if init_from not in PRESETS and not is_hub_name(init_from) and (path.suffix == '.pt' or (path / 'ckpt.pt').is_file()):
+def load_pretrained(init_from, dtype=None, out_dir='out', scratch=None, **overrides):
+    """(model, info) of what every script's --init_from names: scratch (GPT(scratch), a GPTConfig), resume
+    (out_dir/ckpt.pt), a checkpoint of ours (a ckpt.pt or its folder), a GPT-2 size, a Llama-family name or hub
+    id, or Hugging Face-layout weights (a folder or .safetensors file). overrides (dropout, block_size) apply to
+    published weights; a checkpoint takes dropout and a smaller block_size. info: {'tokenizer': what get_tokenizer
+    takes, 'prompt_style': a fine-tuned checkpoint's instruction template or None, 'checkpoint': ours (less its
+    weights, which are in the model) or None}."""
+    if init_from == 'scratch':
+        if scratch is None:
+            raise ValueError("--init_from=scratch: this script starts from trained weights; give a checkpoint, "
+                             "a GPT-2 size or a model name")
+        return GPT(scratch), {'tokenizer': default_tokenizer(scratch), 'prompt_style': None, 'checkpoint': None}
+    path = Path(out_dir) / 'ckpt.pt' if init_from == 'resume' else Path(init_from)
+    ours = path.suffix == '.pt' or (path / 'ckpt.pt').is_file()
+    if init_from == 'resume' or (init_from not in PRESETS and not is_hub_name(init_from) and ours):
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, str(path), **{k: v for k, v in overrides.items() if k == 'dropout'})
+        del ckpt['model']  # a second copy of every weight, which a caller keeping info would hold on to
         if overrides.get('block_size', model.config.block_size) < model.config.block_size:
             model.crop_block_size(overrides['block_size'])
-        return model, {'tokenizer': ckpt.get('tokenizer', 'gpt2'), 'prompt_style': ckpt.get('prompt_style')}
+        return model, {'tokenizer': ckpt.get('tokenizer', 'gpt2'), 'prompt_style': ckpt.get('prompt_style'),
+                       'checkpoint': ckpt}
     model = from_pretrained(init_from, dtype=dtype, **overrides)
     folder = pretrained_path(init_from)
     folder = folder if folder.is_dir() else folder.parent
-    if (folder / 'tokenizer.json').is_file():
-        tokenizer = str(folder)
-    else:
-        tokenizer = 'bytes' if model.config.vocab_size == 257 else 'gpt2'
-    return model, {'tokenizer': tokenizer, 'prompt_style': None}
+    tokenizer = str(folder) if (folder / 'tokenizer.json').is_file() else default_tokenizer(model.config)
+    return model, {'tokenizer': tokenizer, 'prompt_style': None, 'checkpoint': None}
+
+
+def default_tokenizer(config):  # of a model that names none: our byte tokenizer's 257 ids, else GPT-2's
+    return 'bytes' if config.vocab_size == 257 else 'gpt2'
 

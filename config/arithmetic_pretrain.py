@@ -1,7 +1,7 @@
 # The from-scratch GRPO demonstration, step 1 of 3: a small GPT learns addition from 200 worked examples.
 #   python prepare_data.py --dataset=arithmetic
 #   python train.py config/arithmetic_pretrain.py
-#   python finetune_instruct.py config/arithmetic_grpo.py
+#   python finetune_grpo.py config/arithmetic_grpo.py
 # The worked set is small and fixed on purpose (the sequel's setting: few worked solutions, many problems
 # with checkable answers), so imitating it stops improving on held-out problems; README and RESULTS.md.
 out_dir = 'out-arithmetic'

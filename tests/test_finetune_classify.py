@@ -33,8 +33,7 @@ def base_checkpoint(folder):
     """A small 'pretrained' byte-level GPT, as train.py would save it."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
-    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
-                    folder / 'ckpt.pt')
+    save_checkpoint(folder / 'ckpt.pt', model, 'bytes', {})
     return model
 
 

@@ -29,8 +29,7 @@ def synthetic_entries(path, n=60):
 def base_checkpoint(folder, block_size=256):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=257, n_layer=2, n_head=2, n_embd=48))
-    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
-                    folder / 'ckpt.pt')
+    save_checkpoint(folder / 'ckpt.pt', model, 'bytes', {})
     return model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, spread_weights
-from model import GPT, GPTConfig, KVCache, apply_lora, filter_logits, merge_lora, merged_state_dict, set_lora_enabled
+from model import GPT, GPTConfig, KVCache, apply_lora, filter_logits, merge_lora, merged_state_dict, lora_disabled
 from weights import (from_pretrained, load_checkpoint, load_safetensors, model_from_checkpoint, save_checkpoint,
                      save_pretrained, save_safetensors)
 
@@ -177,7 +177,7 @@ def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
     save_pretrained(padded, tmp_path / 'hf')  # the Hugging Face layout has only the real rows
     assert load_safetensors(tmp_path / 'hf' / 'model.safetensors')['transformer.wte.weight'].shape == (96, 32)
     assert torch.allclose(from_pretrained(tmp_path / 'hf').eval()(idx)[0], l0, atol=1e-5)
-    save_checkpoint({'model': padded.state_dict(), 'model_args': vars(padded.config).copy()}, tmp_path / 'ckpt.pt')
+    save_checkpoint(tmp_path / 'ckpt.pt', padded, None, {})
     back = model_from_checkpoint(load_checkpoint(tmp_path))
     assert back.config.padded_vocab_size == 128 and torch.equal(back.eval()(idx)[0], lp.detach())
 
@@ -282,9 +282,9 @@ def test_lora_starts_unchanged_trains_only_adapters_and_merges():
             assert torch.equal(v, frozen[k]), k
     after = model(idx)[0].detach()
     assert not torch.allclose(after, before)
-    set_lora_enabled(model, False)
-    assert torch.allclose(model(idx)[0], before)
-    set_lora_enabled(model, True)
+    with lora_disabled(model):
+        assert torch.allclose(model(idx)[0], before)
+    assert torch.allclose(model(idx)[0], after)  # the adapters are back
     plain = GPT(model.config).eval()
     plain.load_state_dict(merged_state_dict(model))
     assert torch.allclose(plain(idx)[0], after, atol=1e-5)
@@ -295,8 +295,7 @@ def test_lora_starts_unchanged_trains_only_adapters_and_merges():
 
 def test_checkpoint_round_trip_and_hostile_files(tmp_path):
     model = tiny()
-    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
-                    tmp_path / 'ckpt.pt')
+    save_checkpoint(tmp_path / 'ckpt.pt', model, 'bytes', {})
     assert not (tmp_path / 'ckpt.pt.tmp').exists()
     back = model_from_checkpoint(load_checkpoint(tmp_path))
     ids = torch.randint(0, 96, (1, 5))

@@ -1,4 +1,4 @@
-"""int8 and int4 weight-only decoding (model.quantize_int8, quantize_int4, --quantize): the layers' arithmetic, the
+"""int8 and int4 weight-only decoding (quantize.py: quantize_int8, quantize_int4, --quantize): the layers' arithmetic, the
 model's outputs within a stated tolerance, every way of talking to a model with it, its errors, its memory."""
 import copy
 import json
@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from conftest import (FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, make_llama_folder, run_script,
                       save_big_random_model)
-from model import GPT, GPTConfig, Int4Linear, Int8Embedding, Int8Linear, QUANTIZERS, quantize_int4, quantize_int8
+from model import GPT, GPTConfig
+from quantize import Int4Linear, Int8Embedding, Int8Linear, QUANTIZERS, quantize_int4, quantize_int8
 from prepare_data import prepare
 from tokenizer import format_chat
 from weights import from_pretrained
@@ -82,7 +83,7 @@ def test_int4_linear_equals_a_dequantized_matmul():
 
 def test_the_int8_kernel_is_chosen_only_where_it_applies():
     from types import SimpleNamespace
-    from model import int8_kernel_applies
+    from quantize import int8_kernel_applies
     on = lambda device, dtype: SimpleNamespace(device=torch.device(device), dtype=dtype)  # noqa: E731
     weight = torch.empty(64, 96, dtype=torch.int8)
     assert int8_kernel_applies(on('cpu', torch.bfloat16), weight)
@@ -237,18 +238,19 @@ def test_eval_only_in_int8_and_int4_and_the_error_lines(tmp_path):
     assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=int2'), '--quantize=int2')
     assert_one_line_error(run_script('finetune_instruct.py', '--quantize=fp8'), '--quantize=fp8')
     assert_one_line_error(run_script('bench.py', '--mode=generate', '--quantize=int8,nf4'), '--quantize=nf4')
-    from configurator import quantized_dtype  # int4's kernel is PyTorch's for CPUs: elsewhere one line, not a crash
-    with pytest.raises(SystemExit) as stop:
-        quantized_dtype('int4', 'cuda', 'bfloat16')
-    assert stop.value.code == ("error: --quantize=int4 runs on a CPU only (PyTorch's int4 kernel for CPUs); "
-                               "on cuda use --quantize=int8")  # die(): printed on stderr, exit code 1
+    from quantize import talk_dtype  # int4's kernel is PyTorch's for CPUs: elsewhere one line, not a crash
+    with pytest.raises(ValueError) as stop:
+        talk_dtype('int4', 'cuda', 'bfloat16')
+    assert str(stop.value) == ("--quantize=int4 runs on a CPU only (PyTorch's int4 kernel for CPUs); "
+                               "on cuda use --quantize=int8")  # the scripts die() with it: stderr, exit code 1
 
 
 MEASURE = '''
 import os, re, sys, torch
 sys.path.insert(0, sys.argv[2])
 from weights import empty_model, from_pretrained
-from model import GPTConfig, quantize_int8
+from model import GPTConfig
+from quantize import quantize_int8
 empty_model(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8), torch.float32)  # torch's first-use
 # setup (~65 MB, whatever the model's size) belongs to the baseline, not to the model
 resident = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -290,8 +292,7 @@ def test_finetune_instruct_answers_the_test_set_in_int8(tmp_path):
     from weights import load_pretrained, save_checkpoint
     torch.manual_seed(0)
     base = spread_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=48)), 40)
-    save_checkpoint({'model': base.state_dict(), 'model_args': vars(base.config).copy(), 'tokenizer': 'bytes'},
-                    tmp_path / 'ckpt.pt')  # spread: int8's answers differ from full precision's
+    save_checkpoint(tmp_path / 'ckpt.pt', base, 'bytes', {})  # spread: int8's answers differ from full precision's
     out = tmp_path / 'out'
     proc = run_script('finetune_instruct.py', f'--data={synthetic_entries(tmp_path / "d.json")}', f'--init_from={tmp_path}',
                       f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', '--eval_limit=3', '--max_new_tokens=8',

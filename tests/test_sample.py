@@ -21,8 +21,7 @@ def make_checkpoint(out_dir, spread=1.0):
         for name, p in model.named_parameters():
             if p.dim() == 2 and '.h.' in name:
                 p.mul_(spread)
-    save_checkpoint({'model': model.state_dict(), 'model_args': vars(model.config).copy(), 'tokenizer': 'bytes'},
-                    out_dir / 'ckpt.pt')
+    save_checkpoint(out_dir / 'ckpt.pt', model, 'bytes', {})
     return model
 
 
