@@ -1,7 +1,17 @@
-"""Shared test setup: the repo on sys.path, GPT-2's BPE files from ../shared, a local HTTP server."""
+"""Shared test setup: the repo on sys.path, GPT-2's BPE files from ../shared, a local HTTP server, our scripts run
+as a user runs them (or in this process, for their error lines), a time limit per test, and under CI=true no
+skipped test."""
+import _thread
+import contextlib
+import faulthandler
 import http.server
+import io
 import json
 import os
+import re
+import runpy
+import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +25,40 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / 'tiktoken_cache').is_dir():
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'tiktoken_cache'))
 FIXTURES = ROOT / 'tests' / 'fixtures'
+TEST_TIMEOUT = int(os.environ.get('TEST_TIMEOUT', 600))  # seconds one test may take before it fails with a traceback
+PLATFORM_SKIP = re.compile(r'windows|win32|macos|\bmps\b|cuda|gpu', re.IGNORECASE)  # what CI's Linux CPU is not
+
+
+@pytest.fixture(autouse=True)
+def time_limit(request):
+    """A test that hangs (a loop waiting on a child, a socket) is interrupted after TEST_TIMEOUT seconds, as Ctrl+C
+    would: the run stops there, naming the test and the line it hung on, instead of eating CI's 90 minutes. A real
+    SIGINT (where there is one), so that a blocking call returns; should even that go unheard, faulthandler ends
+    the process a minute later with every thread's traceback."""
+    main = threading.main_thread().ident
+
+    def expire():
+        print(f"\n{request.node.nodeid}: over {TEST_TIMEOUT} s, interrupted", file=sys.__stderr__, flush=True)
+        signal.pthread_kill(main, signal.SIGINT) if hasattr(signal, 'pthread_kill') else _thread.interrupt_main()
+    timer = threading.Timer(TEST_TIMEOUT, expire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(TEST_TIMEOUT + 60, exit=True, file=sys.__stderr__)
+    yield
+    timer.cancel()
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test fails: CI installs everything the tests need, so a skip there means a test
+    that did not run (a missing package, compiler or file). Skips for a platform CI is not (Windows, macOS, MPS,
+    CUDA) stay skips."""
+    report = (yield).get_result()
+    if report.skipped and os.environ.get('CI') == 'true' and not hasattr(report, 'wasxfail'):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not PLATFORM_SKIP.search(reason):
+            report.outcome, report.longrepr = 'failed', f"skipped under CI=true, where every test must run: {reason}"
 
 
 def spread_weights(model, factor=10):
@@ -120,15 +164,37 @@ def server():
 DEVICE_SCRIPTS = ('train.py', 'sample.py', 'finetune_classify.py', 'finetune_instruct.py', 'bench.py')
 
 
-def run_script(script, *args, cwd=None, timeout=300):
-    """Run one of our scripts as a user would; returns the CompletedProcess (text). The tests mean
-    CPU and float32 (exact comparisons), also on a machine with a GPU or a bfloat16 CPU: the
-    scripts that choose a device get --device=cpu --dtype=float32 first, which a test's own
-    arguments override."""
-    import subprocess
+def script_argv(script, args):
+    """The command line of one of our scripts as the tests run it. The tests mean CPU and float32 (exact
+    comparisons), also on a machine with a GPU or a bfloat16 CPU: the scripts that choose a device get
+    --device=cpu --dtype=float32 first, which a test's own arguments override."""
     first = ['--device=cpu', '--dtype=float32'] if script in DEVICE_SCRIPTS else []
-    return subprocess.run([sys.executable, str(ROOT / script), *first, *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return [str(ROOT / script), *first, *map(str, args)]
+
+
+def run_script(script, *args, cwd=None, timeout=300):
+    """Run one of our scripts as a user would, in a new interpreter; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, *script_argv(script, args)], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_here(script, *args):
+    """Run one of our scripts inside this process, as `python script args` would (runpy, as __main__, in a fresh
+    namespace), for the tests of its one-line errors: no new interpreter and torch import for each. sys.exit's
+    message goes to stderr as the interpreter would print it; an uncaught exception propagates (a traceback is
+    never a one-line error). Returns a CompletedProcess (text), as run_script does."""
+    argv, out, err = script_argv(script, args), io.StringIO(), io.StringIO()
+    saved, sys.argv, code = sys.argv, argv, 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(argv[0], run_name='__main__')
+    except SystemExit as e:
+        code = 1 if isinstance(e.code, str) else e.code or 0
+        if isinstance(e.code, str):
+            err.write(e.code + '\n')
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *needles):
