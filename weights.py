@@ -436,10 +436,16 @@ def empty_model(config, dtype):
 
 def load_llama(folder, hf, dtype=None, **overrides):
     """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder, each parameter read from the files."""
-    config = llama_config(hf)
+    try:
+        config = llama_config(hf)
+    except KeyError as e:
+        raise ValueError(f"{folder / 'config.json'} lacks {e}; is it a whole {hf['model_type']} config.json?") from None
     config.dropout = overrides.get('dropout', 0.0)
     files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
-    file_dtype = files.where[HF_NAMES['transformer.wte.weight'][0]][1]  # the embedding's: norms may be float32
+    embedding = HF_NAMES['transformer.wte.weight'][0]
+    if embedding not in files.where:
+        raise ValueError(f"{folder} lacks {embedding}; is it a complete {hf['model_type']} checkpoint?")
+    file_dtype = files.where[embedding][1]  # the embedding's: norms may be float32
     model = empty_model(config, dtype or file_dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied head is not listed twice
@@ -503,7 +509,10 @@ def from_pretrained(name_or_path, dtype=None, **overrides):
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found; a GPT-2 folder holds model.safetensors and config.json")
         tensors = load_safetensors(weights)
-        config = gpt2_config(hf, tensors, path)
+        try:
+            config = gpt2_config(hf, tensors, path)
+        except KeyError as e:
+            raise ValueError(f"{cfg_file} lacks {e}; is it a complete gpt2 config.json?") from None
         config.dropout = overrides.get('dropout', 0.0)
         model = GPT(config)
         load_state_dict_checked(model, gpt2_state_dict(tensors), str(weights))

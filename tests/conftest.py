@@ -161,6 +161,14 @@ def server():
     s.close()
 
 
+@pytest.fixture(scope='session')
+def pydoc_data(tmp_path_factory):
+    """Python's docs as byte tokens (prepare_data.py's pydoc data set, no download), prepared once for the whole
+    session and shared by the tests that train on it: read from it, never write into it."""
+    from prepare_data import prepare
+    return prepare('pydoc', data_dir=tmp_path_factory.mktemp('pydoc_data') / 'pydoc', quiet=True)
+
+
 DEVICE_SCRIPTS = ('train.py', 'sample.py', 'finetune_classify.py', 'finetune_instruct.py', 'bench.py')
 
 
@@ -234,6 +242,17 @@ def save_big_random_model(config, folder):
             p.normal_()
     save_pretrained(model, folder)
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.fixture(scope='session')
+def big_random_model(tmp_path_factory):
+    """(folder, weights' bytes) of one ~110 MB bfloat16 Qwen3-like model (12 layers; its embedding 31% of it,
+    Qwen3-0.6B's 26%) in the Hugging Face layout, made once for the memory tests: read it, never write into it."""
+    from model import GPTConfig
+    cfg = GPTConfig(block_size=512, vocab_size=32768, n_layer=12, n_head=8, n_kv_head=4, head_dim=64, n_embd=512,
+                    qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1536, bias=False)
+    folder = tmp_path_factory.mktemp('big_random_model') / 'm'
+    return folder, save_big_random_model(cfg, folder)
 
 
 # a line for the memory tests' subprocess scripts: the process's own peak resident bytes (Linux). ru_maxrss would

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import finetune_classify as fc
-from conftest import SHARED, assert_one_line_error, run_script
+from conftest import SHARED, assert_one_line_error, run_here, run_script
 from model import GPT, GPTConfig
 from weights import load_checkpoint, save_checkpoint
 
@@ -21,7 +21,7 @@ def synthetic(path, n=240, seed=0):
     lines = []
     for i in range(n):
         label = 'spam' if i % 2 else 'ham'
-        key = rng.choice(['prize', 'winner', 'cash', 'free']) if label == 'spam' else rng.choice(['mum', 'dad', 'home', 'dinner'])
+        key = rng.choice(['prize', 'winner', 'cash', 'free'] if label == 'spam' else ['mum', 'dad', 'home', 'dinner'])
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
         words.insert(rng.randint(0, len(words)), key)
         lines.append(f"{label}\t{' '.join(words)}")
@@ -68,7 +68,8 @@ def test_classifier_learns(tmp_path):
     assert {'train_loss', 'val_loss', 'test_loss', 'val_accuracy'} <= set(metrics)
     ckpt = load_checkpoint(out / 'classifier.pt')
     assert ckpt['labels'] == ['ham', 'spam'] and ckpt['model']['lm_head.weight'].shape == (2, 32)
-    spam = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}', '--classify=free cash prize now')
+    spam = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}',
+                      '--classify=free cash prize now')
     ham = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}', '--classify=see mum at home')
     assert spam.stdout.startswith('spam (') and ham.stdout.startswith('ham ('), spam.stdout + ham.stdout
 
@@ -81,7 +82,8 @@ def test_last_block_training_freezes_the_rest(tmp_path):
     assert proc.returncode == 0, proc.stderr
     before = base.state_dict()
     for k, v in load_checkpoint(tmp_path / 'o' / 'classifier.pt')['model'].items():
-        if k.startswith(('transformer.h.1.', 'transformer.ln_f.')):  # the book's choice: last block + final norm (+ head)
+        # the book's choice: last block + final norm (+ head)
+        if k.startswith(('transformer.h.1.', 'transformer.ln_f.')):
             assert not torch.equal(v, before[k]), f"{k} should have trained"
         elif not k.startswith('lm_head.'):
             assert torch.equal(v, before[k]), f"{k} should be frozen"
@@ -97,7 +99,8 @@ def test_lora_trains_only_adapters_and_head(tmp_path):
     assert '4,162 trainable (lora)' in proc.stdout  # 2 layers x (512 + 256 + 640 + 640) adapter + 66 head
     ckpt = load_checkpoint(tmp_path / 'o' / 'classifier.pt')
     assert not any('lora' in k for k in ckpt['model'])  # merged into plain weights for saving
-    assert not torch.equal(ckpt['model']['transformer.h.0.attn.c_attn.weight'], base.state_dict()['transformer.h.0.attn.c_attn.weight'])
+    name = 'transformer.h.0.attn.c_attn.weight'
+    assert not torch.equal(ckpt['model'][name], base.state_dict()[name])
 
 
 def test_csv_with_three_classes_and_balancing(tmp_path):
@@ -139,16 +142,17 @@ def test_uci_download_falls_back_to_the_book_mirror_and_unzips(server, tmp_path,
 def test_bad_input_gives_one_line_errors(tmp_path):
     base_checkpoint(tmp_path)
     args = (f'--init_from={tmp_path}', f'--out_dir={tmp_path}/o')
+    # the first case in a new interpreter: the real no-traceback contract (the others run in this process)
     assert_one_line_error(run_script('finetune_classify.py', '--data=nope.tsv', *args), 'nope.tsv')
     (tmp_path / 'empty.tsv').write_text('')
-    assert_one_line_error(run_script('finetune_classify.py', f'--data={tmp_path}/empty.tsv', *args), 'no labelled texts')
+    assert_one_line_error(run_here('finetune_classify.py', f'--data={tmp_path}/empty.tsv', *args), 'no labelled texts')
     (tmp_path / 'one.tsv').write_text('ham\thi\nham\tthere\n')
-    assert_one_line_error(run_script('finetune_classify.py', f'--data={tmp_path}/one.tsv', *args), 'single class')
+    assert_one_line_error(run_here('finetune_classify.py', f'--data={tmp_path}/one.tsv', *args), 'single class')
     synthetic(tmp_path / 'ok.tsv', n=20)
-    assert_one_line_error(run_script('finetune_classify.py', f'--data={tmp_path}/ok.tsv', '--trainable=some', *args),
+    assert_one_line_error(run_here('finetune_classify.py', f'--data={tmp_path}/ok.tsv', '--trainable=some', *args),
                           '--trainable=some')
-    assert_one_line_error(run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={tmp_path}/none',
-                                     '--classify=hi'), 'no checkpoint')
+    assert_one_line_error(run_here('finetune_classify.py', '--init_from=resume', f'--out_dir={tmp_path}/none',
+                                   '--classify=hi'), 'no checkpoint')
     assert not (tmp_path / 'o' / 'classifier.pt').exists()
 
 
@@ -163,5 +167,6 @@ def test_a_llama_family_model_classifies(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / 'metrics.json').read_text())
     assert metrics['train_accuracy'] > 0.9 and metrics['test_accuracy'] > 0.75, metrics
-    spam = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}', '--classify=free cash prize now')
+    spam = run_script('finetune_classify.py', '--init_from=resume', f'--out_dir={out}',
+                      '--classify=free cash prize now')
     assert spam.stdout.startswith('spam ('), spam.stdout + spam.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import finetune_instruct as fi
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_here, run_script
 from model import GPT, GPTConfig
 from weights import load_checkpoint, save_checkpoint
 from tokenizer import format_prompt
@@ -69,7 +69,8 @@ def test_collate_masks_exactly_the_right_positions():
 
 
 def test_score_parsing():
-    assert [fi.parse_score(t) for t in ('85', 'Score: 90.', '100', ' 0\n', 'I would give it 72 points')] == [85, 90, 100, 0, 72]
+    texts = ('85', 'Score: 90.', '100', ' 0\n', 'I would give it 72 points')
+    assert [fi.parse_score(t) for t in texts] == [85, 90, 100, 0, 72]
     assert [fi.parse_score(t) for t in ('excellent!', '3.5', '150', '')] == [None, None, None, None]
 
 
@@ -203,15 +204,18 @@ def test_lora_trains_only_adapters_and_saves_plain_weights(tmp_path):
 def test_bad_input_gives_one_line_errors(tmp_path):
     base_checkpoint(tmp_path)
     args = (f'--init_from={tmp_path}', f'--out_dir={tmp_path}/o', '--judge=none')
-    (tmp_path / 'bad.json').write_text(json.dumps([{'instruction': 'a', 'input': '', 'output': 'b'}, {'instruction': 'x'}]))
+    bad = [{'instruction': 'a', 'input': '', 'output': 'b'}, {'instruction': 'x'}]
+    (tmp_path / 'bad.json').write_text(json.dumps(bad))
+    # the first case in a new interpreter: the real no-traceback contract (the others run in this process)
     assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/bad.json', *args), 'entry 1', 'input')
     (tmp_path / 'few.json').write_text(json.dumps([{'instruction': 'a', 'input': '', 'output': 'b'}] * 5))
-    assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/few.json', *args), 'too few')
-    assert_one_line_error(run_script('finetune_instruct.py', '--data=missing.json', *args), 'missing.json')
+    assert_one_line_error(run_here('finetune_instruct.py', f'--data={tmp_path}/few.json', *args), 'too few')
+    assert_one_line_error(run_here('finetune_instruct.py', '--data=missing.json', *args), 'missing.json')
     synthetic_entries(tmp_path / 'ok.json')
-    assert_one_line_error(run_script('finetune_instruct.py', f'--data={tmp_path}/ok.json', '--prompt_style=chatml', *args),
-                          'chatml')
-    (tmp_path / 'lines.jsonl').write_text('\n'.join(json.dumps(e) for e in json.loads((tmp_path / 'ok.json').read_text())))
+    assert_one_line_error(run_here('finetune_instruct.py', f'--data={tmp_path}/ok.json', '--prompt_style=chatml',
+                                   *args), 'chatml')
+    entries = json.loads((tmp_path / 'ok.json').read_text())
+    (tmp_path / 'lines.jsonl').write_text('\n'.join(json.dumps(e) for e in entries))
     assert len(fi.read_entries(tmp_path / 'lines.jsonl')) == 60
     assert not (tmp_path / 'o' / 'ckpt.pt').exists()
 

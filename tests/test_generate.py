@@ -37,9 +37,13 @@ def test_padded_batch_equals_one_prompt_at_a_time(family):
     # the padding is never attended to: another pad id changes nothing
     assert torch.equal(model.generate(left_padded(prompts, pad_id=55)[0], 20, temperature=0, padding=padding)[:, -20:],
                        out[:, -20:])
-    # past the context the window slides (block_size 48) and the rows still decode
+    # past the context (block_size 48) the window slides, for the whole batch at once: each row then reads its own
+    # last tokens, as computed without a cache; the row without padding slides as its prompt alone does
+    T = batch.size(1)
     long = model.generate(batch, 60, temperature=0, padding=padding)
-    assert long.shape == (4, batch.size(1) + 60) and torch.equal(long[:, :batch.size(1) + 20], out)
+    assert torch.equal(long[:, :T + 20], out)
+    assert torch.equal(long[:, T:], sliding_window_reference(model, prompts, T, 60))
+    assert torch.equal(long[1, T:], model.generate(prompts[1][None], 60, temperature=0)[0, T:])
 
 
 def test_padding_changes_the_answer_without_the_mask():
@@ -86,26 +90,38 @@ def sliding_window_reference(model, prompts, T, n):
     return torch.tensor([row[-n:] for row in rows])
 
 
-@pytest.mark.skipif(not compile_available('cpu'), reason="torch.compile needs a C compiler here")
-def test_static_cache_past_its_window_compiled_and_eager():
-    """A left-padded Llama batch decoded 60 tokens past its 48-token window: the cache slides three times,
-    the first time with padding still in it; decode_step eager and compiled give plain generate()'s tokens,
-    and the compiled step is one graph for every token and every slide."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+def past_the_window():
+    """A left-padded Llama batch to decode 60 tokens past its 48-token window: the cache slides three times, the
+    first time with padding still in it. (model, prompts, the padded length T, plain generate()'s tokens, and
+    static(decode_step): the tokens decoded through a static cache with that one-token step)."""
     model = tiny(**LLAMA_STYLE)
     torch.manual_seed(2)
     prompts = [torch.randint(1, 96, (n,)) for n in (40, 30, 3, 17)]
     batch, padding = left_padded(prompts, pad_id=7)
-    T, window = batch.size(1), model.config.block_size
-    n = window + 60 - T
+    n = model.config.block_size + 60 - batch.size(1)
     plain = model.generate(batch, n, temperature=0, padding=padding)
+
+    def static(step):
+        cache = KVCache(model.config, len(prompts), 'cpu', torch.float32, model.config.block_size, padding)
+        return model.generate(batch, n, temperature=0, kv_cache=cache, padding=padding, decode_step=step)
+    return model, prompts, batch.size(1), plain, static
+
+
+def test_static_cache_past_its_window_eager():
+    """plain generate() is the uncached reference's tokens, and so is the one-token step (eager) on a static cache."""
+    model, prompts, T, plain, static = past_the_window()
     assert len(set(plain[:, T:].flatten().tolist())) > 20  # the model's next token depends on what it reads
-    assert torch.equal(plain[:, T:], sliding_window_reference(model, prompts, T, n))
-    for step in (model.decode_step, compile_decoding(model, True, 'cpu')):
-        cache = KVCache(model.config, len(prompts), 'cpu', torch.float32, length=window, padding=padding)
-        assert torch.equal(model.generate(batch, n, temperature=0, kv_cache=cache, padding=padding, decode_step=step),
-                           plain)
+    assert torch.equal(plain[:, T:], sliding_window_reference(model, prompts, T, plain.size(1) - T))
+    assert torch.equal(static(model.decode_step), plain)
+
+
+@pytest.mark.skipif(not compile_available('cpu'), reason="torch.compile needs a C compiler here")
+def test_static_cache_past_its_window_compiled():
+    """The compiled step gives the eager tokens above, one graph for every token and every slide."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, _, _, plain, static = past_the_window()
+    assert torch.equal(static(compile_decoding(model, True, 'cpu')), plain)
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
 
 

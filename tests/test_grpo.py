@@ -10,7 +10,7 @@ import torch
 
 import finetune_grpo as fg
 import prepare_data
-from conftest import FIXTURES, assert_one_line_error, run_script, spread_weights
+from conftest import FIXTURES, assert_one_line_error, run_here, run_script, spread_weights
 from configurator import optimizer_step
 from model import GPT, GPTConfig, apply_lora, generate_batch, token_logprobs
 from weights import load_checkpoint, load_pretrained, save_checkpoint
@@ -141,7 +141,8 @@ def test_group_advantages_and_grpo_loss_equal_the_hand_computation():
     assert adv.tolist() == pytest.approx(expected)
     assert expected[0] == pytest.approx((2 / 3) / math.sqrt(1 / 3), rel=1e-3)  # 1.1547: the one right of three
     # per-token log-probs of six completions of 1-3 tokens (the mask marks the completion's tokens; -9: padding)
-    logp = torch.tensor([[-1., -2., -9.], [-.5, -9., -9.], [-1., -1., -1.], [-.2, -.3, -9.], [-3., -9., -9.], [-.1, -.1, -.1]])
+    logp = torch.tensor([[-1., -2., -9.], [-.5, -9., -9.], [-1., -1., -1.], [-.2, -.3, -9.], [-3., -9., -9.],
+                         [-.1, -.1, -.1]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]]).bool()
     n_tokens = 13
     hand = 0.0
@@ -338,8 +339,8 @@ def test_grpo_on_a_qwen3_shaped_model_runs_end_to_end_and_resumes_exactly(tmp_pa
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert a['metrics']['step 4'] == b['metrics']['step 4'] and a['metrics']['before'] == b['metrics']['before']
     assert any(v.abs().max() > 0 for k, v in a['lora'].items() if 'lora_B' in k)  # the adapters did move
-    bad = run_script(*[a for a in args if not a.startswith('--init_from')], '--init_from=resume', '--lora_rank=0',
-                     f'--out_dir={tmp_path / "cut"}')
+    bad = run_here(*[a for a in args if not a.startswith('--init_from')], '--init_from=resume', '--lora_rank=0',
+                   f'--out_dir={tmp_path / "cut"}')
     assert_one_line_error(bad, '--lora_rank=0')
     # the trained model evaluated alone: with the prompts it was trained on (its checkpoint says which), no training
     evaluated = run_script(*[a for a in args if not a.startswith('--init_from')], f'--init_from={tmp_path / "whole"}',
@@ -383,8 +384,9 @@ def test_bad_grpo_input_gives_one_line_errors(tmp_path):
     (tmp_path / 'bad.json').write_text(json.dumps([{'problem': '1+1'}]), encoding='utf-8')
     base = ['finetune_grpo.py', f'--init_from={tmp_path / "m"}', f'--data={tmp_path / "p.json"}',
             f'--test_data={tmp_path / "p.json"}', f'--out_dir={tmp_path / "o"}']
+    # the first case in a new interpreter: the real no-traceback contract (the others run in this process)
     assert_one_line_error(run_script(*base, f'--test_data={tmp_path / "bad.json"}'), 'entry 0', 'answer')
-    assert_one_line_error(run_script(*base, '--verifier=sympy'), '--verifier=sympy')
-    assert_one_line_error(run_script(*base, '--group_size=1'), '--group_size=1')
-    assert_one_line_error(run_script(*base, '--max_new_tokens=40'), '--max_new_tokens=40')
-    assert_one_line_error(run_script(*base, '--init_from=resume'), 'ckpt.pt')
+    assert_one_line_error(run_here(*base, '--verifier=sympy'), '--verifier=sympy')
+    assert_one_line_error(run_here(*base, '--group_size=1'), '--group_size=1')
+    assert_one_line_error(run_here(*base, '--max_new_tokens=40'), '--max_new_tokens=40')
+    assert_one_line_error(run_here(*base, '--init_from=resume'), 'ckpt.pt')

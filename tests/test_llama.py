@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import weights
-from conftest import FIXTURES, PEAK_RSS, ROOT, save_big_random_model
+from conftest import FIXTURES, PEAK_RSS, ROOT
 from model import GPT, GPTConfig, KVCache, apply_lora, merge_lora
 from weights import from_pretrained, save_pretrained
 
@@ -20,7 +20,8 @@ FAMILIES = ['tiny-llama3', 'tiny-qwen2', 'tiny-qwen3', 'tiny-smollm2', 'tiny-lla
 
 def fixture(name):
     folder = FIXTURES / name
-    return folder, torch.from_numpy(np.load(folder / 'input_ids.npy')), torch.from_numpy(np.load(folder / 'expected_logits.npy'))
+    ids, logits = (torch.from_numpy(np.load(folder / f)) for f in ('input_ids.npy', 'expected_logits.npy'))
+    return folder, ids, logits
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -61,7 +62,8 @@ def test_both_rope_config_styles_load_the_same_model(tmp_path):
 def test_kv_cache_holds_the_shared_heads_only():
     model = from_pretrained(str(FIXTURES / 'tiny-qwen3'))
     cache = KVCache(model.config, 1, 'cpu', torch.float32, length=16)
-    assert len(cache.k) == 2 and cache.k[0].shape == (1, 2, 16, 32)  # layers; batch, n_kv_head (not n_head=4), positions, head_dim
+    # layers; batch, n_kv_head (not n_head=4), positions, head_dim
+    assert len(cache.k) == 2 and cache.k[0].shape == (1, 2, 16, 32)
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -215,8 +217,11 @@ def test_hub_download_sharded_with_token_then_offline(server, tmp_path, monkeypa
     assert set(server.authorizations) == {'Bearer hf_secret'}
     fetched = {p for p, _ in server.requests}
     assert sum('model-0000' in p for p in fetched) == 3  # the shards the index names
-    server.routes.clear()  # offline: the cache is enough
-    from_pretrained('org/tiny')
+    server.routes.clear()  # offline: the cache is enough, and it holds the same model
+    asked = len(server.requests)
+    offline = from_pretrained('org/tiny', dtype=torch.float32).eval()
+    assert len(server.requests) == asked and torch.equal(offline(ids)[0], model(ids)[0])
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in offline.state_dict().items())
 
 
 def test_gated_repo_says_what_to_do(server, tmp_path, monkeypatch):
@@ -243,12 +248,11 @@ print(before, peak(), sum(p.numel() * p.element_size() for p in model.parameters
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='VmHWM in /proc/self/status is Linux')
-def test_loading_holds_the_weights_once(tmp_path):
-    # a 110 MB bfloat16 Qwen3-shaped model (fewer layers): the peak while loading stays below 1.5x its bytes
-    cfg = GPTConfig(block_size=512, vocab_size=151936, n_layer=2, n_head=16, n_kv_head=8, head_dim=128, n_embd=320,
-                    qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1024, bias=False)
-    save_big_random_model(cfg, tmp_path / 'm')
-    out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT)], capture_output=True, text=True)
+def test_loading_holds_the_weights_once(big_random_model):
+    # conftest's 109 MB bfloat16 Qwen3-like model: the peak while loading stays below 1.5x its bytes
+    out = subprocess.run([sys.executable, '-c', MEASURE, str(big_random_model[0]), str(ROOT)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
     before, after, size = map(int, out.stdout.split())
     assert size > 100e6 and after - before <= 1.5 * size, (before, after, size)
 
@@ -256,7 +260,8 @@ def test_loading_holds_the_weights_once(tmp_path):
 def test_a_published_models_tokenizer_alone_by_name(server, tmp_path, monkeypatch):
     from tokenizer import get_tokenizer
     server.routes['/org/tiny/resolve/main/config.json'] = (FIXTURES / 'tiny-qwen2' / 'config.json').read_bytes()
-    server.routes['/org/tiny/resolve/main/tokenizer.json'] = (FIXTURES / 'tokenizers' / 'qwen2' / 'tokenizer.json').read_bytes()
+    tokenizer_json = FIXTURES / 'tokenizers' / 'qwen2' / 'tokenizer.json'
+    server.routes['/org/tiny/resolve/main/tokenizer.json'] = tokenizer_json.read_bytes()
     monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
     monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
     tok = get_tokenizer('org/tiny')
@@ -305,6 +310,58 @@ def test_unsupported_rope_scaling_is_named(tmp_path):
     # a folder with such a config.json: the scripts stop with that one line
     shutil.copytree(folder, tmp_path / 'm')
     (tmp_path / 'm' / 'config.json').write_text(json.dumps(yarn))
-    from conftest import assert_one_line_error, run_script
-    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path / "m"}', '--max_new_tokens=2', '--num_samples=1'),
+    from conftest import assert_one_line_error, run_script  # sample.py's one case in a new interpreter (else run_here)
+    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path / "m"}', '--max_new_tokens=2',
+                                     '--num_samples=1'),
                           "RoPE scaling 'yarn' is not supported")
+
+
+def test_configs_and_checkpoints_that_do_not_fit_are_one_line_errors(tmp_path):
+    """A config.json of a family or feature we do not have, one that disagrees with its weights or lacks a key, a
+    checkpoint of ours whose weights are not its model_args': ValueError in one line naming the cause (the scripts
+    print it after 'error: '), never a traceback or a model with what happened to be there."""
+    from conftest import assert_one_line_error, run_here
+    from weights import load_pretrained, save_checkpoint, save_safetensors
+
+    def folder(name, source, change=None, drop=None):
+        shutil.copytree(FIXTURES / source, tmp_path / name)
+        hf = json.loads((tmp_path / name / 'config.json').read_text())
+        (change or (lambda hf: None))(hf)
+        (tmp_path / name / 'config.json').write_text(json.dumps(hf))
+        if drop:
+            tensors = weights.load_safetensors(FIXTURES / source / 'model.safetensors')
+            save_safetensors({k: v for k, v in tensors.items() if k != drop}, tmp_path / name / 'model.safetensors')
+        return tmp_path / name
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    save_checkpoint(tmp_path / 'ours' / 'ckpt.pt', model, 'bytes', {'n_layer': 2})
+    ckpt = torch.load(tmp_path / 'ours' / 'ckpt.pt', weights_only=True)
+    ckpt['model_args']['n_layer'] = 3  # a config that is not the weights'
+    torch.save(ckpt, tmp_path / 'ours' / 'ckpt.pt')
+    cases = {
+        folder('mistral', 'tiny-qwen2', lambda hf: hf.update(model_type='mistral')):
+            "model_type 'mistral' is not supported (gpt2, llama, qwen2, qwen3)",
+        folder('sliding', 'tiny-qwen2', lambda hf: hf.update(use_sliding_window=True)):
+            'sliding-window attention (use_sliding_window) is not supported',
+        folder('wider', 'tiny-gpt2', lambda hf: hf.update(n_embd=64)):
+            'model.safetensors does not fit this model (shape: transformer.wte.weight (96, 32) vs (96, 64)',
+        folder('no-n_head', 'tiny-gpt2', lambda hf: hf.pop('n_head')): "config.json lacks 'n_head'",
+        folder('deeper', 'tiny-qwen2', lambda hf: hf.update(num_hidden_layers=3)):
+            'lacks model.layers.2.input_layernorm.weight; is it a complete qwen2 checkpoint?',
+        folder('mlp', 'tiny-qwen2', lambda hf: hf.update(intermediate_size=128)):
+            "give 192 rows, the model's transformer.h.0.mlp.c_fc.weight has 256; config.json does not match the "
+            "weights",
+        folder('no-mlp-size', 'tiny-qwen2', lambda hf: hf.pop('intermediate_size')):
+            "config.json lacks 'intermediate_size'; is it a whole qwen2 config.json?",
+        folder('no-embedding', 'tiny-qwen2', drop='model.embed_tokens.weight'):
+            'lacks model.embed_tokens.weight; is it a complete qwen2 checkpoint?',
+        tmp_path / 'ours': 'ours does not fit this model (missing: transformer.h.2.attn.c_attn.bias',
+    }
+    for path, needle in cases.items():
+        with pytest.raises(ValueError) as error:
+            load_pretrained(str(path))
+        assert needle in str(error.value) and '\n' not in str(error.value), (path.name, str(error.value))
+    # and what a script says: that line, after 'error: '
+    assert_one_line_error(run_here('sample.py', f'--init_from={tmp_path / "mistral"}', '--max_new_tokens=2'),
+                          "model_type 'mistral' is not supported")
+    assert_one_line_error(run_here('sample.py', f'--init_from={tmp_path / "ours"}', '--max_new_tokens=2'),
+                          'does not fit this model')

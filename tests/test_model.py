@@ -1,12 +1,15 @@
 """model.py: the GPT, Hugging Face parity, weights in/out, KV-cache generation, sampling, LoRA."""
 import json
 import pickle
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import weights
 from conftest import FIXTURES, spread_weights
 from model import GPT, GPTConfig, KVCache, apply_lora, filter_logits, merge_lora, merged_state_dict, lora_disabled
 from weights import (from_pretrained, load_checkpoint, load_safetensors, model_from_checkpoint, save_checkpoint,
@@ -150,6 +153,80 @@ def test_from_pretrained_overrides_and_errors(tmp_path):
         from_pretrained(tmp_path / 'm')
 
 
+def with_header(src, dst, change, cut=0):
+    """A copy of the .safetensors file src at dst with change(header) applied to its JSON header (the tensor bytes
+    as they were, less the last `cut`): a file that passes every check but the one a test aims at."""
+    raw = Path(src).read_bytes()
+    n = int.from_bytes(raw[:8], 'little')
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    head = json.dumps(header).encode()
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_bytes(len(head).to_bytes(8, 'little') + head + raw[8 + n:len(raw) - cut])
+    shutil.copy(Path(src).parent / 'config.json', Path(dst).parent / 'config.json')
+    return header
+
+
+def last_tensor(header):  # the name of the tensor whose bytes end the file
+    return max((k for k in header if k != '__metadata__'), key=lambda k: header[k]['data_offsets'][1])
+
+
+@pytest.mark.parametrize('family', ['tiny-gpt2', 'tiny-qwen3'])  # read by load_safetensors; by SafetensorsFiles
+def test_safetensors_bounds_are_checked_before_a_byte_is_read(tmp_path, family):
+    """A well-formed header (valid JSON, known dtypes, list shapes, int offsets) whose offsets point past the end of
+    the file, or whose byte range does not hold its shape: refused in one line naming the tensor, never read (an
+    mmap'd read would fail later with another message, a file read would fill the weights with what is there)."""
+    src = FIXTURES / family / 'model.safetensors'
+
+    def shift_last(header):  # the last tensor moved 64 bytes on: its size still right, its end past the file
+        header[last_tensor(header)]['data_offsets'] = [x + 64 for x in header[last_tensor(header)]['data_offsets']]
+
+    def narrow(header):  # one column fewer in the shape, the same byte range: sizes do not match
+        name = 'transformer.wte.weight' if family == 'tiny-gpt2' else 'model.embed_tokens.weight'
+        header[name]['shape'][1] -= 1
+    cases = {'truncated': (lambda header: None, 4), 'shifted': (shift_last, 0), 'narrowed': (narrow, 0)}
+    for case, (change, cut) in cases.items():
+        header = with_header(src, tmp_path / case / 'model.safetensors', change, cut)
+        name = ('transformer.wte.weight' if family == 'tiny-gpt2' else 'model.embed_tokens.weight'
+                ) if case == 'narrowed' else last_tensor(header)
+        with pytest.raises(ValueError) as error:
+            from_pretrained(tmp_path / case)
+        assert str(error.value) == (f"{tmp_path / case / 'model.safetensors'} is not a valid safetensors file (tensor "
+                                    f"{name} lies outside the file or has the wrong size); re-download or re-save it")
+    with_header(src, tmp_path / 'same' / 'model.safetensors', lambda header: None)  # the rewriting itself is sound
+    ids = torch.randint(0, 96, (1, 8))
+    assert torch.equal(from_pretrained(tmp_path / 'same')(ids)[0], from_pretrained(FIXTURES / family)(ids)[0])
+
+
+# What transformers' GPT2Config assumes for a key absent from config.json (the export leaves these out: they are
+# the defaults, and each is the only value model.py computes)
+GPT2_ASSUMED = {'scale_attn_weights': True, 'reorder_and_upcast_attn': False, 'scale_attn_by_inverse_layer_idx': False,
+                'add_cross_attention': False, 'pad_token_id': None}
+# keys of the fixture's config.json no network or loader here depends on
+GPT2_BOOKKEEPING = {'transformers_version', 'initializer_range', 'use_cache', 'summary_activation',
+                    'summary_first_dropout', 'summary_proj_to_labels', 'summary_type', 'summary_use_proj', 'dtype'}
+
+
+def test_gpt2_export_equals_transformers_files(tmp_path):
+    """tests/fixtures/tiny-gpt2 is what transformers' GPT2LMHeadModel.save_pretrained wrote: ours writes the same
+    tensors (names, dtypes, shapes, values) and a config.json that says the same things."""
+    save_pretrained(from_pretrained(TINY_HF), tmp_path)
+    ours, theirs = load_safetensors(tmp_path / 'model.safetensors'), load_safetensors(TINY_HF / 'model.safetensors')
+    assert sorted(ours) == sorted(theirs)
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape and torch.equal(ours[key], t), key
+    raw = (tmp_path / 'model.safetensors').read_bytes()
+    assert json.loads(raw[8:8 + int.from_bytes(raw[:8], 'little')])['__metadata__'] == {'format': 'pt'}
+    exported, hf = (json.loads((folder / 'config.json').read_text()) for folder in (tmp_path, TINY_HF))
+    for key, value in hf.items():
+        if key not in GPT2_BOOKKEEPING:
+            assert exported.get(key, GPT2_ASSUMED.get(key, 'absent')) == value, key
+    assert set(exported) - set(hf) == {'n_ctx'}  # the hub's older name for n_positions, which it equals
+    assert exported['n_ctx'] == hf['n_positions']
+    assert str(ours['transformer.wte.weight'].dtype) == f"torch.{hf['dtype']}"  # transformers reads the weights' dtype
+    assert weights.gpt2_config(exported, ours, tmp_path) == weights.gpt2_config(hf, theirs, TINY_HF)
+
+
 def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
     """padded_vocab_size=128 for 96 real tokens: the same model as without padding, whatever
     the 32 extra rows hold; they are cut off before the loss and before sampling."""
@@ -169,7 +246,8 @@ def test_padded_vocab_is_never_sampled_or_scored(tmp_path):
     loss_0.backward()
     assert padded.lm_head.weight.grad[96:].abs().sum() == 0
     assert torch.allclose(padded.lm_head.weight.grad[:96], plain.lm_head.weight.grad, atol=1e-6)
-    assert torch.allclose(padded.transformer.h[0].attn.c_attn.weight.grad, plain.transformer.h[0].attn.c_attn.weight.grad, atol=1e-6)
+    assert torch.allclose(padded.transformer.h[0].attn.c_attn.weight.grad,
+                          plain.transformer.h[0].attn.c_attn.weight.grad, atol=1e-6)
     assert torch.equal(padded.generate(prompt, 20, temperature=0), plain.generate(prompt, 20, temperature=0))
     torch.manual_seed(5)
     sampled = padded.generate(prompt, 50, temperature=2.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import SHARED, assert_one_line_error, needs_gpt2_bpe, run_script
+from conftest import SHARED, assert_one_line_error, needs_gpt2_bpe, run_here, run_script
 from prepare_data import find_shards, prepare, read_meta, read_shard, split_pieces, write_shard
 from tokenizer import ByteTokenizer, get_tokenizer
 
@@ -63,9 +63,9 @@ def test_split_pieces_cut_only_before_a_new_line_that_starts_with_text():
         assert not p[0].isspace()
 
 
-def test_pydoc_default_needs_no_download(tmp_path, monkeypatch):
+def test_pydoc_default_needs_no_download(pydoc_data, monkeypatch):
     from pydoc_data.topics import topics
-    out = prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True)
+    out = pydoc_data  # prepare('pydoc', data_dir=..., quiet=True), once a session (conftest)
     meta = read_meta(out)
     assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257
     train, val = read_shard(find_shards(out, 'train')[0]), read_shard(find_shards(out, 'val')[0])
@@ -73,7 +73,8 @@ def test_pydoc_default_needs_no_download(tmp_path, monkeypatch):
     assert abs(len(val) - 0.1 * topics_bytes) < 2000  # the topics' last 10%, however much docstring text there is
     docstrings = prepare_data.stdlib_docstrings()
     assert len(docstrings) > 300 and sum(size for _, size, _ in docstrings) > 1_000_000
-    expected_train = 0.9 * topics_bytes + sum(size for _, size, _ in docstrings) + len(topics) + len(docstrings)  # + EOTs
+    # + one end-of-text token per document
+    expected_train = 0.9 * topics_bytes + sum(size for _, size, _ in docstrings) + len(topics) + len(docstrings)
     assert abs(len(train) - expected_train) < 2000
     tok = ByteTokenizer()
     train_text, val_text = tok.decode(np.asarray(train).tolist()), tok.decode(np.asarray(val).tolist())
@@ -81,7 +82,7 @@ def test_pydoc_default_needs_no_download(tmp_path, monkeypatch):
     assert val_text.endswith(topics[sorted(topics)[-1]] + '<|endoftext|>')
     assert not any(d[:200] in val_text for _, _, d in docstrings if len(d) > 200)
     monkeypatch.setattr(prepare_data, 'stdlib_docstrings', None)  # a re-run with nothing to do parses nothing
-    assert prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True) == out
+    assert prepare('pydoc', data_dir=out, quiet=True) == out
 
 
 def test_stdlib_docstrings_take_modules_classes_and_functions_but_no_tests(tmp_path, monkeypatch):
@@ -178,28 +179,28 @@ def test_fineweb_shards_download_as_they_are(server, tmp_path, monkeypatch):
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/missing.txt'), 'missing.txt')
+    # in a new interpreter, as a user runs it: no traceback reaches the user; the other error lines in this process
+    out = f'--data_dir={tmp_path}/o'
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/missing.txt', out), 'missing.txt')
     (tmp_path / 'bad.txt').write_bytes(b'ok \xff\xfe bad')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/bad.txt', f'--data_dir={tmp_path}/o'),
-                          'not valid UTF-8')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/bad.txt', out), 'not valid UTF-8')
     (tmp_path / 'empty.txt').write_text('')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/empty.txt', f'--data_dir={tmp_path}/o'),
-                          'empty')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/empty.txt', out), 'empty')
     (tmp_path / 'emptydir').mkdir()
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/emptydir'), 'no .txt files')
-    assert_one_line_error(run_script('prepare_data.py', '--dataset=wikipedia'), 'unknown dataset')
-    assert_one_line_error(run_script('prepare_data.py', '--tokenizer=sp'), 'unknown tokenizer')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/emptydir', out), 'no .txt files')
+    assert_one_line_error(run_here('prepare_data.py', '--dataset=wikipedia', out), 'unknown dataset')
+    assert_one_line_error(run_here('prepare_data.py', '--tokenizer=sp', out), 'unknown tokenizer')
     assert not (tmp_path / 'o' / 'meta.json').exists()
 
 
 def test_bad_fraction_and_shard_count_give_one_line_errors(tmp_path):
     (tmp_path / 'a.txt').write_text('some text to split\n' * 50, encoding='utf-8')
     for bad in ('1.0', '-0.1'):
-        assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/a.txt', f'--data_dir={tmp_path}/o',
-                                         f'--val_fraction={bad}'), f'--val_fraction={bad}', '[0, 1)')
+        assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/a.txt', f'--data_dir={tmp_path}/o',
+                                       f'--val_fraction={bad}'), f'--val_fraction={bad}', '[0, 1)')
     # checked before anything is downloaded (there is no server to reach here)
-    assert_one_line_error(run_script('prepare_data.py', '--dataset=fineweb10B', f'--data_dir={tmp_path}/fw',
-                                     '--num_shards=0'), '--num_shards=0', '1 to 103')
+    assert_one_line_error(run_here('prepare_data.py', '--dataset=fineweb10B', f'--data_dir={tmp_path}/fw',
+                                   '--num_shards=0'), '--num_shards=0', '1 to 103')
     with pytest.raises(ValueError, match='--num_shards=104: FineWeb10B has 1 to 103'):
         prepare_data.prepare_fineweb(tmp_path / 'fw', 104)
     assert not (tmp_path / 'o').exists() and not (tmp_path / 'fw').exists()

@@ -1,5 +1,5 @@
-"""int8 and int4 weight-only decoding (quantize.py: quantize_int8, quantize_int4, --quantize): the layers' arithmetic, the
-model's outputs within a stated tolerance, every way of talking to a model with it, its errors, its memory."""
+"""int8 and int4 weight-only decoding (quantize.py: quantize_int8, quantize_int4, --quantize): the layers' arithmetic,
+the model's outputs within a stated tolerance, every way of talking to a model with it, its errors, its memory."""
 import copy
 import json
 import os
@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import (FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, make_llama_folder, run_script,
-                      save_big_random_model)
+from conftest import FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, make_llama_folder, run_here, run_script
 from model import GPT, GPTConfig
 from quantize import Int4Linear, Int8Embedding, Int8Linear, QUANTIZERS, quantize_int4, quantize_int8
 from prepare_data import prepare
@@ -20,7 +19,8 @@ from tokenizer import format_chat
 from weights import from_pretrained
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])  # bfloat16: PyTorch's int8 kernel; float32: the fallback
+# bfloat16: PyTorch's int8 kernel; float32: the fallback
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
 def test_int8_linear_equals_a_dequantized_matmul(dtype):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40).to(dtype)
@@ -77,7 +77,8 @@ def test_int4_linear_equals_a_dequantized_matmul():
     # shapes the kernel does not take stay int8: rows not a multiple of 16 (an unpadded GPT-2 head), columns of 32
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=48, vocab_size=100, block_size=16))
     quantize_int4(model.to(torch.bfloat16))
-    assert type(model.lm_head) is Int8Linear and type(model.transformer.h[0].mlp.c_fc) is Int8Linear  # 100 rows; 48 columns
+    # 100 rows; 48 columns
+    assert type(model.lm_head) is Int8Linear and type(model.transformer.h[0].mlp.c_fc) is Int8Linear
     assert type(model.transformer.h[0].attn.c_attn) is Int8Linear  # 48 columns
 
 
@@ -105,7 +106,8 @@ def test_an_int8_model_compiles_on_cuda_with_its_matmuls_fused(monkeypatch):
     configurator.compile_decoding(model, True, 'cuda')
     configurator.compile_decoding(quantize_int8(model), True, 'cuda')
     assert asked[0]['mode'] == 'reduce-overhead' and 'options' not in asked[0]
-    assert asked[1]['options'] == {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}  # reduce-overhead's + one
+    # reduce-overhead's + one
+    assert asked[1]['options'] == {'triton.cudagraphs': True, 'coordinate_descent_tuning': True}
 
 
 def fixture_logits(name):
@@ -156,8 +158,9 @@ def test_an_untied_model_keeps_its_embedding_and_lora_is_merged_first():
 
 
 def quantized_greedy_replies(model, tok, lines, n, scheme='int8'):
-    """The chat's greedy replies from the quantized model as sample.py --quantize runs it on a CPU (bfloat16)."""
-    q = QUANTIZERS[scheme](copy.deepcopy(model).to(torch.bfloat16))
+    """The chat's greedy replies from the quantized model as sample.py --quantize runs it on a CPU (bfloat16);
+    scheme 'none': from the model itself (float32), as sample.py --dtype=float32 runs it."""
+    q = QUANTIZERS[scheme](copy.deepcopy(model).to(torch.bfloat16)) if scheme != 'none' else model.eval()
     end = tok.encode('<|im_end|>')[0]
     messages, replies = [], []
     for line in lines:
@@ -176,14 +179,19 @@ def test_chat_serve_and_compiled_sampling_talk_in_int8(tmp_path):
     replies = quantized_greedy_replies(model, tok, ['hello', 'and again?'], 12)
     full_precision = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
                                      f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0',
-                                     '--max_new_tokens=12'], input='hello\n', capture_output=True, text=True, cwd=ROOT)
+                                     '--max_new_tokens=12'], input='hello\n', capture_output=True, text=True, cwd=ROOT,
+                                    timeout=120)
     chat = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
                            f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0', '--max_new_tokens=12',
                            '--quantize=int8'], input='hello\nand again?\n', capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.split('\n', 1)[1] == ''.join(f'> {r}\n' for r in replies) + '> '
-    assert len(set(replies[0])) > 3 and f'> {replies[0]}\n' not in full_precision.stdout  # int8 really ran
+    # int8 really ran: the float32 run (which ran, and replied as the float32 model does) says something else
+    full_reply = quantized_greedy_replies(model, tok, ['hello'], 12, 'none')[0]
+    assert full_precision.returncode == 0, full_precision.stderr
+    assert full_precision.stdout.split('\n', 1)[1] == f'> {full_reply}\n> '
+    assert len(set(replies[0])) > 3 and full_reply != replies[0]
     int4 = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', f'--init_from={tmp_path / "m"}',
                            '--chat=True', '--temperature=0', '--max_new_tokens=12', '--quantize=int4'], input='hello\n',
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -233,10 +241,12 @@ def test_eval_only_in_int8_and_int4_and_the_error_lines(tmp_path):
     int4 = run_script('train.py', *tiny, '--init_from=resume', '--eval_only=True', '--quantize=int4')
     assert int4.returncode == 0 and '(int4 weights)' in int4.stdout, int4.stderr
     assert 0 < abs(bpb(int4.stdout) / bpb(full.stdout) - 1) < 0.05  # int4 ran; it costs < 5%
-    assert_one_line_error(run_script('train.py', *tiny, '--quantize=int8'), '--quantize=int8 needs --eval_only=True')
-    assert_one_line_error(run_script('train.py', *tiny, '--eval_only=True', '--quantize=int2'), '--quantize=int2: use none, int8 or int4')
-    assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=int2'), '--quantize=int2')
-    assert_one_line_error(run_script('finetune_instruct.py', '--quantize=fp8'), '--quantize=fp8')
+    assert_one_line_error(run_here('train.py', *tiny, '--quantize=int8'), '--quantize=int8 needs --eval_only=True')
+    assert_one_line_error(run_here('train.py', *tiny, '--eval_only=True', '--quantize=int2'),
+                          '--quantize=int2: use none, int8 or int4')
+    assert_one_line_error(run_here('sample.py', f'--out_dir={tmp_path / "o"}', '--quantize=int2'), '--quantize=int2')
+    assert_one_line_error(run_here('finetune_instruct.py', '--quantize=fp8'), '--quantize=fp8')
+    # bench.py's one case in a new interpreter: the real no-traceback contract (the others run in this process)
     assert_one_line_error(run_script('bench.py', '--mode=generate', '--quantize=int8,nf4'), '--quantize=nf4')
     from quantize import talk_dtype  # int4's kernel is PyTorch's for CPUs: elsewhere one line, not a crash
     with pytest.raises(ValueError) as stop:
@@ -250,36 +260,46 @@ import os, re, sys, torch
 sys.path.insert(0, sys.argv[2])
 from weights import empty_model, from_pretrained
 from model import GPTConfig
-from quantize import quantize_int8
+from quantize import QUANTIZERS
 empty_model(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8), torch.float32)  # torch's first-use
 # setup (~65 MB, whatever the model's size) belongs to the baseline, not to the model
 resident = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 ''' + PEAK_RSS + '''
 base, peak_before = resident(), peak()
 model = from_pretrained(sys.argv[1])
-if sys.argv[3] == 'int8':
-    quantize_int8(model)
+if sys.argv[3] != 'none':
+    QUANTIZERS[sys.argv[3]](model)
 print(resident() - base, peak() - peak_before)
 '''
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc/self/statm and VmHWM are Linux')
-def test_quantizing_after_loading_frees_the_full_precision_weights(tmp_path):
-    # a 109 MB bfloat16 Qwen3-like model (12 layers; its embedding 31% of it, Qwen3-0.6B's 26%): loading and
-    # quantizing peaks below 1.5x its bytes, and what stays held is at most 0.65x what the bf16 model holds
-    # (tied int8 head and embedding: ~0.5x)
-    cfg = GPTConfig(block_size=512, vocab_size=32768, n_layer=12, n_head=8, n_kv_head=4, head_dim=64, n_embd=512,
-                    qk_norm=True, norm='rmsnorm', pos_emb='rope', mlp='swiglu', mlp_hidden=1536, bias=False)
-    size = save_big_random_model(cfg, tmp_path / 'm')
+def measure(folder, scheme):
+    """(bytes held, peak bytes) beyond the baseline of a process that loads folder's model and quantizes it."""
+    out = subprocess.run([sys.executable, '-c', MEASURE, str(folder), str(ROOT), scheme], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return tuple(map(int, out.stdout.split()))
 
-    def measure(scheme):
-        out = subprocess.run([sys.executable, '-c', MEASURE, str(tmp_path / 'm'), str(ROOT), scheme],
-                             capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return map(int, out.stdout.split())
-    held_bf16, _ = measure('none')
-    held_int8, peak_int8 = measure('int8')
-    assert size > 100e6 and peak_int8 <= 1.5 * size and held_int8 <= 0.65 * held_bf16, (size, peak_int8, held_int8, held_bf16)
+
+@pytest.fixture(scope='module')
+def held_bf16(big_random_model):  # what the bf16 model holds once loaded: the measure both schemes are held to
+    return measure(big_random_model[0], 'none')[0]
+
+
+# conftest's big_random_model (109 MB of bf16, its embedding 31% of it) loaded and quantized: the peak stays below
+# `peak` times its bytes, and what stays held is at most `held` times what the bf16 model holds. int8: a tied int8
+# head and embedding, held 0.53x (peak 1.13-1.42x here); int4: int4 blocks and head beside the embedding's own int8
+# rows, held 0.51x (0.45x on Qwen3-0.6B, RESULTS.md), bf16 embedding rows kept would make it 0.66x. int4's peak on
+# this model is 1.14-1.26x in most runs and 1.5-1.8x in about one in three (while quantizing: the bf16 weights freed
+# one Linear at a time, a few MB each, are not always reused by glibc's heap before the final malloc_trim); a
+# float32 or second bf16 copy of the model would pass 2.5x.
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc/self/statm and VmHWM are Linux')
+@pytest.mark.parametrize('scheme, peak_bound, held_bound', [('int8', 1.5, 0.65), ('int4', 2.0, 0.6)])
+def test_quantizing_after_loading_frees_the_full_precision_weights(big_random_model, held_bf16, scheme, peak_bound,
+                                                                   held_bound):
+    folder, size = big_random_model
+    held, peak = measure(folder, scheme)
+    assert size > 100e6 and peak <= peak_bound * size and held <= held_bound * held_bf16, (size, peak, held, held_bf16)
 
 
 def test_finetune_instruct_answers_the_test_set_in_int8(tmp_path):
@@ -294,7 +314,8 @@ def test_finetune_instruct_answers_the_test_set_in_int8(tmp_path):
     base = spread_weights(GPT(GPTConfig(block_size=256, vocab_size=257, n_layer=2, n_head=2, n_embd=48)), 40)
     save_checkpoint(tmp_path / 'ckpt.pt', base, 'bytes', {})  # spread: int8's answers differ from full precision's
     out = tmp_path / 'out'
-    proc = run_script('finetune_instruct.py', f'--data={synthetic_entries(tmp_path / "d.json")}', f'--init_from={tmp_path}',
+    proc = run_script('finetune_instruct.py', f'--data={synthetic_entries(tmp_path / "d.json")}',
+                      f'--init_from={tmp_path}',
                       f'--out_dir={out}', '--max_iters=1', '--eval_iters=1', '--eval_limit=3', '--max_new_tokens=8',
                       '--judge=none', '--lora_rank=4', '--quantize=int8')
     assert proc.returncode == 0, proc.stderr

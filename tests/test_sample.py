@@ -1,5 +1,6 @@
 """sample.py as a user runs it: from a checkpoint, streaming, long prompts, bad input."""
 import os
+import random
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, make_llama_folder, run_script
+from conftest import ROOT, assert_one_line_error, make_llama_folder, run_here, run_script
 from model import GPT, GPTConfig
 from weights import save_checkpoint
 from tokenizer import ByteTokenizer
@@ -39,27 +40,38 @@ def test_sample_streams_greedy_text_from_checkpoint(tmp_path):
     assert half.returncode == 0 and half.stdout.split('\n---')[0] == samples[0]
 
 
-def test_long_prompt_is_cropped_with_a_notice(tmp_path):
-    make_checkpoint(tmp_path)
-    (tmp_path / 'prompt.txt').write_text('x' * 100, encoding='utf-8')
-    proc = run_script('sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{tmp_path / "prompt.txt"}',
-                      '--max_new_tokens=40', '--num_samples=1', '--seed=3')
-    assert proc.returncode == 0, proc.stderr
-    assert "longer than the model's context of 32" in proc.stderr
+def test_long_prompt_is_cropped_to_its_last_tokens_with_a_notice(tmp_path):
+    """A 100-byte prompt for a 32-token context: the text sampled after it is the text sampled, with the same seed,
+    after its last 32 bytes alone, and not after its first 32."""
+    make_checkpoint(tmp_path, spread=4.0)  # an untrained model whose next byte depends on what it reads
+    prompt = ''.join(random.Random(0).choices('abcdefghijklmnopqrstuvwxyz ', k=100))
+    (tmp_path / 'prompt.txt').write_text(prompt, encoding='utf-8')
+
+    def sample(start):
+        return run_here('sample.py', f'--out_dir={tmp_path}', f'--start={start}', '--max_new_tokens=40',
+                        '--num_samples=1', '--seed=3')
+    cropped, last, first = sample(f'FILE:{tmp_path / "prompt.txt"}'), sample(prompt[-32:]), sample(prompt[:32])
+    assert cropped.returncode == 0 and "is 100 tokens, longer than the model's context of 32" in cropped.stderr
+    assert cropped.stdout.startswith(prompt) and last.stdout.startswith(prompt[-32:]) and 'notice' not in last.stderr
+    assert cropped.stdout[100:] == last.stdout[32:] != first.stdout[32:]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
+    # one through a real interpreter (no traceback reaches the user), the rest in this process
     assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path}'), 'no checkpoint')
     (tmp_path / 'ckpt.pt').write_bytes(b'PK\x03\x04 not really a zip')
-    assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path}'), 'not a loadable checkpoint')
+    assert_one_line_error(run_here('sample.py', f'--out_dir={tmp_path}'), 'not a loadable checkpoint')
     make_checkpoint(tmp_path)
-    assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path}', '--start=FILE:nope.txt'), 'nope.txt')
+    assert_one_line_error(run_here('sample.py', f'--out_dir={tmp_path}', '--start=FILE:nope.txt'), 'nope.txt')
     (tmp_path / 'bin.txt').write_bytes(b'\xff\xfe\x00bad')
-    assert_one_line_error(run_script('sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{tmp_path}/bin.txt'),
+    assert_one_line_error(run_here('sample.py', f'--out_dir={tmp_path}', f'--start=FILE:{tmp_path}/bin.txt'),
                           'UTF-8')
-    assert_one_line_error(run_script('sample.py', '--temprature=0'), 'did you mean --temperature')
-    assert_one_line_error(run_script('sample.py', '--num_samples=two'), '--num_samples')
-    assert_one_line_error(run_script('sample.py', f'--init_from={tmp_path}/none'), 'not a GPT-2 size')
+    assert_one_line_error(run_here('sample.py', '--temprature=0'), 'did you mean --temperature')
+    assert_one_line_error(run_here('sample.py', '--num_samples=two'), '--num_samples')
+    assert_one_line_error(run_here('sample.py', f'--init_from={tmp_path}/none'), 'not a GPT-2 size')
+    for mode in ('--chat=True', '--serve=8000'):  # a chat template we do not have: stopped before it talks or listens
+        assert_one_line_error(run_here('sample.py', f'--out_dir={tmp_path}', mode, '--chat_style=nope'),
+                              '--chat_style=nope', 'chatml')
 
 
 def test_help_lists_keys_with_defaults():
@@ -73,7 +85,8 @@ def test_sample_from_a_llama_family_folder(tmp_path):
     proc = run_script('sample.py', f'--init_from={tmp_path / "m"}', '--start=Hello there', '--temperature=0',
                       '--max_new_tokens=10', '--num_samples=1')
     assert proc.returncode == 0, proc.stderr
-    printed, whole = proc.stdout.split('\n---')[0], 'Hello there' + tok.decode(expected[len(tok.encode('Hello there')):])
+    printed = proc.stdout.split('\n---')[0]
+    whole = 'Hello there' + tok.decode(expected[len(tok.encode('Hello there')):])
     # (a character whose bytes the last token leaves incomplete is never printed by the streaming decoder)
     assert whole.startswith(printed) and len(whole) - len(printed) <= 1 and len(printed) > len('Hello there') + 5
 
@@ -89,7 +102,8 @@ def test_chat_keeps_the_cache_across_turns_and_equals_uncached_generation(tmp_pa
     lines = iter(['hello', 'and again?', '/reset', 'hello', '/exit', 'never read'])
     prefilled = []
     real = model.hidden_states
-    monkeypatch.setattr(model, 'hidden_states', lambda idx, kv_cache=None: prefilled.append(idx.size(1)) or real(idx, kv_cache))
+    monkeypatch.setattr(model, 'hidden_states',
+                        lambda idx, kv_cache=None: prefilled.append(idx.size(1)) or real(idx, kv_cache))
     replies = sample.chat_loop(model, tok, 'chatml', 'cpu', read=lambda prompt: next(lines))
     out = capsys.readouterr().out
     # turn 2, uncached: the whole conversation rendered and generated from scratch
@@ -117,11 +131,13 @@ def test_chat_with_a_small_context_crops_old_turns_not_the_new_message(tmp_path,
         monkeypatch.setattr(sample, key, value)
     lines = iter(['hello there', 'a second question', 'and a third one', '/exit'])
     asked, generate = [], model.generate
-    monkeypatch.setattr(model, 'generate', lambda idx, n, **kw: asked.append((idx.size(1), n)) or generate(idx, n, **kw))
+    monkeypatch.setattr(model, 'generate',
+                        lambda idx, n, **kw: asked.append((idx.size(1), n)) or generate(idx, n, **kw))
     replies = sample.chat_loop(model, tok, 'chatml', 'cpu', read=lambda prompt: next(lines))
     out = capsys.readouterr()
     assert len(replies) == 3 and all(n == 32 and prompt + n <= 64 for prompt, n in asked)  # a reply: half the context
-    assert re.search(r'notice: the conversation is longer than the context \(64 tokens.*dropped its \d+ oldest', out.err)
+    assert re.search(r'notice: the conversation is longer than the context \(64 tokens.*dropped its \d+ oldest',
+                     out.err)
     assert 'message alone is too long' not in out.err
 
 

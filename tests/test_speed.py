@@ -1,13 +1,12 @@
-"""Speed and scale features on CPU: bench.py, compile-friendliness, Muon, activation checkpointing."""
+"""Speed and scale features on CPU: bench.py, compile-friendliness, Muon, activation checkpointing. (Training with
+both and resuming exactly: test_train.py's test_resume_continues_exactly.)"""
 import copy
-import json
 
 import pytest
 import torch
 
 from conftest import run_script
 from model import GPT, GPTConfig
-from weights import load_checkpoint
 
 
 def tiny(**kw):
@@ -16,7 +15,8 @@ def tiny(**kw):
 
 
 def test_bench_runs_a_tiny_config_in_both_modes():
-    args = ('--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=2', '--steps=2', '--warmup_steps=1')
+    args = ('--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=2', '--steps=2',
+            '--warmup_steps=1')
     proc = run_script('bench.py', *args)
     assert proc.returncode == 0, proc.stderr
     assert 'ms/step' in proc.stdout and 'tokens/s' in proc.stdout and 'peak memory' in proc.stdout
@@ -194,27 +194,3 @@ def test_grad_checkpoint_gives_the_same_gradients():
     for (name, a), b in zip(model.named_parameters(), other.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
-
-def test_train_with_muon_and_checkpointing_runs_and_resumes(tmp_path):
-    from prepare_data import prepare
-    data = prepare('pydoc', data_dir=tmp_path / 'pydoc', quiet=True)
-    args = [f'--data_dir={data}', f'--out_dir={tmp_path}/o', '--n_layer=2', '--n_head=2', '--n_embd=32',
-            '--block_size=32', '--batch_size=8', '--eval_interval=10', '--eval_iters=2', '--log_interval=5',
-            '--optimizer=muon', '--grad_checkpoint=True', '--sample_prompt=', '--warmup_iters=5',
-            '--lr_decay_iters=20']
-    first = run_script('train.py', *args, '--max_iters=10')
-    second = run_script('train.py', *args, '--max_iters=20', '--init_from=resume')
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert 'step 20: train loss' in second.stdout
-    # the same run uninterrupted (the schedule decays to step 20 in both): Muon's momentum buffers and the
-    # recomputed activations continue exactly, so the weights and the logged losses are the same
-    args[1] = f'--out_dir={tmp_path}/whole'
-    whole = run_script('train.py', *args, '--max_iters=20')
-    assert whole.returncode == 0, whole.stderr
-    a, b = load_checkpoint(tmp_path / 'whole'), load_checkpoint(tmp_path / 'o')
-    assert a['iter_num'] == b['iter_num'] == 20
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    rows = [[json.loads(line) for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()] for d in ('whole', 'o')]
-    losses = [[(r['step'], r['train_loss'], r['val_loss']) for r in rs] for rs in rows]
-    assert len(losses[0]) >= 6 and losses[0] == losses[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import FIXTURES, SHARED, assert_one_line_error, needs_gpt2_bpe, run_script
+from conftest import FIXTURES, SHARED, assert_one_line_error, needs_gpt2_bpe, run_here, run_script
 from prepare_data import data_tokenizer, find_shards, prepare, read_meta, read_shard, write_shard
 import tokenizer
 from tokenizer import (EOT, LLAMA3_SPECIAL_TOKENS, format_chat, format_prompt, get_tokenizer, response_end_id,
@@ -44,7 +44,8 @@ def test_each_family_has_its_end_of_text_and_special_ids():
     base = llama3.encode('<|begin_of_text|>')[0]  # Llama 3's 256 special tokens follow the vocabulary
     assert llama3.encode('<|end_of_text|><|start_header_id|><|eot_id|>') == [base + 1, base + 6, base + 9]
     assert llama3.eot_id == base + 1 and len(llama3.special_ids) == 256 and llama3.vocab_size == base + 256
-    assert qwen2.eot_id == qwen2.encode(EOT)[0] and qwen2.encode('<|im_start|><|im_end|>') == [qwen2.eot_id + 1, qwen2.eot_id + 2]
+    assert qwen2.eot_id == qwen2.encode(EOT)[0]
+    assert qwen2.encode('<|im_start|><|im_end|>') == [qwen2.eot_id + 1, qwen2.eot_id + 2]
     assert smollm2.eot_id == 0 and smollm2.special_ids == {0, 1, 2}  # SmolLM2's specials come first
     assert smollm2.encode('a') != [ord('a')]  # so its byte tokens are not byte values: tiktoken ranks are ids
 
@@ -121,10 +122,12 @@ def qwen3_layout():
 def test_non_special_added_tokens_are_one_id_each_and_count_as_text():
     tok, qwen2 = get_tokenizer({'name': 'qwen3', 'json': qwen3_layout()}), get_tokenizer(TOKENIZERS / 'qwen2')
     think, end_think = 659, 660
-    assert tok.encode('<think>') == [think] and tok.encode('a</think>b') == [*qwen2.encode('a'), end_think, *qwen2.encode('b')]
+    assert tok.encode('<think>') == [think]
+    assert tok.encode('a</think>b') == [*qwen2.encode('a'), end_think, *qwen2.encode('b')]
     # as the tokenizers library: the added tokens are cut out first, the text between encoded on its own
     text = '<think>\nLet me see: 12 + 30 = 42.</think>\n\nThe answer is 42.<|im_end|>'
-    ids = [think, *qwen2.encode('\nLet me see: 12 + 30 = 42.'), end_think, *qwen2.encode('\n\nThe answer is 42.<|im_end|>')]
+    ids = [think, *qwen2.encode('\nLet me see: 12 + 30 = 42.'), end_think,
+           *qwen2.encode('\n\nThe answer is 42.<|im_end|>')]
     assert tok.encode(text) == ids and tok.decode(ids) == text
     assert tok.special_ids == qwen2.special_ids and tok.vocab_size == 661  # <think> is text, not a control token
     lengths = token_bytes(tok)
@@ -144,9 +147,11 @@ def test_byte_fallback_tokenizer_is_refused_in_one_line(tmp_path):
     its vocabulary lacks) is not byte-level BPE: refused with the reason, not misread."""
     vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'<0x{b:02X}>': 3 + b for b in range(256)}, '▁': 259, 't': 260,
              'h': 261, '▁t': 262, '▁th': 263}
-    config = {'version': '1.0', 'added_tokens': [{'id': i, 'content': t, 'special': True} for t, i in list(vocab.items())[:3]],
-              'normalizer': {'type': 'Sequence', 'normalizers': [{'type': 'Prepend', 'prepend': '▁'},
-                                                                 {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]},
+    specials = [{'id': i, 'content': t, 'special': True} for t, i in list(vocab.items())[:3]]
+    config = {'version': '1.0', 'added_tokens': specials,
+              'normalizer': {'type': 'Sequence', 'normalizers': [
+                  {'type': 'Prepend', 'prepend': '▁'},
+                  {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]},
               'pre_tokenizer': None,
               'model': {'type': 'BPE', 'byte_fallback': True, 'fuse_unk': True, 'unk_token': '<unk>', 'vocab': vocab,
                         'merges': ['▁ t', '▁t h']}}
@@ -156,8 +161,9 @@ def test_byte_fallback_tokenizer_is_refused_in_one_line(tmp_path):
         get_tokenizer(tmp_path / 'llama2')
     assert '\n' not in str(error.value)
     (tmp_path / 'in.txt').write_text('some text\n' * 10, encoding='utf-8')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', f'--tokenizer={tmp_path / "llama2"}',
-                                     f'--data_dir={tmp_path}/d'), 'byte_fallback')
+    # prepare_data.py's one case in a new interpreter: the real no-traceback contract (the others run in-process)
+    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt',
+                                     f'--tokenizer={tmp_path / "llama2"}', f'--data_dir={tmp_path}/d'), 'byte_fallback')
 
 
 def test_unreadable_tokenizers_give_one_clear_error(tmp_path):
@@ -265,7 +271,8 @@ def test_bpe_data_set_learns_from_the_training_split_only(tmp_path):
     out = prepare(input=str(tmp_path / 'in.txt'), tokenizer='bpe', vocab_size=400, data_dir=tmp_path / 'd',
                   val_fraction=len(val_part) / len(train_part + val_part), quiet=True)
     meta, tok = read_meta(out), data_tokenizer(out)
-    assert meta['tokenizer'] == tok.name and tok.name.startswith('bpe400-') and meta['tokenizer_file'] == 'tokenizer.json'
+    assert meta['tokenizer'] == tok.name and tok.name.startswith('bpe400-')
+    assert meta['tokenizer_file'] == 'tokenizer.json'
     assert len(tok.encode(' zebraquokka')) > 4  # never merged: that text was not learned from
     assert len(tok.encode(' river')) == 1
     train = np.asarray(read_shard(find_shards(out, 'train')[0]))
@@ -323,7 +330,7 @@ def test_json_tokenizer_data_set_with_wide_tokens_in_parallel(tmp_path, monkeypa
                        quiet=True)
     meta, tok = read_meta(serial), data_tokenizer(serial)
     assert meta['vocab_size'] == 151646 and meta['eot_id'] == 151643 == tok.eot_id
-    assert (serial / 'tokenizer.json').read_text(encoding='utf-8') == (folder / 'tokenizer.json').read_text(encoding='utf-8')
+    assert (serial / 'tokenizer.json').read_bytes() == (folder / 'tokenizer.json').read_bytes()
     for split in ('train', 'val'):
         a, b = read_shard(find_shards(serial, split)[0]), read_shard(find_shards(parallel, split)[0])
         assert a.dtype == np.uint32 and np.array_equal(a, b)
@@ -341,14 +348,14 @@ def test_command_line_tokenizers_and_bad_values(tmp_path):
                       f'--data_dir={tmp_path}/l')
     assert proc.returncode == 0, proc.stderr
     assert read_meta(tmp_path / 'l')['tokenizer'].startswith('llama3-') and data_tokenizer(tmp_path / 'l').eot_id == 657
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
-                                     '--vocab_size=200', f'--data_dir={tmp_path}/b'), 'at least 257')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
-                                     '--vocab_size=5000', f'--data_dir={tmp_path}/b'), 'more than the text can fill')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
-                                     '--tokenizer_max_chars=0', f'--data_dir={tmp_path}/b'), 'tokenizer_max_chars')
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt', f'--tokenizer={tmp_path}',
-                                     f'--data_dir={tmp_path}/b'), 'holds no tokenizer.json')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
+                                   '--vocab_size=200', f'--data_dir={tmp_path}/b'), 'at least 257')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
+                                   '--vocab_size=5000', f'--data_dir={tmp_path}/b'), 'more than the text can fill')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/in.txt', '--tokenizer=bpe',
+                                   '--tokenizer_max_chars=0', f'--data_dir={tmp_path}/b'), 'tokenizer_max_chars')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/in.txt', f'--tokenizer={tmp_path}',
+                                   f'--data_dir={tmp_path}/b'), 'holds no tokenizer.json')
     assert not (tmp_path / 'b' / 'meta.json').exists()
 
 
@@ -365,9 +372,10 @@ def test_chat_formats():
         assert format_chat([{'role': 'user', 'content': 'Name a color.'}], style) == format_prompt(one, style)
     talk = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'},
             {'role': 'assistant', 'content': 'Hello!'}, {'role': 'user', 'content': 'Color?'}]
-    assert format_chat(talk, 'chatml') == ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
-                                           '<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n'
-                                           '<|im_start|>assistant\n')
+    assert format_chat(talk, 'chatml') == (
+        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n'
+        '<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n'
+        '<|im_start|>assistant\n')
     assert format_chat(talk, 'llama3') == (
         '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>'
         '<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
@@ -386,7 +394,8 @@ def test_chat_formats():
 def test_response_ends_are_single_special_tokens():
     llama3, qwen2 = get_tokenizer(TOKENIZERS / 'llama3'), get_tokenizer(TOKENIZERS / 'qwen2')
     assert response_end_id(llama3, 'llama3') == llama3.encode('<|eot_id|>')[0] == llama3.eot_id + 8
-    assert response_end_id(qwen2, 'chatml') == qwen2.encode('<|im_end|>')[0] and response_end_id(qwen2, 'alpaca') == qwen2.eot_id
+    assert response_end_id(qwen2, 'chatml') == qwen2.encode('<|im_end|>')[0]
+    assert response_end_id(qwen2, 'alpaca') == qwen2.eot_id
     entry = {'instruction': 'Name a color.', 'input': '', 'output': 'Blue.'}
     ids = llama3.encode(format_prompt(entry, 'llama3') + entry['output'] + tokenizer.RESPONSE_END['llama3'])
     assert ids[0] == llama3.encode('<|begin_of_text|>')[0] and ids[-1] == response_end_id(llama3, 'llama3')
@@ -453,7 +462,8 @@ def test_our_bpe_compresses_within_two_percent_of_the_tokenizers_trainer():
         pre_tokenizers.Split(Regex(tokenizer.GPT4_PATTERN), behavior='isolated', invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.train_from_iterator([text[:cut]], trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=4096, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     held_out = text[cut:]
     ours_bytes_per_token = len(held_out.encode()) / len(ours.encode(held_out))
     hf_bytes_per_token = len(held_out.encode()) / len(hf.encode(held_out).ids)

@@ -1,22 +1,25 @@
 """train.py end to end on tiny configs: learning, logging, exact resume, torchrun, interrupts, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_here, run_script
 from weights import load_checkpoint
 from prepare_data import prepare, write_shard
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return prepare('pydoc', data_dir=tmp_path_factory.mktemp('data') / 'pydoc', quiet=True)
+@pytest.fixture(scope='session')
+def data(pydoc_data):  # Python's docs as bytes, prepared once a session (conftest): read only
+    return pydoc_data
 
 
 def tiny(data, out, *extra):
@@ -27,6 +30,21 @@ def tiny(data, out, *extra):
 
 def log_rows(out):
     return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def losses(out):
+    return [(r['step'], r['train_loss'], r['val_loss']) for r in log_rows(out)]
+
+
+def train_here(*args):
+    """train.py run in this process (conftest.run_here), for its one-line errors. A run that dies inside its loop
+    has set its Ctrl-C handler, which must not outlive it here: the per-test time limit interrupts with SIGINT."""
+    handler, threads = signal.getsignal(signal.SIGINT), threading.active_count()
+    try:
+        return run_here('train.py', *args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        assert threading.active_count() == threads  # no thread of the run left behind
 
 
 def test_loss_falls_and_everything_is_logged(data, tmp_path):
@@ -51,20 +69,23 @@ def test_loss_falls_and_everything_is_logged(data, tmp_path):
     assert sample.returncode == 0 and len(sample.stdout) > 20
 
 
-@pytest.mark.parametrize('order', ['random', 'one_pass'])
-def test_resume_continues_exactly(data, tmp_path, order):
-    args = ('--dropout=0.1', '--lr_decay_iters=30', '--eval_interval=15')
+# Muon (the default optimizer): its momentum buffers continue; with --grad_checkpoint the recomputed activations too
+@pytest.mark.parametrize('order, extra', [('random', ()), ('one_pass', ('--grad_checkpoint=True',))],
+                         ids=['random', 'one_pass-grad_checkpoint'])
+def test_resume_continues_exactly(data, tmp_path, order, extra):
+    args = ('--dropout=0.1', '--lr_decay_iters=30', '--eval_interval=15', *extra)
     one = run_script('train.py', *tiny(data, tmp_path / 'a', '--max_iters=30', f'--data_order={order}', *args))
     first = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=15', f'--data_order={order}', *args))
     # the run is what the checkpoint says: another --seed (or data order) now must not change its data order
-    second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', '--seed=7', *args))
+    second = run_script('train.py', *tiny(data, tmp_path / 'b', '--max_iters=30', '--init_from=resume', '--seed=7',
+                                          *args))
     assert one.returncode == first.returncode == second.returncode == 0, second.stderr
     a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
     assert a['iter_num'] == b['iter_num'] == 30 and 'resuming the run of --seed=1337' in second.stdout
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    # the log of the resumed run continues where the checkpoint was, without duplicates
-    assert [r['step'] for r in log_rows(tmp_path / 'a')] == [r['step'] for r in log_rows(tmp_path / 'b')]
+    # the log of the resumed run continues where the checkpoint was, without duplicates, with the same losses
+    assert losses(tmp_path / 'a') == losses(tmp_path / 'b') and len(losses(tmp_path / 'a')) == 9
 
 
 @pytest.mark.parametrize('order', ['random', 'one_pass'])
@@ -135,53 +156,120 @@ def test_torchrun_resume_restores_each_ranks_generators(data, tmp_path):
 def test_resume_in_float16_from_a_float32_run(data, tmp_path):
     # a float32 (or bfloat16, or CPU) run saves an empty GradScaler state; float16 then starts a fresh scaler
     assert run_script('train.py', *tiny(data, tmp_path / 'o', '--max_iters=5', '--dtype=float32')).returncode == 0
-    proc = run_script('train.py', *tiny(data, tmp_path / 'o', '--max_iters=10', '--dtype=float16', '--init_from=resume'))
+    assert load_checkpoint(tmp_path / 'o')['scaler'] == {}
+    proc = run_script('train.py', *tiny(data, tmp_path / 'o', '--max_iters=10', '--dtype=float16',
+                                        '--init_from=resume'))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(tmp_path / 'o')
-    assert ckpt['iter_num'] == 10 and ckpt['scaler']['scale'] > 0
+    # a fresh scaler (torch's initial scale, 2**16) that then took 5 float16 steps, none with an inf or a NaN
+    assert ckpt['iter_num'] == 10 and ckpt['scaler']['scale'] == 2.0 ** 16 and ckpt['scaler']['_growth_tracker'] == 5
+
+
+def interrupt(args, tmp_path, after, seconds=120):
+    """train.py started with args, sent Ctrl-C (SIGINT) once its stdout has a line starting with `after`; returns
+    (exit code, stdout, stderr). Its output goes to files, polled against a deadline: past it the run is killed and
+    the test fails with what it printed, instead of waiting on a pipe for ever."""
+    out, err = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
+    with open(out, 'w') as stdout, open(err, 'w') as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *args], cwd=ROOT, stdout=stdout,
+                                stderr=stderr, env={**os.environ, 'PYTHONUNBUFFERED': '1'})  # each line as printed
+    try:
+        deadline = time.monotonic() + seconds
+        while not any(line.startswith(after) for line in out.read_text().splitlines()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no line {after!r} from train.py (exit code {proc.poll()}):\n{out.read_text()[-3000:]}"
+                            f"\n{err.read_text()[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"train.py did not stop after Ctrl-C:\n{out.read_text()[-3000:]}\n{err.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out.read_text(), err.read_text()
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='SIGINT delivery to a child differs on Windows')
-def test_ctrl_c_saves_and_exits_cleanly(data, tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'out', '--max_iters=100000')],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith('step 10 |'):
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and 'Traceback' not in err, err
-    assert 'interrupted' in out and '--init_from=resume' in out
-    assert load_checkpoint(tmp_path / 'out')['iter_num'] >= 10
+def test_ctrl_c_saves_exits_cleanly_and_resumes_exactly(data, tmp_path):
+    # the schedule set by --lr_decay_iters, not --max_iters: the interrupted run (of 100000) and the run it is
+    # compared with (of `end` steps) step at the same learning rates
+    args = ('--dropout=0.1', '--lr_decay_iters=200', '--eval_interval=10')
+    code, out, err = interrupt(tiny(data, tmp_path / 'b', '--max_iters=100000', *args), tmp_path, after='step 10 |')
+    assert code == 130 and 'Traceback' not in err, err
+    stopped = load_checkpoint(tmp_path / 'b')['iter_num']  # the step it was at when Ctrl-C came, saved there
+    assert stopped >= 10 and f"interrupted: saved step {stopped} to" in out and '--init_from=resume' in out, out
+    end = stopped - stopped % 10 + 20  # past an evaluation at a multiple of 10, ending on one
+    resumed = run_script('train.py', *tiny(data, tmp_path / 'b', f'--max_iters={end}', '--init_from=resume', *args))
+    whole = run_script('train.py', *tiny(data, tmp_path / 'a', f'--max_iters={end}', *args))
+    assert resumed.returncode == whole.returncode == 0, resumed.stderr + whole.stderr
+    a, b = load_checkpoint(tmp_path / 'a'), load_checkpoint(tmp_path / 'b')
+    assert a['iter_num'] == b['iter_num'] == end
+    for k in a['model']:  # the same weights as the run that was never interrupted ...
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    # ... and the same losses at every logged step (the interrupted run also evaluated where it stopped)
+    rows = [r for r in losses(tmp_path / 'b') if not (r[0] == stopped and r[2] is not None and stopped % 10)]
+    assert rows == losses(tmp_path / 'a') and len(rows) == end // 5 + end // 10 + 1, (rows, losses(tmp_path / 'a'))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
-    proc = run_script('train.py', *tiny(data, tmp_path / 'out', '--max_iters=50', '--learning_rate=1e999', '--grad_clip=0.0'))
+    proc = train_here(*tiny(data, tmp_path / 'out', '--max_iters=50', '--learning_rate=1e999', '--grad_clip=0.0'))
     assert_one_line_error(proc, 'not finite', 'last good checkpoint')
     ckpt = load_checkpoint(tmp_path / 'out')
     assert ckpt['iter_num'] == 0 and all(torch.isfinite(v).all() for v in ckpt['model'].values())
 
 
-def test_bad_input_gives_one_line_errors(data, tmp_path):
-    assert_one_line_error(run_script('train.py', *tiny(tmp_path / 'nothing', tmp_path / 'o')), 'no training shards')
-    bad = tmp_path / 'bad'
-    bad.mkdir()
-    write_shard(bad / 'x_train_000000.bin', np.arange(1000, dtype=np.uint16) % 257)
+def shards(folder, tokens, meta):
+    """A data folder of one train and one val shard of these tokens, and this meta.json."""
+    folder.mkdir()
+    write_shard(folder / 'x_train_000000.bin', tokens)
+    write_shard(folder / 'x_val_000000.bin', tokens)
+    (folder / 'meta.json').write_text(json.dumps(meta))
+    return folder
+
+
+def an_adamw_checkpoint(eager_float32, out):
+    """A copy of the short AdamW run's checkpoint (bytes tokens, 257 ids) in out, to resume from; its mtime."""
+    out.mkdir()
+    shutil.copy(eager_float32 / 'ckpt.pt', out / 'ckpt.pt')
+    return (out / 'ckpt.pt').stat().st_mtime_ns
+
+
+BYTES = {'tokenizer': 'bytes', 'vocab_size': 257, 'eot_id': 256}
+
+
+def test_bad_input_gives_one_line_errors(data, tmp_path, eager_float32):
+    assert_one_line_error(train_here(*tiny(tmp_path / 'nothing', tmp_path / 'o')), 'no training shards')
+    bad = shards(tmp_path / 'bad', np.arange(1000, dtype=np.uint16) % 257, BYTES)
     (bad / 'x_val_000000.bin').write_bytes((bad / 'x_train_000000.bin').read_bytes()[:-7])
-    (bad / 'meta.json').write_text('{"tokenizer": "bytes", "vocab_size": 257, "eot_id": 256}')
-    assert_one_line_error(run_script('train.py', *tiny(bad, tmp_path / 'o')), 'x_val_000000.bin is corrupt')
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--batch_size=big')), '--batch_size')
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--init_from=resume')), 'no checkpoint')
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--data_order=sorted')), '--data_order=sorted')
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--block_size=100000')), 'block_size')
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--learning_rate=1e-4', '--min_lr=4e-4')),
+    assert_one_line_error(train_here(*tiny(bad, tmp_path / 'o')), 'x_val_000000.bin is corrupt')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--batch_size=big')), '--batch_size')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--init_from=resume')), 'no checkpoint')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--data_order=sorted')), '--data_order=sorted')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--block_size=100000')), 'block_size')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--learning_rate=1e-4', '--min_lr=4e-4')),
                           '--min_lr=1e-05')
-    assert run_script('train.py', *tiny(data, tmp_path / 'w', '--optimizer=adamw', '--max_iters=2')).returncode == 0
-    stamp = (tmp_path / 'w' / 'ckpt.pt').stat().st_mtime_ns
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'w', '--init_from=resume', '--max_iters=4')),
+    stamp = an_adamw_checkpoint(eager_float32, tmp_path / 'w')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'w', '--init_from=resume', '--max_iters=10')),
                           'resume it with --optimizer=adamw')
     assert (tmp_path / 'w' / 'ckpt.pt').stat().st_mtime_ns == stamp
     assert not (tmp_path / 'o' / 'ckpt.pt').exists()
+
+
+def test_a_vocabulary_mismatch_gives_one_line_errors(tmp_path, eager_float32):
+    stamp = an_adamw_checkpoint(eager_float32, tmp_path / 'w')
+    resume = ('--init_from=resume', '--optimizer=adamw', '--max_iters=10')
+    # a checkpoint resumes only on the tokens it was trained on (here GPT-2's, by their meta.json)
+    gpt2 = shards(tmp_path / 'gpt2', np.arange(1000, dtype=np.uint16),
+                  {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256})
+    assert_one_line_error(train_here(*tiny(gpt2, tmp_path / 'w', *resume)),
+                          'ckpt.pt was trained on bytes tokens but', 'holds gpt2 tokens')
+    # the same tokenizer with more ids than the model has rows for (a meta.json counting added tokens)
+    more = shards(tmp_path / 'more', np.arange(1000, dtype=np.uint16) % 257, {**BYTES, 'vocab_size': 300})
+    assert_one_line_error(train_here(*tiny(more, tmp_path / 'w', *resume)),
+                          'holds bytes tokens (300 ids) but the model knows 257')
+    assert (tmp_path / 'w' / 'ckpt.pt').stat().st_mtime_ns == stamp and not (tmp_path / 'w' / 'log.jsonl').exists()
 
 
 def test_no_arguments_prepares_the_default_data_first(tmp_path):
@@ -192,7 +280,7 @@ def test_no_arguments_prepares_the_default_data_first(tmp_path):
     ckpt = load_checkpoint(tmp_path / 'out')
     assert ckpt['model_args']['vocab_size'] == 2048 and ckpt['config']['optimizer'] == 'muon'
     proc = run_script('train.py', '--data_dir=data/pydoc', '--max_iters=1', '--eval_iters=1', '--n_layer=1',
-                      '--n_embd=32', '--n_head=2', '--out_dir=bytes', cwd=tmp_path)  # the other prepared-on-first-use data
+                      '--n_embd=32', '--n_head=2', '--out_dir=bytes', cwd=tmp_path)  # the other data made on first use
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(tmp_path / 'bytes')['model_args']['vocab_size'] == 257  # bytes + end-of-text
 
@@ -255,7 +343,8 @@ def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_pat
         assert torch.allclose(a['model'][k], b['model'][k], atol=1e-5), k
     resumed = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                               str(ROOT / 'train.py'), *args[:-3], '--max_iters=12', '--gradient_accumulation_steps=2',
-                              '--ddp=fsdp', '--init_from=resume'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              '--ddp=fsdp', '--init_from=resume'], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(tmp_path / 'fsdp')['iter_num'] == 12
     # the same FSDP run uninterrupted: the sharded optimizer state came back whole, so the weights and the
@@ -266,14 +355,15 @@ def test_torchrun_fsdp_equals_one_process_and_its_checkpoint_loads(data, tmp_pat
     a, b = load_checkpoint(tmp_path / 'fsdp'), load_checkpoint(tmp_path / 'whole')
     assert a['iter_num'] == b['iter_num'] == 12
     for k in a['model']:
-        assert torch.allclose(a['model'][k], b['model'][k], rtol=0, atol=1e-6), (k, (a['model'][k] - b['model'][k]).abs().max())
+        assert torch.allclose(a['model'][k], b['model'][k], rtol=0, atol=1e-6), \
+            (k, (a['model'][k] - b['model'][k]).abs().max())
     losses = [[(r['step'], r['train_loss'], r['val_loss']) for r in log_rows(tmp_path / d)] for d in ('fsdp', 'whole')]
     assert [r[0] for r in losses[0]] == [0, 5, 10, 10, 12] == [r[0] for r in losses[1]]
     for x, y in zip(*losses):
         assert x == pytest.approx(y, abs=1e-6), (x, y)
 
 
-def test_continue_a_llama_family_model_on_its_own_tokens_and_eval_only(tmp_path):
+def test_continue_a_llama_family_model_on_its_own_tokens_and_eval_only(pydoc_data, tmp_path):
     from conftest import make_llama_folder
     make_llama_folder(tmp_path / 'qwen', 'qwen2', spread=1.0)
     data = prepare('verdict', input=str(ROOT.parent / 'shared' / 'data' / 'the-verdict.txt'),
@@ -294,13 +384,13 @@ def test_continue_a_llama_family_model_on_its_own_tokens_and_eval_only(tmp_path)
     loss = lambda out: float(out.split('val loss ')[1].split(',')[0])  # noqa: E731
     assert loss(after.stdout) < loss(before.stdout) - 0.5
     # a model continues only on its own tokens
-    other = prepare('pydoc', data_dir=tmp_path / 'bytes', quiet=True)
-    assert_one_line_error(run_script('train.py', *tiny(other, tmp_path / 'x', f'--init_from={tmp_path / "qwen"}')),
-                          'continues on its own tokens')
+    assert_one_line_error(train_here(*tiny(pydoc_data, tmp_path / 'x', f'--init_from={tmp_path / "qwen"}')),
+                          'continues on its own tokens')  # (bytes)
 
 
 def test_a_llama_shaped_model_from_scratch_with_the_config_file(data, tmp_path):
-    proc = run_script('train.py', 'config/train_llama_style.py', *tiny(data, tmp_path / 'o', '--max_iters=30', '--n_kv_head=1'))
+    proc = run_script('train.py', 'config/train_llama_style.py',
+                      *tiny(data, tmp_path / 'o', '--max_iters=30', '--n_kv_head=1'))
     assert proc.returncode == 0, proc.stderr
     args = load_checkpoint(tmp_path / 'o')['model_args']
     assert (args['norm'], args['pos_emb'], args['mlp'], args['n_kv_head']) == ('rmsnorm', 'rope', 'swiglu', 1)
@@ -322,7 +412,8 @@ def test_the_3090_config_reads_20_tokens_per_parameter_with_the_stacked_interven
     assert 162e6 < params < 164e6  # GPT-2 small with its own head: the reader's 163M
     tokens = g['max_iters'] * g['batch_size'] * g['block_size'] * g['gradient_accumulation_steps']
     assert tokens == pytest.approx(20 * params, rel=0.01)
-    assert g['warmup_iters'] == pytest.approx(0.05 * g['max_iters'], rel=0.01) and g['min_lr'] == pytest.approx(0.1 * g['learning_rate'])
+    assert g['warmup_iters'] == pytest.approx(0.05 * g['max_iters'], rel=0.01)
+    assert g['min_lr'] == pytest.approx(0.1 * g['learning_rate'])
     assert (g['dropout'], g['weight_decay'], g['grad_clip'], g['learning_rate']) == (0.0, 0.01, 1.0, 1.4e-3)
 
 
@@ -396,20 +487,18 @@ def test_ms_per_step_leaves_out_evaluations_and_the_first_step(monkeypatch):
     assert timer.lap(10) == 3.0
 
 
-SHORT = ('--max_iters=8', '--optimizer=adamw', '--log_interval=2', '--eval_interval=8', '--sample_prompt=')
+SHORT = ('--max_iters=8', '--optimizer=adamw', '--log_interval=2', '--eval_interval=4')  # evaluations and samples
+STEPS = [0, 2, 4, 4, 6, 8, 8]  # the logged rows' steps: training losses every 2, evaluations every 4
 
 
 @pytest.fixture(scope='module')
 def eager_float32(data, tmp_path_factory):
-    """A short float32 run without compile: what the bfloat16 and the compiled runs are measured against."""
+    """A short float32 run without compile: what the bfloat16 and the compiled runs are measured against (and the
+    AdamW checkpoint the error tests resume)."""
     out = tmp_path_factory.mktemp('eager') / 'out'
     proc = run_script('train.py', *tiny(data, out, *SHORT))
     assert proc.returncode == 0, proc.stderr
     return out
-
-
-def losses(out):
-    return [(r['step'], r['train_loss'], r['val_loss']) for r in log_rows(out)]
 
 
 def test_bfloat16_autocast_trains_like_float32(data, tmp_path, eager_float32):
@@ -417,25 +506,29 @@ def test_bfloat16_autocast_trains_like_float32(data, tmp_path, eager_float32):
     assert proc.returncode == 0, proc.stderr
     assert '| cpu bfloat16 |' in proc.stdout
     bf16, fp32 = losses(tmp_path), losses(eager_float32)
-    assert [r[0] for r in bf16] == [r[0] for r in fp32] == [0, 2, 4, 6, 8, 8]
+    assert [r[0] for r in bf16] == [r[0] for r in fp32] == STEPS
     assert all(np.isfinite(x) for r in bf16 for x in r[1:] if x is not None)
     assert bf16[-1][2] < bf16[0][2] - 0.4  # learning: ~5.40 -> ~4.9 in 8 steps
-    for x, y in zip(bf16, fp32):  # measured: within 2e-4 of float32 at every row (loss and softmax in float32)
-        assert x == pytest.approx(y, abs=0.02), (x, y)
+    for x, y in zip(bf16, fp32):  # measured: within 1.8e-4 of float32 at every row (loss and softmax in float32)
+        assert x == pytest.approx(y, abs=1e-3), (x, y)
     assert bf16 != fp32  # ... but not equal: the matmuls did run in bfloat16
     assert load_checkpoint(tmp_path)['model']['lm_head.weight'].dtype == torch.float32  # autocast keeps float32 weights
 
 
-def test_compiled_training_equals_eager(data, tmp_path, eager_float32):
+def test_compiled_training_equals_eager_and_compiles_once(data, tmp_path, eager_float32):
     from configurator import compile_available
     if not compile_available('cpu'):
         pytest.skip('torch.compile cannot run on this CPU (no C compiler)')
     proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path, *SHORT, '--compile=True')],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'TORCH_LOGS': 'dynamo'})
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'TORCH_LOGS': 'dynamo,recompiles'})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'compiler function inductor' in proc.stderr  # (TORCH_LOGS=dynamo) it did compile, not fall back to eager
+    # compiled once: the evaluations and samples between its steps recompile nothing (TORCH_LOGS=recompiles)
+    recompiles = [line for line in proc.stderr.splitlines() if 'Recompiling function' in line]
+    assert proc.stdout.count('sample:') == 3 and not recompiles, recompiles
     compiled, eager = losses(tmp_path), losses(eager_float32)
-    assert [r[0] for r in compiled] == [r[0] for r in eager] == [0, 2, 4, 6, 8, 8]
+    assert [r[0] for r in compiled] == [r[0] for r in eager] == STEPS
     for x, y in zip(compiled, eager):  # measured: within ~1e-6
         assert x == pytest.approx(y, abs=1e-4), (x, y)
     a, b = load_checkpoint(tmp_path), load_checkpoint(eager_float32)
@@ -445,13 +538,21 @@ def test_compiled_training_equals_eager(data, tmp_path, eager_float32):
 
 
 def test_bad_setup_gives_one_line_errors(data, tmp_path, monkeypatch):
-    assert_one_line_error(run_script('train.py', *tiny(data, tmp_path / 'o', '--pad_vocab=0', '--max_iters=2')),
-                          '--pad_vocab=0')
-    # a torchrun process beyond the machine's GPUs (here: a local rank of 64 on a machine with fewer GPUs)
-    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '64', 'WORLD_SIZE': '1'}
-    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'o', '--device=cuda', '--max_iters=2')],
+    # Muon orthogonalizes whole matrices: not with FSDP's shards (one process under torchrun's variables). In a new
+    # interpreter, as a user runs it, so that no traceback reaches the user: train.py's one error line run so (it
+    # joins a process group, which must not outlive it here); the others run in this process
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'o', '--ddp=fsdp',
+                                                                          '--optimizer=muon', '--max_iters=2')],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert_one_line_error(proc, 'torchrun started process 64', '--nproc_per_node')
+    assert_one_line_error(proc, '--optimizer=muon', '--ddp=fsdp')
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--pad_vocab=0', '--max_iters=2')), '--pad_vocab=0')
+    # a torchrun process beyond the machine's GPUs (here: a local rank of 64 on a machine with fewer GPUs)
+    for key, value in dict(RANK='0', LOCAL_RANK='64', WORLD_SIZE='1').items():
+        monkeypatch.setenv(key, value)
+    assert_one_line_error(train_here(*tiny(data, tmp_path / 'o', '--device=cuda', '--max_iters=2')),
+                          'torchrun started process 64', '--nproc_per_node')
     # the check itself, with two GPUs mocked: local rank 2 is one process too many
     import configurator
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
@@ -460,12 +561,5 @@ def test_bad_setup_gives_one_line_errors(data, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match=r'^error: torchrun started process 2 of this machine but only 2 GPU\(s\)'):
         configurator.init_distributed('auto')
-    # Muon orthogonalizes whole matrices: not with FSDP's shards (one process under torchrun's variables)
-    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1', 'MASTER_ADDR': '127.0.0.1',
-           'MASTER_PORT': str(free_port())}
-    proc = subprocess.run([sys.executable, str(ROOT / 'train.py'), *tiny(data, tmp_path / 'o', '--ddp=fsdp',
-                                                                          '--optimizer=muon', '--max_iters=2')],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
-    assert_one_line_error(proc, '--optimizer=muon', '--ddp=fsdp')
     assert not (tmp_path / 'o').exists()
 
