@@ -206,8 +206,8 @@ def test_chat_serve_and_compiled_sampling_talk_in_int8(tmp_path):
     finally:
         server.close()
     from configurator import compile_available, compile_decoding
-    if not compile_available('cpu'):
-        return
+    if not compile_available('cpu'):  # the eager half above ran; the compiled half is a skip (a failure under CI)
+        pytest.skip('torch.compile needs a C compiler here')
     # --compile=True: one graph for every token (no recompiles), and its logits are the eager step's (bfloat16
     # compiled rounds differently from bfloat16 eager, so a near tie may pick another token: logits, not text)
     compiled = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', f'--init_from={tmp_path / "m"}',
