@@ -31,6 +31,11 @@ def config_keys(g):
             and isinstance(v, (int, float, bool, str, type(None), tuple, list))]
 
 
+def run_config(g):
+    """{setting: value} as this run has them, after the overrides: what a checkpoint records the run was asked."""
+    return {k: g[k] for k in config_keys(g)}
+
+
 def _typed(value, default, shown):
     """`value` converted to the type of `default`, or stop naming the key."""
     if default is None or value is None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step, save_plot
+from configurator import configure, run_config, setup, die, maybe_compile, optimizer_step, save_plot
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig, apply_lora, pad_rows
 from weights import (atomic_write, download, load_checkpoint, load_pretrained, load_state_dict_checked,
                      save_checkpoint, save_json)
@@ -317,7 +317,7 @@ def main():
     print(' | '.join(f"{n} accuracy {100 * metrics[f'{n}_accuracy']:.2f}%" for n in ('train', 'val', 'test')))
     save_json(Path(out_dir) / 'metrics.json', {**metrics, 'labels': labels, 'init_from': init_from,
                                                'trainable': trainable, 'pool': pool})
-    config = {k: globals()[k] for k in config_keys(globals())}
+    config = run_config(globals())  # what this run was asked to do, for the checkpoint
     save_checkpoint(Path(out_dir) / 'classifier.pt', model, tokenizer.spec, config, labels=labels, max_length=length,
                     pool=pool, metrics=metrics)
     accuracies = [h for h in history if 'train_accuracy' in h]  # the epochs' ends; every row has losses

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import configure, config_keys, setup, die, optimizer_step
+from configurator import configure, run_config, setup, die, optimizer_step
 from model import FUSED_ADAMW_DEVICES, apply_lora, generate_batch, lora_disabled, pad_rows, token_logprobs
 from weights import load_checkpoint, load_pretrained, save_checkpoint, save_json
 from tokenizer import get_tokenizer
@@ -151,12 +151,6 @@ def reward(ids, answer, end_id, tokenizer, verifier):
 
 
 # -------------------------------------------------------------------- problems and prompts (the sequel's chapter 3)
-
-def own_model(source):
-    """Whether source is a model of ours (scratch, or a checkpoint train.py or this script wrote)."""
-    path = Path(source)
-    return source in ('scratch', 'resume') or path.suffix == '.pt' or (path / 'ckpt.pt').is_file()
-
 
 def format_problem(entry, kind):
     """The text a model continues with its solution: the sequel's prompt (for published models) or, for our
@@ -294,7 +288,8 @@ def load_grpo_model(dev):
     if ckpt is not None:
         model.load_state_dict(ckpt['lora'] if lora_rank else ckpt['model'], strict=not lora_rank)
     saved = (ckpt or info['checkpoint'] or {}).get('problem_prompt')  # a GRPO run's model goes on with its prompts
-    kind = problem_prompt if problem_prompt != 'auto' else saved or ('plain' if own_model(start) else 'sequel')
+    ours = info['checkpoint'] is not None  # a model of ours (train.py's or this script's) reads plain text
+    kind = problem_prompt if problem_prompt != 'auto' else saved or ('plain' if ours else 'sequel')
     return model.to(dev), reference, tokenizer, ckpt, {'start': start, 'problem_prompt': kind}
 
 
@@ -311,7 +306,7 @@ def main():
     """Reinforcement learning with verifiable rewards (the sequel's chapter 6): each step samples group_size
     completions of batch_size problems, rewards those the verifier finds right, and makes the better-than-their-
     group ones more likely. Evaluates before training and every eval_interval steps, saving a checkpoint each time."""
-    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    config = run_config(globals())  # what this run was asked to do, for the checkpoint
     dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
     if gen_batch_size < 1:
         die(f"--gen_batch_size={gen_batch_size}: give at least 1")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from configurator import configure, config_keys, setup, die, maybe_compile, optimizer_step
+from configurator import configure, run_config, setup, die, maybe_compile, optimizer_step
 from model import (FUSED_ADAMW_DEVICES, GPTConfig, apply_lora, generate_batch, lora_disabled, merge_lora, pad_rows,
                    token_logprobs)
 from quantize import cast_and_quantize, talk_dtype
@@ -317,12 +317,12 @@ def load_splits():
     return splits
 
 
-def load_model(source=None):
-    """(model on the CPU, its tokenizer, the padding id) of --init_from (or of source)."""
+def load_model():
+    """(model on the CPU, its tokenizer, the padding id) of --init_from."""
     scratch = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=50257,
                         dropout=dropout)  # GPT-2's tokenizer
     try:
-        model, info = load_pretrained(source or init_from, torch.float32, out_dir, scratch, dropout=dropout)
+        model, info = load_pretrained(init_from, torch.float32, out_dir, scratch, dropout=dropout)
         tokenizer = get_tokenizer(info['tokenizer'])
         # padding, and the first pad the target the model learns to stop with: end-of-text (alpaca, phi3),
         # or the chat format's end of a turn (<|eot_id|>, <|im_end|>)
@@ -332,7 +332,7 @@ def load_model(source=None):
 
 
 def main():
-    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    config = run_config(globals())  # what this run was asked to do, for the checkpoint
     dev, device_type, amp_dtype, ctx = setup(device, dtype, seed)
     if prompt_style not in PROMPT_STYLES:
         die(f"--prompt_style={prompt_style}: use {', '.join(PROMPT_STYLES)}")

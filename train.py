@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import (configure, config_keys, setup, die, init_distributed, local_rank0_first, maybe_compile,
+from configurator import (configure, run_config, setup, die, init_distributed, local_rank0_first, maybe_compile,
                           compile_available, pick_dtype, gpu_peak_flops, save_plot)
 from model import GPTConfig, pad_rows, token_logprobs
 from quantize import cast_and_quantize, talk_dtype
@@ -604,7 +604,7 @@ def finish(proc, interrupted, iter_num, log_file):
 
 
 def main():
-    config = {k: globals()[k] for k in config_keys(globals())}  # what this run was asked to do, for the checkpoint
+    config = run_config(globals())  # what this run was asked to do, for the checkpoint
     proc = start_process()
     meta = ensure_data(proc)
     model, ckpt, start = build_model(meta, proc)
