@@ -10,7 +10,7 @@ ast.literal_eval (a bare word stays a string) and of the default's type; an unkn
 """
 import ast
 import difflib
-import importlib.util
+import importlib
 import os
 import re
 import sys
@@ -233,9 +233,12 @@ def compile_available(device_type):
         print("notice: --compile needs a C compiler for the CPU backend; running without it")
         return False
     needs_triton = device_type == 'mps' or (sys.platform == 'win32' and device_type == 'cuda')
-    if needs_triton and importlib.util.find_spec('triton') is None:
-        print(f"notice: torch.compile is not supported for {device_type} here; running without it")
-        return False
+    if needs_triton:
+        try:
+            importlib.import_module('triton')  # installed is not enough: a broken install fails here, not mid-run
+        except ImportError:
+            print(f"notice: torch.compile is not supported for {device_type} here; running without it")
+            return False
     return True
 
 

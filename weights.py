@@ -331,7 +331,7 @@ def fetch_hub(repo, weights=True):
     if weights:
         get('model.safetensors.index.json', optional=True)  # a sharded model's: it names the shards
         for file in weight_files(folder):
-            get(file.name)
+            get(str(file.relative_to(folder)))  # a shard's path as the index names it
     complete.write_text('')
     return folder
 

@@ -169,3 +169,14 @@ def test_auto_dtype_on_cpu_follows_native_bfloat16(monkeypatch):
     assert configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'bfloat16'
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')  # ATEN_CPU_CAPABILITY=avx2
     assert not configurator.cpu_has_native_bf16() and pick_dtype('auto', 'cpu') == 'float32'
+
+
+def test_compile_is_refused_in_one_notice_where_triton_does_not_import(monkeypatch, capsys):
+    """MPS (and CUDA on Windows) compile through triton: one that is installed but does not import is no triton."""
+    import sys
+    import types
+    from configurator import compile_available
+    monkeypatch.setitem(sys.modules, 'triton', None)  # as a broken install: `import triton` raises ImportError
+    assert compile_available('mps') is False and 'not supported for mps' in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, 'triton', types.ModuleType('triton'))
+    assert compile_available('mps') is True
