@@ -17,7 +17,7 @@ from configurator import configure, setup, die, compile_decoding
 from quantize import cast_and_quantize, talk_dtype
 from serve import ChatSession, TextStream, run_server
 from weights import load_pretrained
-from tokenizer import PROMPT_STYLES, format_prompt, get_tokenizer, response_end_id
+from tokenizer import PROMPT_STYLES, chat_style_of, format_prompt, get_tokenizer, response_end_id
 
 init_from = 'resume'  # resume (out_dir/ckpt.pt), gpt2..., qwen3-0.6b, a hub id, a ckpt.pt, or a HF-layout folder
 out_dir = 'out'
@@ -43,13 +43,6 @@ host = '127.0.0.1'  # serve: the address to listen on (0.0.0.0 = every network; 
 allow_origin = ''  # serve: web pages (origins, comma-separated, e.g. http://localhost:3000) allowed to call the API
 
 write = partial(print, end='', flush=True)  # generated text, shown as it comes
-
-
-def guess_style(tokenizer, prompt_style):
-    """The chat format: the one the checkpoint was fine-tuned with, else the one its tokenizer has tokens for."""
-    specials = getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set', set())
-    return prompt_style or ('llama3' if '<|start_header_id|>' in specials else 'chatml' if '<|im_start|>' in specials
-                            else 'alpaca')
 
 
 def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):
@@ -110,7 +103,7 @@ if __name__ == '__main__':
         talk_dtype(quantize, device_type, dtype)  # an unknown scheme stops before the model loads
         model, info = load_pretrained(init_from, out_dir=out_dir)  # out_dir's checkpoint, a published model, a path
         tokenizer, prompt_style = get_tokenizer(info['tokenizer']), info['prompt_style']
-        style = guess_style(tokenizer, prompt_style) if chat_style == 'auto' else chat_style
+        style = chat_style_of(tokenizer, prompt_style) if chat_style == 'auto' else chat_style
         if (chat or serve) and style not in PROMPT_STYLES:
             raise ValueError(f"--chat_style={style}: use auto, {', '.join(PROMPT_STYLES)}")
         if chat or serve:

@@ -260,6 +260,39 @@ def llama3_tokenizer_json(path):
                     ignore_merges=True)
 
 
+def bpe_merges(ranks):
+    """The merge that made each token of tiktoken's ranks {token bytes: id}, in id order (the merges list that
+    tiktoken's files leave out): BPE replayed on a token's bytes with only lower-ranked tokens ends in the two
+    parts its own merge joined."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_rank = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = pair_rank.index(min(pair_rank))
+            if pair_rank[i] >= rank:
+                raise ValueError(f"token {token!r} cannot be made by merging lower-ranked tokens")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(tuple(parts))
+    return merges
+
+
+def tokenizer_json(tokenizer):
+    """Hugging Face's tokenizer.json text for any tokenizer here (for export.py): a tokenizer.json-based one
+    returns its own; GPT-2's is rebuilt from tiktoken's ranks; the byte tokenizer is a BPE of 256 one-byte tokens
+    with no merges, spelled in GPT-2's byte alphabet so that id = byte value, and end-of-text as id 256."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return bpe_json({bytes([b]): b for b in range(256)}, [], GPT2_PATTERN, {EOT: tokenizer.eot_id})
+    if isinstance(tokenizer, GPT2Tokenizer):
+        ranks = {tokenizer.enc.decode_single_token_bytes(i): i for i in range(tokenizer.eot_id)}
+        config = json.loads(bpe_json(ranks, bpe_merges(ranks), GPT2_PATTERN, {EOT: tokenizer.eot_id}))
+        config['pre_tokenizer'] = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True,
+                                   'use_regex': True}  # GPT-2's own layout
+        return json.dumps(config, ensure_ascii=False, indent=1)
+    return tokenizer.spec['json']
+
+
 def get_tokenizer(spec):
     """bytes | gpt2 | a published model's name or hub id (qwen3-0.6b, Qwen/Qwen3-0.6B: its tokenizer.json is
     downloaded once, without the weights) | a folder holding tokenizer.json (or Llama 3's original/tokenizer.model),
@@ -462,6 +495,13 @@ def fit_chat(messages, tokenizer, style, room):
             lo = mid + 1
     ids = encode(messages[:opening] + messages[starts[lo]:])
     return ids[-room:], starts[lo] - opening, len(ids) > room
+
+
+def chat_style_of(tokenizer, prompt_style=None):
+    """The chat format: the one a checkpoint was fine-tuned with, else the one its tokenizer has tokens for."""
+    specials = getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set', set())
+    return prompt_style or ('llama3' if '<|start_header_id|>' in specials else 'chatml' if '<|im_start|>' in specials
+                            else 'alpaca')
 
 
 def response_end_id(tokenizer, style):

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, assert_one_line_error, make_llama_folder, run_here, run_script
 from model import GPT, GPTConfig
 from weights import save_checkpoint
-from tokenizer import ByteTokenizer
+from tokenizer import ByteTokenizer, chat_style_of
 
 
 def make_checkpoint(out_dir, spread=1.0):
@@ -98,7 +98,7 @@ def test_chat_keeps_the_cache_across_turns_and_equals_uncached_generation(tmp_pa
     for key, value in dict(max_new_tokens=12, temperature=0, top_k=0, top_p=1.0, system='Be brief.',
                            chat_context=256).items():
         monkeypatch.setattr(sample, key, value)
-    assert sample.guess_style(tok, None) == 'chatml'
+    assert chat_style_of(tok) == 'chatml'
     lines = iter(['hello', 'and again?', '/reset', 'hello', '/exit', 'never read'])
     prefilled = []
     real = model.hidden_states
