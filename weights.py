@@ -531,11 +531,16 @@ def save_pretrained(model, folder, tokenizer_json=None):
     """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel: Conv1D weights
     transposed back, zero biases where this model has none; Llama/Qwen: the hub's names, q/k/v and gate/up split
     apart again), plus tokenizer.json when given its text, so the folder loads here and in transformers."""
+    cfg = model.config
+    gpt2 = ((cfg.pos_emb, cfg.norm, cfg.mlp) == ('learned', 'layernorm', 'gelu') and cfg.n_kv_head == cfg.n_head
+            and cfg.head_dim * cfg.n_head == cfg.n_embd and not cfg.qk_norm)
+    if not gpt2 and (cfg.pos_emb, cfg.norm, cfg.mlp) != ('rope', 'rmsnorm', 'swiglu'):  # nothing written then
+        raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU, one key/value head per head) or the Llama "
+                         "family (RoPE, RMSNorm, SwiGLU) can be saved in a Hugging Face layout")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_json is not None:
         save_text(folder / 'tokenizer.json', tokenizer_json)
-    cfg = model.config
     if cfg.pos_emb == 'rope':
         return save_llama(model, folder)
     tensors = {}
@@ -561,9 +566,6 @@ def save_pretrained(model, folder, tokenizer_json=None):
 
 def save_llama(model, folder):
     cfg = model.config
-    if cfg.norm != 'rmsnorm' or cfg.mlp != 'swiglu':
-        raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU) or the Llama family (RoPE, RMSNorm, "
-                         "SwiGLU) can be saved in a Hugging Face layout")
     family = 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
     sd = merged_state_dict(model)
     tensors = {}
