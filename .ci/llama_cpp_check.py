@@ -2,7 +2,8 @@
 export.py checked by the programs that read its files (too slow to build for CI; RESULTS.md, "Export"):
 llama.cpp's llama-simple continues a prompt with our greedy tokens, its llama-tokenize gives our ids, and Go's
 text/template (Ollama's) renders each Modelfile TEMPLATE as format_chat. From the checkout's root:
-    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/l && tar xzf /tmp/l/llama_cpp_python-*.tar.gz -C /tmp/l
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/l
+    tar xzf /tmp/l/llama_cpp_python-*.tar.gz -C /tmp/l
     cd /tmp/l/llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
         && cmake --build build -j2 --target llama-simple llama-tokenize      # about 10 min on 2 cores
     apt-get install -y golang-go                                             # for the Ollama template (optional)
@@ -132,5 +133,6 @@ if __name__ == '__main__':
         for flag in flags or random_checkpoints(folder):
             gguf = folder / 'm.gguf'
             export(flag, gguf)
-            print(f"{flag:40s} greedy: {same_greedy_text(bin, flag, gguf)}; tokenizer: {same_ids(bin, flag, gguf, folder)}")
+            print(f"{flag:40s} greedy: {same_greedy_text(bin, flag, gguf)}; "
+                  f"tokenizer: {same_ids(bin, flag, gguf, folder)}")
         ollama_templates(folder)

@@ -71,20 +71,24 @@ def expected_tensors(model, family):
     """Our weights under llama.cpp's names, mapped here independently of export.py (q and k in the pair layout
     are checked by test_llama_cpp_rotary_layout_gives_our_attention_scores instead)."""
     c, sd = model.config, model.state_dict()
-    out = {'token_embd.weight': sd['transformer.wte.weight'][:c.vocab_size], 'output_norm.weight': sd['transformer.ln_f.weight']}
+    out = {'token_embd.weight': sd['transformer.wte.weight'][:c.vocab_size],
+           'output_norm.weight': sd['transformer.ln_f.weight']}
     if not c.tie_embeddings:
         out['output.weight'] = sd['lm_head.weight'][:c.vocab_size]
     for i in range(c.n_layer):
         ours = lambda name: sd[f'transformer.h.{i}.{name}']  # noqa: E731
         if family == 'gpt2':
-            out.update({f'blk.{i}.attn_qkv.weight': ours('attn.c_attn.weight'), f'blk.{i}.attn_norm.weight': ours('ln_1.weight'),
-                        f'blk.{i}.ffn_up.weight': ours('mlp.c_fc.weight'), f'blk.{i}.ffn_down.bias': ours('mlp.c_proj.bias')})
+            out.update({f'blk.{i}.attn_qkv.weight': ours('attn.c_attn.weight'),
+                        f'blk.{i}.attn_norm.weight': ours('ln_1.weight'),
+                        f'blk.{i}.ffn_up.weight': ours('mlp.c_fc.weight'),
+                        f'blk.{i}.ffn_down.bias': ours('mlp.c_proj.bias')})
             continue
         v_rows = c.n_kv_head * c.head_dim
         out.update({f'blk.{i}.attn_v.weight': ours('attn.c_attn.weight')[-v_rows:],
                     f'blk.{i}.ffn_gate.weight': ours('mlp.c_fc.weight')[:c.mlp_hidden],
                     f'blk.{i}.ffn_up.weight': ours('mlp.c_fc.weight')[c.mlp_hidden:],
-                    f'blk.{i}.ffn_down.weight': ours('mlp.c_proj.weight'), f'blk.{i}.ffn_norm.weight': ours('ln_2.weight')})
+                    f'blk.{i}.ffn_down.weight': ours('mlp.c_proj.weight'),
+                    f'blk.{i}.ffn_norm.weight': ours('ln_2.weight')})
         if c.qk_norm:
             out[f'blk.{i}.attn_k_norm.weight'] = ours('attn.k_norm.weight')
         if c.qkv_bias:
