@@ -70,7 +70,8 @@ def ollama_template(style):
 
 
 def special_tokens(tokenizer, style):
-    """{end_of_text, end_of_turn, begin_of_text} ids (begin: Llama 3's <|begin_of_text|>, else end-of-text)."""
+    """The ids of end-of-text (eos), of the chat format's end of a turn (eot) and of begin-of-text (bos: Llama 3's
+    <|begin_of_text|>, else end-of-text, as GPT-2 has it)."""
     begin = tokenizer.encode('<|begin_of_text|>') if style == 'llama3' else []
     return {'eos': tokenizer.eot_id, 'eot': response_end_id(tokenizer, style),
             'bos': begin[0] if len(begin) == 1 else tokenizer.eot_id}
