@@ -331,9 +331,17 @@ def modelfile(gguf_path, tokenizer, style):
             f"PARAMETER stop {json.dumps(stop)}\n")
 
 
+# llama.cpp gives a model whose general.name holds one of these another model's token rules (Phi-3's expect a </s>
+# token: loading ours then fails with "unordered_map::at")
+LLAMA_CPP_NAME_RULES = ('phi3', 'phi-3', 'modern-bert')
+
+
 def export_gguf(model, tokenizer, style, path):
-    family = gguf_family(model.config)
-    metadata = gguf_metadata(model, tokenizer, style, family, type, name or path.stem)
+    family, model_name = gguf_family(model.config), name or path.stem
+    if any(rule in model_name.lower() for rule in LLAMA_CPP_NAME_RULES):
+        raise ValueError(f"the name {model_name!r} makes llama.cpp treat the model as Phi-3 or ModernBERT, and fail "
+                         f"to load it; give another --name (or file name)")
+    metadata = gguf_metadata(model, tokenizer, style, family, type, model_name)
     with torch.no_grad():
         write_gguf(path, metadata, gguf_tensors(model, family), type)
     save_text(path.with_suffix('.Modelfile'), modelfile(path, tokenizer, style))

@@ -5,13 +5,14 @@ text/template (Ollama's) renders each Modelfile TEMPLATE as format_chat. From th
     pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/l
     tar xzf /tmp/l/llama_cpp_python-*.tar.gz -C /tmp/l
     cd /tmp/l/llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-        && cmake --build build -j2 --target llama-simple llama-tokenize      # about 10 min on 2 cores
+        && cmake --build build -j2 --target llama-simple llama-tokenize llama-cli   # 10-20 min on 2 cores
     apt-get install -y golang-go                                             # for the Ollama template (optional)
     python .ci/llama_cpp_check.py /tmp/l/llama_cpp_python-*/vendor/llama.cpp/build/bin [--out_dir=out ...]
 With no model flags it makes random models of every family and tokenizer (tests/fixtures' tokenizers) to check;
 --out_dir=DIR / --init_from=X check those (train.py's checkpoints: --out_dir=out --out_dir=out-llama-style).
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,28 @@ def same_ids(bin, flag, gguf, folder):
     return f'{equal} of {len(TEXTS)} texts give our ids'
 
 
+def llama_cpp_templates(bin, flags, folder):
+    """llama-cli (if built: --target llama-cli) logs its Jinja engine's rendering of a 4-message example chat; each
+    style on the first model whose tokenizer has its turns' tokens."""
+    if not Path(f'{bin}/llama-cli').is_file():
+        return print('llama.cpp chat templates: not checked (build the llama-cli target)')
+    chat = [{'role': 'system', 'content': 'You are a helpful assistant'}, {'role': 'user', 'content': 'Hello'},
+            {'role': 'assistant', 'content': 'Hi there'}, {'role': 'user', 'content': 'How are you?'}]
+    for style in PROMPT_STYLES:
+        for flag in flags:
+            if subprocess.run([sys.executable, str(ROOT / 'export.py'), flag, f'--to={folder / "t.gguf"}',
+                               f'--chat_style={style}'], capture_output=True).returncode == 0:
+                break
+        else:
+            print(f"llama.cpp chat template {style:7s} not checked: no model's tokenizer has its tokens")
+            continue
+        log = subprocess.run([f'{bin}/llama-cli', '-m', folder / 't.gguf', '-p', 'x', '-n', '1', '-st', '-lv', '4'],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, errors='replace').stderr
+        shown = re.search(r"example_format: '(.*?)'\n\d", log, re.S)
+        same = shown is not None and shown.group(1) == format_chat(chat, style)
+        print(f"llama.cpp chat template {style:7s} {'renders as format_chat' if same else 'DIFFERENT'}")
+
+
 def ollama_templates(folder):
     if not shutil.which('go'):
         return print('Ollama templates: not checked (no go; apt-get install golang-go)')
@@ -130,9 +153,11 @@ if __name__ == '__main__':
     bin, flags = sys.argv[1], sys.argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for flag in flags or random_checkpoints(folder):
+        flags = flags or random_checkpoints(folder)
+        for flag in flags:
             gguf = folder / 'm.gguf'
             export(flag, gguf)
             print(f"{flag:40s} greedy: {same_greedy_text(bin, flag, gguf)}; "
                   f"tokenizer: {same_ids(bin, flag, gguf, folder)}")
+        llama_cpp_templates(bin, flags, folder)
         ollama_templates(folder)

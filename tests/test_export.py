@@ -269,7 +269,7 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
     checkpoint(tmp_path / 'ckpt', 'qwen2')
     gguf_path = tmp_path / 'x.gguf'
     for args, needle in [(['--type=q4_0'], 'q8_0'), ([f'--to={tmp_path}/missing/x.gguf'], 'does not exist'),
-                         (['--to='], '--to'), (['--chat_style=vicuna'], 'chatml')]:
+                         (['--to='], '--to'), (['--chat_style=vicuna'], 'chatml'), (['--name=My-Phi3'], 'Phi-3')]:
         assert_one_line_error(run_here('export.py', f'--out_dir={tmp_path / "ckpt"}', f'--to={gguf_path}', *args),
                               needle)
     # a model no GGUF architecture holds (learned positions with RMSNorm), in either format
