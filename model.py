@@ -43,11 +43,27 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
     qkv_bias: bool = False  # biases on the q/k/v projection even without `bias` (Qwen2.5)
     tie_embeddings: bool = True  # the head shares the token embedding's weights (GPT-2, Llama 3.2 1B, Qwen3-0.6B)
+    # --- Gemma 3 (270M, 1B): norm='rmsnorm_plus_one', mlp='geglu', qk_norm, and these
+    layer_types: list = None  # per layer: full_attention | sliding_attention (the last sliding_window tokens
+    # only: five such local layers for each global one); None = all full
+    sliding_window: int = 0
+    rope_local_theta: float = 0.0  # the sliding layers' RoPE base (Gemma 3: 10,000 beside 1,000,000); 0 = rope_theta
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too, before each joins the residual
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd)
+    query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0 = head_dim
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        kinds = set(self.layer_types or ()) - {'full_attention', 'sliding_attention'}
+        if kinds or len(self.layer_types or range(self.n_layer)) != self.n_layer:
+            raise ValueError(f"layer_types must list full_attention or sliding_attention for each of the {self.n_layer} "
+                             f"layers{f', not {sorted(kinds)[0]!r}' if kinds else ''}")
+
+    def window(self, i):
+        """How many of the latest tokens layer i attends to: its sliding window, or 0 for the whole context."""
+        return self.sliding_window if self.layer_types and self.layer_types[i] == 'sliding_attention' else 0
 
 
 FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
@@ -60,18 +76,28 @@ PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
 }
 
 
+class RMSNormPlusOne(nn.RMSNorm):
+    """Gemma's RMSNorm: in float32, scaled by (1 + weight), so its weights are stored as offsets from 1."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return (F.rms_norm(x.float(), self.normalized_shape, eps=self.eps) * (1 + self.weight.float())).type_as(x)
+
+
 def make_norm(config, dim):
-    if config.norm == 'rmsnorm':
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+    if config.norm in ('rmsnorm', 'rmsnorm_plus_one'):
+        return (RMSNormPlusOne if config.norm == 'rmsnorm_plus_one' else nn.RMSNorm)(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_frequencies(config):
+def rope_frequencies(config, theta=None):
     """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i].
     Llama 3 stretches the long wavelengths by `factor` (so the model reaches past the context it
     was pretrained with), keeps the short ones, and blends those in between."""
     d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / (theta or config.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     sc = config.rope_scaling
     if sc:
         old_context = sc['original_max_position_embeddings']
@@ -91,13 +117,13 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def one_query_attention(q, k, v, mask=None):
+def one_query_attention(q, k, v, mask=None, scale=None):
     """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel
     costs ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller.
     q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
-    rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * hs ** -0.5
+    rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * (scale or hs ** -0.5)
     # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would
     # first copy whole
     scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
@@ -117,9 +143,10 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
+        self.window = config.window(layer_idx)  # 0: attends to the whole context; else to its last `window` tokens
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # None: SDPA's
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
@@ -142,20 +169,20 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         # no mask: the whole sequence (causal), or one new token that may see every cached one; else the
         # mask says which keys each query sees (a chunk after a cached prefix, padding, the static cache)
         if T == 1 and not self.training and q.device.type == 'cpu' and q.dtype != torch.float32 and k.size(2) > 64:
-            y = one_query_attention(q, k, v, mask)  # decoding on a CPU in bf16/fp16: SDPA's kernel is slow there
+            y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA's kernel is slow there
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
+                                               is_causal=mask is None and T > 1, enable_gqa=gqa, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU)
+class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU, Gemma's GeGLU)
 
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == 'swiglu'
-        width = config.mlp_hidden * (2 if self.swiglu else 1)  # SwiGLU: gate and up in one matmul
+        self.gated, self.swiglu = config.mlp in ('swiglu', 'geglu'), config.mlp == 'swiglu'
+        width = config.mlp_hidden * (2 if self.gated else 1)  # SwiGLU, GeGLU: gate and up in one matmul
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
@@ -163,9 +190,9 @@ class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.swiglu else self.gelu(gate)) * up
         else:
             h = self.gelu(h)
         return self.dropout(self.c_proj(h))
@@ -179,11 +206,27 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        # Gemma's sandwich: each sublayer's output normed too before it joins the residual stream
+        self.ln_attn_out, self.ln_mlp_out = (make_norm(config, config.n_embd) if config.sandwich_norm
+                                             else nn.Identity() for _ in range(2))
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slot)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.ln_attn_out(self.attn(self.ln_1(x), rope, kv_cache, mask, slot))
+        x = x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
         return x
+
+
+def attention_mask(query_slots, key_slots, window=0, pads=None):
+    """Which keys each query sees, a bool (1 or B, 1, T, S), from their slots (query (1, T), keys (S,) or (1, S)):
+    those at or before it (a slot < 0 is an empty one), within its last `window` if one, and no padding (pads
+    (B, 1, 1) slots open each row; a padding query sees itself: no row of the mask is empty, a NaN)."""
+    q, k = query_slots[..., None], key_slots[..., None, :]
+    sees = (k <= q) & (k >= 0)
+    if window:
+        sees = sees & (k > q - window)
+    if pads is not None:
+        sees = sees & ((k >= pads) | (k == q))
+    return sees[:, None]
 
 
 class KVCache:
@@ -192,7 +235,8 @@ class KVCache:
     keys and values appended per layer, read back with the new ones). Allocated once, for `length`
     slots, in the dtype the attention computes in; a fixed shape, so a compiled decoding step is
     one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies per
-    query head (Llama 3.2 1B: 4x smaller).
+    query head (Llama 3.2 1B: 4x smaller). A sliding-window layer (Gemma 3's local ones) keeps only
+    its window, in a ring: slot s at s % window.
     padding: (B,) how many left-padding tokens open each row of the text (prompts of different
     lengths in one batch), None when no row is padded. Padding is never attended to, and a row's
     positions count from its first real token, so each row reads as it would alone.
@@ -200,11 +244,14 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
-        shape = (batch_size, config.n_kv_head, self.length, config.head_dim)
+        windows = [config.window(i) for i in range(config.n_layer)]
+        self.ring = config.sliding_window if any(0 < w < self.length for w in windows) else 0
+        self.in_ring = [w > 0 and self.ring > 0 for w in windows]
         # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor
         # would be copied whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k = [torch.zeros(batch_size, config.n_kv_head, self.ring if ring else self.length, config.head_dim,
+                              device=device, dtype=dtype) for ring in self.in_ring]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.padding = padding
         # the compiled step's write slot, one tensor refilled each step: a Python int would recompile per step
         self.step_slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -212,35 +259,46 @@ class KVCache:
 
     def update(self, layer_idx, k, v, slot=None):
         """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return
-        all of its so far (B, n_kv_head, filled+T, hs); in the compiled one-token step, write them at
-        the tensor `slot` and return every slot (the mask hides the empty ones)."""
+        all of its so far (B, n_kv_head, filled+T, hs) (a ring: what it held, then the new ones); in the
+        compiled one-token step, write them at the tensor `slot` and return every slot (the mask hides the
+        empty ones)."""
+        K, V = self.k[layer_idx], self.v[layer_idx]
         if slot is not None:
-            self.k[layer_idx].index_copy_(2, slot, k)
-            self.v[layer_idx].index_copy_(2, slot, v)
-            return self.k[layer_idx], self.v[layer_idx]
+            K.index_copy_(2, slot % K.size(2), k)  # a ring's place for the slot, else the slot itself
+            V.index_copy_(2, slot % K.size(2), v)
+            return K, V
         end = self.filled + k.size(2)
-        self.k[layer_idx][:, :, self.filled:end] = k
-        self.v[layer_idx][:, :, self.filled:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        if not self.in_ring[layer_idx]:
+            K[:, :, self.filled:end], V[:, :, self.filled:end] = k, v
+            return K[:, :, :end], V[:, :, :end]
+        keys, values = (torch.cat((K, k), dim=2), torch.cat((V, v), dim=2)) if self.filled else (k, v)
+        n = min(k.size(2), self.ring)  # the ring keeps the last `ring` of them
+        where = torch.arange(end - n, end, device=k.device) % self.ring
+        K.index_copy_(2, where, k[:, :, -n:])
+        V.index_copy_(2, where, v[:, :, -n:])
+        return keys, values
 
     def positions_and_mask(self, T, slot=None):
-        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend
-        to, a bool mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
+        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend to, a bool
+        mask (1 or B, 1, T, slots) for the full layers and one for the ring's, each None where plain causal
+        attention is exact (SDPA's fast path)."""
         device = self.k[0].device
+        pads = None if self.padding is None else self.window_padding[:, None, None]  # (B, 1, 1)
         if slot is not None:  # one token at slot `slot`, every slot given to attention
             query_slots, key_slots = slot.view(1, 1), torch.arange(self.length, device=device)
         else:
             query_slots = torch.arange(self.filled, self.filled + T, device=device)[None]
             key_slots = torch.arange(self.filled + T, device=device)
-            if self.padding is None and (T == 1 or self.filled == 0):
-                return query_slots, None
-        sees = key_slots <= query_slots[..., None]  # causal: (1, T, S)
-        if self.padding is None:
-            return query_slots, sees[:, None]
-        pads = self.window_padding[:, None, None]  # (B, 1, 1)
-        # a padding query sees itself: no row of the mask is empty (a NaN)
-        sees = sees & ((key_slots >= pads) | (key_slots == query_slots[..., None]))
-        return (query_slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
+        plain = slot is None and pads is None and (T == 1 or self.filled == 0)
+        mask = local = None if plain else attention_mask(query_slots, key_slots, 0, pads)
+        if self.ring:  # the slot each ring place holds: the latest one up to `last` with that remainder (< 0: none)
+            last = query_slots[:, :1] if slot is not None else self.filled - 1
+            held = last - (last - torch.arange(self.ring, device=device)) % self.ring
+            key_slots = held if slot is not None else torch.cat((held, query_slots[0])) if self.filled else query_slots[0]
+            plain = slot is None and pads is None and self.filled == 0 and T <= self.ring
+            local = None if plain else attention_mask(query_slots, key_slots, self.ring, pads)
+        positions = query_slots if pads is None else (query_slots - pads[:, :, 0]).clamp(min=0)
+        return positions, mask, local
 
     def restart(self, offset=0):
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
@@ -251,8 +309,9 @@ class KVCache:
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
     def truncate(self, n):
-        """Keep only the first n filled slots: the next text shares just those tokens with the last."""
-        self.filled = min(self.filled, n)
+        """Keep only the first n filled slots: the next text shares just those tokens with the last. A ring has
+        overwritten what the window would need from further back than one slot: it then starts again."""
+        self.filled = min(self.filled, n if not self.ring or n >= self.filled - 1 else 0)
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -271,9 +330,12 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
-            # on the model's device; not saved (persistent=False): they follow from the config
-            self.register_buffer('rope_cos', torch.empty(config.block_size, config.head_dim), persistent=False)
-            self.register_buffer('rope_sin', torch.empty(config.block_size, config.head_dim), persistent=False)
+            # on the model's device; not saved (persistent=False): they follow from the config. Gemma's sliding
+            # layers have tables of their own (another base)
+            self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']
+                                                           if config.rope_local_theta else [])
+            for name in self.rope_tables:
+                self.register_buffer(name, torch.empty(config.block_size, config.head_dim), persistent=False)
             self.init_rope()
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
@@ -287,11 +349,13 @@ class GPT(nn.Module):  # ch04: the GPT model
     def init_rope(self):
         """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in
         float32 whatever the buffers' dtype."""
-        angles = torch.arange(self.config.block_size, dtype=torch.float32, device=self.rope_cos.device)[:, None] \
-            * rope_frequencies(self.config).to(self.rope_cos.device)[None, :]  # (block_size, hs / 2)
-        angles = torch.cat((angles, angles), dim=-1)  # the half-split layout: pair (i, i + hs/2) shares an angle
-        self.rope_cos.copy_(angles.cos())
-        self.rope_sin.copy_(angles.sin())
+        device = self.rope_cos.device
+        for cos, sin, theta in zip(self.rope_tables[::2], self.rope_tables[1::2], (None, self.config.rope_local_theta)):
+            angles = torch.arange(self.config.block_size, dtype=torch.float32, device=device)[:, None] \
+                * rope_frequencies(self.config, theta).to(device)[None, :]  # (block_size, hs / 2)
+            angles = torch.cat((angles, angles), dim=-1)  # the half-split layout: pair (i, i + hs/2) shares an angle
+            getattr(self, cos).copy_(angles.cos())
+            getattr(self, sin).copy_(angles.sin())
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -311,22 +375,28 @@ class GPT(nn.Module):  # ch04: the GPT model
         filled = 0 if kv_cache is None or slot is not None else kv_cache.filled
         if filled + T > self.config.block_size:
             raise ValueError(f"sequence of {filled + T} tokens is longer than block_size {self.config.block_size}")
-        if kv_cache is None:
+        window = self.config.sliding_window
+        if kv_cache is None:  # causal (SDPA's own mask), and the sliding layers' window where T passes it
             pos, mask = torch.arange(T, device=idx.device)[None], None  # (1, T)
+            local_mask = attention_mask(pos, pos[0], window) if self.config.layer_types and 0 < window < T else None
         else:
-            pos, mask = kv_cache.positions_and_mask(T, slot)  # (1 or B, T)
+            pos, mask, local_mask = kv_cache.positions_and_mask(T, slot)  # (1 or B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        if self.config.scale_embeddings:  # (the factor rounded to x's dtype first, as Gemma's own code does)
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        rope = local_rope = None
         if self.config.pos_emb == 'learned':
             x = x + self.transformer.wpe(pos)
         else:  # cos and sin of each position's angles, (1 or B, 1, T, hs): they broadcast over the heads
-            rope = (self.rope_cos[pos].to(x.dtype)[:, None], self.rope_sin[pos].to(x.dtype)[:, None])
+            tables = [getattr(self, name)[pos].to(x.dtype)[:, None] for name in self.rope_tables]
+            rope, local_rope = tables[:2], tables[-2:]
         x = self.transformer.drop(x)
         for block in self.transformer.h:
+            block_rope, block_mask = (local_rope, local_mask) if block.attn.window else (rope, mask)
             if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, block_rope, None, block_mask, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache, mask, slot)
+                x = block(x, block_rope, kv_cache, block_mask, slot)
         if kv_cache is not None and slot is None:
             kv_cache.filled += T
         return self.transformer.ln_f(x)
@@ -351,7 +421,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         if self.config.pos_emb == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         else:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+            for name in self.rope_tables:
+                setattr(self, name, getattr(self, name)[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
