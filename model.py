@@ -1,13 +1,9 @@
-"""
-The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus).
-GPT-2 exactly: learned token + position embeddings, pre-LayerNorm blocks, one fused qkv
-projection, flash/SDPA causal attention, tanh-GELU MLP, output head tied to the token
-embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) is the same class with other
-GPTConfig fields: RMSNorm, rotary positions, SwiGLU, grouped-query attention. Plus what a real
-user needs: KV-cache generation, LoRA, Muon. Files (our checkpoints, published GPT-2 and Llama
-weights, downloads) are weights.py's job; it imports this file, never the other way round.
-Imports only torch and the standard library.
-"""
+"""The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus). GPT-2 exactly: learned
+token + position embeddings, pre-LayerNorm blocks, one fused qkv projection, flash/SDPA causal attention, tanh-GELU MLP,
+output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) is the same class with
+other GPTConfig fields: RMSNorm, rotary positions, SwiGLU, grouped-query attention. Plus what a real user needs:
+KV-cache generation, LoRA, Muon. Files (our checkpoints, published GPT-2 and Llama weights, downloads) are weights.py's
+job; it imports this file, never the other way round. Imports only torch and the standard library."""
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,8 +23,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
     padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64)
-    # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off,
-    # never sampled or scored
+    # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off, never sampled
+    # or scored
     # --- what turns GPT-2 into the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2); the defaults are GPT-2's
     norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias)
     norm_eps: float = 1e-5
@@ -93,9 +89,9 @@ def make_norm(config, dim):
 
 
 def rope_frequencies(config, theta=None):
-    """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i].
-    Llama 3 stretches the long wavelengths by `factor` (so the model reaches past the context it
-    was pretrained with), keeps the short ones, and blends those in between."""
+    """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i]. Llama 3 stretches
+    the long wavelengths by `factor` (so the model reaches past the context it was pretrained with), keeps the short
+    ones, and blends those in between."""
     d = config.head_dim
     inv_freq = 1.0 / (theta or config.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     sc = config.rope_scaling
@@ -111,21 +107,21 @@ def rope_frequencies(config, theta=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) turns by the angle of its
-    position (the Hugging Face "half split" layout, which the published weights expect)."""
+    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) turns by the angle of its position (the Hugging
+    Face "half split" layout, which the published weights expect)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def one_query_attention(q, k, v, mask=None, scale=None):
-    """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel
-    costs ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller.
-    q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
+    """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel costs
+    ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller. q (B, nh, 1,
+    hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
     rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * (scale or hs ** -0.5)
-    # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would
-    # first copy whole
+    # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would first
+    # copy whole
     scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float('-inf'))
@@ -166,8 +162,8 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
             k, v = kv_cache.update(self.layer_idx, k, v, slot)  # (B, n_kv_head, S, hs): the cached keys and values too
         dropout_p = self.dropout if self.training else 0.0
         gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
-        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the
-        # mask says which keys each query sees (a chunk after a cached prefix, padding, the static cache)
+        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the mask says which
+        # keys each query sees (a chunk after a cached prefix, padding, the static cache)
         if T == 1 and not self.training and q.device.type == 'cpu' and q.dtype != torch.float32 and k.size(2) > 64:
             y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA's kernel is slow there
         else:
@@ -217,9 +213,9 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
 
 
 def attention_mask(query_slots, key_slots, window=0, pads=None):
-    """Which keys each query sees, a bool (1 or B, 1, T, S), from their slots (query (1, T), keys (S,) or (1, S)):
-    those at or before it (a slot < 0 is an empty one), within its last `window` if one, and no padding (pads
-    (B, 1, 1) slots open each row; a padding query sees itself: no row of the mask is empty, a NaN)."""
+    """Which keys each query sees, a bool (1 or B, 1, T, S), from their slots (query (1, T), keys (S,) or (1, S)): those
+    at or before it (a slot < 0 is an empty one), within its last `window` if one, and no padding (pads (B, 1, 1) slots
+    open each row; a padding query sees itself: no row of the mask is empty, a NaN)."""
     q, k = query_slots[..., None], key_slots[..., None, :]
     sees = (k <= q) & (k >= 0)
     if window:
@@ -230,25 +226,23 @@ def attention_mask(query_slots, key_slots, window=0, pads=None):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, so that each new token
-    costs one position of work instead of the whole sequence (the book's ch04 bonus KV cache:
-    keys and values appended per layer, read back with the new ones). Allocated once, for `length`
-    slots, in the dtype the attention computes in; a fixed shape, so a compiled decoding step is
-    one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies per
-    query head (Llama 3.2 1B: 4x smaller). A sliding-window layer (Gemma 3's local ones) keeps only
-    its window, in a ring: slot s at s % window.
-    padding: (B,) how many left-padding tokens open each row of the text (prompts of different
-    lengths in one batch), None when no row is padded. Padding is never attended to, and a row's
-    positions count from its first real token, so each row reads as it would alone.
-    Its fields are written here and by GPT only; callers ask: restart, truncate."""
+    """Keys and values of the tokens seen so far, for every layer, so that each new token costs one position of work
+    instead of the whole sequence (the book's ch04 bonus KV cache: keys and values appended per layer, read back with
+    the new ones). Allocated once, for `length` slots, in the dtype the attention computes in; a fixed shape, so a
+    compiled decoding step is one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies
+    per query head (Llama 3.2 1B: 4x smaller). A sliding-window layer (Gemma 3's local ones) keeps only its window, in a
+    ring: slot s at s % window.
+    padding: (B,) how many left-padding tokens open each row of the text (prompts of different lengths in one batch),
+    None when no row is padded. Padding is never attended to, and a row's positions count from its first real token, so
+    each row reads as it would alone. Its fields are written here and by GPT only; callers ask: restart, truncate."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
         windows = [config.window(i) for i in range(config.n_layer)]
         self.ring = config.sliding_window if any(0 < w < self.length for w in windows) else 0
         self.in_ring = [w > 0 and self.ring > 0 for w in windows]
-        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor
-        # would be copied whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
+        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor would be copied
+        # whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
         self.k = [torch.zeros(batch_size, config.n_kv_head, self.ring if ring else self.length, config.head_dim,
                               device=device, dtype=dtype) for ring in self.in_ring]
         self.v = [torch.zeros_like(k) for k in self.k]
@@ -258,10 +252,9 @@ class KVCache:
         self.restart(0)
 
     def update(self, layer_idx, k, v, slot=None):
-        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return
-        all of its so far (B, n_kv_head, filled+T, hs) (a ring: what it held, then the new ones); in the
-        compiled one-token step, write them at the tensor `slot` and return every slot (the mask hides the
-        empty ones)."""
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return all of its so
+        far (B, n_kv_head, filled+T, hs) (a ring: what it held, then the new ones); in the compiled one-token step,
+        write them at the tensor `slot` and return every slot (the mask hides the empty ones)."""
         K, V = self.k[layer_idx], self.v[layer_idx]
         if slot is not None:
             K.index_copy_(2, slot % K.size(2), k)  # a ring's place for the slot, else the slot itself
@@ -279,9 +272,9 @@ class KVCache:
         return keys, values
 
     def positions_and_mask(self, T, slot=None):
-        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend to, a bool
-        mask (1 or B, 1, T, slots) for the full layers and one for the ring's, each None where plain causal
-        attention is exact (SDPA's fast path)."""
+        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend to, a bool mask (1
+        or B, 1, T, slots) for the full layers and one for the ring's, each None where plain causal attention is exact
+        (SDPA's fast path)."""
         device = self.k[0].device
         pads = None if self.padding is None else self.window_padding[:, None, None]  # (B, 1, 1)
         if slot is not None:  # one token at slot `slot`, every slot given to attention
@@ -304,8 +297,8 @@ class KVCache:
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
         self.filled = 0  # how many slots hold a token
         self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
-        # the padding left in the window, as a tensor: a compiled step reading the int offset would
-        # recompile at every slide
+        # the padding left in the window, as a tensor: a compiled step reading the int offset would recompile at every
+        # slide
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
     def truncate(self, n):
@@ -330,8 +323,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
-            # on the model's device; not saved (persistent=False): they follow from the config. Gemma's sliding
-            # layers have tables of their own (another base)
+            # on the model's device; not saved (persistent=False): they follow from the config. Gemma's sliding layers
+            # have tables of their own (another base)
             self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']
                                                            if config.rope_local_theta else [])
             for name in self.rope_tables:
@@ -347,8 +340,8 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     @torch.no_grad()
     def init_rope(self):
-        """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in
-        float32 whatever the buffers' dtype."""
+        """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in float32
+        whatever the buffers' dtype."""
         device = self.rope_cos.device
         for cos, sin, theta in zip(self.rope_tables[::2], self.rope_tables[1::2], (None, self.config.rope_local_theta)):
             angles = torch.arange(self.config.block_size, dtype=torch.float32, device=device)[:, None] \
@@ -368,9 +361,9 @@ class GPT(nn.Module):  # ch04: the GPT model
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, kv_cache=None, slot=None):
-        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head).
-        With a kv_cache, idx continues what it holds, and it then holds idx too; with a slot (a tensor),
-        idx is one token written at that slot (the compiled decoding step)."""
+        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head). With a kv_cache, idx
+        continues what it holds, and it then holds idx too; with a slot (a tensor), idx is one token written at that
+        slot (the compiled decoding step)."""
         B, T = idx.size()
         filled = 0 if kv_cache is None or slot is not None else kv_cache.filled
         if filled + T > self.config.block_size:
@@ -402,8 +395,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets
-        (B, T) where -100 marks positions to ignore, None without targets."""
+        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets (B, T) where -100 marks
+        positions to ignore, None without targets."""
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab_size)
         V = self.config.vocab_size
         if logits.size(-1) > V:  # padding: -inf gets softmax 0, so it is never scored and gets no gradient.
@@ -426,13 +419,13 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and norm gains; the
-        fused kernel on CUDA and CPU (one pass over all params, not a loop over tensors). optimizer='muon': Muon
-        for the blocks' 2-D weights, AdamW for the rest (embeddings and head, biases, gains), as modded-nanogpt
-        and nanochat. Muon's matrices decay too, the AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon
-        is Scalable"): at Muon's larger lr a real pull toward zero, which a run that reads its data several times
-        needs (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its lr relative to learning_rate, for the
-        schedule. muon_dtype: what Newton-Schulz computes in, bfloat16 where that is native, else float32."""
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and norm gains; the fused
+        kernel on CUDA and CPU (one pass over all params, not a loop over tensors). optimizer='muon': Muon for the
+        blocks' 2-D weights, AdamW for the rest (embeddings and head, biases, gains), as modded-nanogpt and nanochat.
+        Muon's matrices decay too, the AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at
+        Muon's larger lr a real pull toward zero, which a run that reads its data several times needs (RESULTS.md,
+        "Weight decay"). Each group's 'lr_scale' is its lr relative to learning_rate, for the schedule. muon_dtype: what
+        Newton-Schulz computes in, bfloat16 where that is native, else float32."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -464,14 +457,13 @@ class GPT(nn.Module):  # ch04: the GPT model
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
-        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05
-        generate with a KV cache (the prompt is computed once, then one token per step).
-        temperature=0 is greedy. With eos_id, a row that has emitted it is padded with eos_id, and
-        generation stops once every row has. Within block_size the tokens equal use_cache=False's
-        (which recomputes the whole cropped sequence every step, as nanoGPT).
+        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05 generate with a KV cache
+        (the prompt is computed once, then one token per step). temperature=0 is greedy. With eos_id, a row that has
+        emitted it is padded with eos_id, and generation stops once every row has. Within block_size the tokens equal
+        use_cache=False's (which recomputes the whole cropped sequence every step, as nanoGPT).
         on_token(next_ids (B,)) is called after each step, e.g. to stream text.
-        kv_cache: a KVCache that already holds idx's first kv_cache.filled tokens (a chat's earlier
-        turns): only the rest is computed, and it is left holding the text for the next call.
+        kv_cache: a KVCache that already holds idx's first kv_cache.filled tokens (a chat's earlier turns): only the
+        rest is computed, and it is left holding the text for the next call.
         padding: (B,) left-padding tokens in each row of idx (prompts of different lengths).
         decode_step: torch.compile(model.decode_step) to run each one-token step as one fixed graph."""
         B, T = idx.shape
@@ -498,8 +490,8 @@ class GPT(nn.Module):  # ch04: the GPT model
             out[:, T + step] = next_id
             if on_token is not None:
                 on_token(next_id)
-            # whether every row is done needs the device to finish: ask every 8 tokens (or when the
-            # text is streamed, which waits for each token anyway)
+            # whether every row is done needs the device to finish: ask every 8 tokens (or when the text is streamed,
+            # which waits for each token anyway)
             if eos_id is not None and (on_token is not None or step % 8 == 7) and bool(done.all()):
                 return out[:, :T + step + 1]
         if cache is not None and cache.offset:  # the window slid: the cache no longer holds the text's start
@@ -513,9 +505,9 @@ class GPT(nn.Module):  # ch04: the GPT model
         return KVCache(self.config, batch_size, device, dtype, length, padding)
 
     def next_logits(self, text, cache, decode_step=None):
-        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache
-        lacks. When they do not fit, the window slides: the cache restarts from the last half of it (a
-        prompt longer than the cache: from its last cache.length tokens)."""
+        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache lacks. When
+        they do not fit, the window slides: the cache restarts from the last half of it (a prompt longer than the cache:
+        from its last cache.length tokens)."""
         if text.size(1) - cache.offset > cache.length:
             keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
@@ -529,15 +521,15 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
 
     def decode_step(self, token, cache, slot):
-        """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and
-        written at `slot` (a tensor), so torch.compile makes one graph (CUDA graphs with
-        mode='reduce-overhead') that serves every step."""
+        """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and written at
+        `slot` (a tensor), so torch.compile makes one graph (CUDA graphs with mode='reduce-overhead') that serves every
+        step."""
         return self.lm_head(self.hidden_states(token, cache, slot)[:, -1])
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf every logit outside the top_k largest and outside the nucleus: the
-    smallest set of most likely tokens whose probability reaches top_p. (..., vocab)"""
+    """Set to -inf every logit outside the top_k largest and outside the nucleus: the smallest set of most likely tokens
+    whose probability reaches top_p. (..., vocab)"""
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -562,8 +554,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # -------------------------------------------------------------------- batches of rows of different lengths
 
 def pad_rows(rows, pad_id, length=None, left=False):
-    """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded
-    with pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
+    """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded with
+    pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
     x = torch.full((len(rows), length or max(map(len, rows))), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         start = x.size(1) - len(row) if left else 0
@@ -573,10 +565,10 @@ def pad_rows(rows, pad_id, length=None, left=False):
 
 @torch.no_grad()
 def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, generator=None):
-    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id
-    (kept as the row's last token; a row without it never ended). Prompts of different lengths are left-padded
-    (the padding is never attended to, and each row's positions start at its first token), so each row equals
-    its prompt's continuation alone. temperature=0 is greedy. Run it inside the caller's autocast."""
+    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id (kept as
+    the row's last token; a row without it never ended). Prompts of different lengths are left-padded (the padding is
+    never attended to, and each row's positions start at its first token), so each row equals its prompt's continuation
+    alone. temperature=0 is greedy. Run it inside the caller's autocast."""
     device = model.lm_head.weight.device
     x = pad_rows(prompts, end_id, left=True).to(device)  # (B, longest)
     padding = torch.tensor([x.size(1) - len(ids) for ids in prompts], device=device)
@@ -589,8 +581,8 @@ def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, gene
 
 
 def token_logprobs(model, x, y, temperature=1.0):
-    """(log-probabilities of y's tokens (B, T), 0 where y is -100 (a prompt, the padding); that mask (B, T)) under
-    the distribution at `temperature` (GRPO scores its samples at the temperature they were drawn at)."""
+    """(log-probabilities of y's tokens (B, T), 0 where y is -100 (a prompt, the padding); that mask (B, T)) under the
+    distribution at `temperature` (GRPO scores its samples at the temperature they were drawn at)."""
     logits, _ = model(x)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     mask = y != -100
@@ -600,9 +592,9 @@ def token_logprobs(model, x, y, temperature=1.0):
 # -------------------------------------------------------------------- Muon
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
-    """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a
-    quintic Newton-Schulz iteration (coefficients from Keller Jordan's Muon), in bfloat16 as
-    Muon does where that is fast, else float32. G: (m, n), or a stack (k, m, n) done at once."""
+    """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a quintic Newton-Schulz iteration
+    (coefficients from Keller Jordan's Muon), in bfloat16 as Muon does where that is fast, else float32. G: (m, n), or a
+    stack (k, m, n) done at once."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n), k = 1 for a single matrix
     tall = G.size(-2) > G.size(-1)
@@ -617,15 +609,13 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for
-    groups with use_muon, plain AdamW for the others, in one optimizer so that train.py's loop,
-    schedule, GradScaler and checkpoints treat it like AdamW.
-    Under DDP (torch.distributed initialized, every process holding every matrix whole, with the
-    same averaged gradients) each process orthogonalizes its share of the matrices and gathers
-    the others' updates (modded-nanogpt's way): every process applies the same update, and the
-    Newton-Schulz work is divided among them instead of repeated by each. The momentum buffers
-    are kept by every process (updating them is cheap), so any one's state_dict is the whole
-    state, and a checkpoint resumes on one process or many alike."""
+    """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for groups with use_muon,
+    plain AdamW for the others, in one optimizer so that train.py's loop, schedule, GradScaler and checkpoints treat it
+    like AdamW. Under DDP (torch.distributed initialized, every process holding every matrix whole, with the same
+    averaged gradients) each process orthogonalizes its share of the matrices and gathers the others' updates
+    (modded-nanogpt's way): every process applies the same update, and the Newton-Schulz work is divided among them
+    instead of repeated by each. The momentum buffers are kept by every process (updating them is cheap), so any one's
+    state_dict is the whole state, and a checkpoint resumes on one process or many alike."""
 
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
@@ -646,9 +636,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
             self.add_updates(params, updates, first, alpha)
 
     def muon_step(self, group, params):
-        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's blocks
-        share a few shapes, and a few large matmuls beat many small ones. Returns the gathers
-        launched (under DDP; on one process each shape's update is applied at once)."""
+        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's blocks share a few shapes,
+        and a few large matmuls beat many small ones. Returns the gathers launched (under DDP; on one process each
+        shape's update is applied at once)."""
         lr, momentum, dtype = group['lr'], group['momentum'], group.get('ns_dtype', torch.bfloat16)
         rank, world = self.share_of_work(params)
         for p in params:
@@ -661,8 +651,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             by_shape.setdefault(p.shape, []).append(p)
         gathers, first = [], 0
         for (rows, cols), same in by_shape.items():
-            # the matrices dealt round-robin, shape after shape, so that each process gets an even
-            # share of the whole (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
+            # the matrices dealt round-robin, shape after shape, so that each process gets an even share of the whole
+            # (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
             mine = same[(rank - first) % world::world]
             alpha = -lr * max(1.0, rows / cols) ** 0.5
             if world == 1:
@@ -692,9 +682,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def share_of_work(params):
-        """(rank, world size) of the processes that share the Newton-Schulz work: under DDP all of
-        them; (0, 1) on one process, and under FSDP, whose parameters are DTensor shards rather
-        than whole matrices (train.py refuses Muon there)."""
+        """(rank, world size) of the processes that share the Newton-Schulz work: under DDP all of them; (0, 1) on one
+        process, and under FSDP, whose parameters are DTensor shards rather than whole matrices (train.py refuses Muon
+        there)."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return 0, 1
@@ -704,8 +694,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return dist.get_rank(), dist.get_world_size()
 
     def adamw_step(self, group, params):
-        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is
-        one (one pass over all the group's tensors), else PyTorch's default for the device."""
+        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is one (one pass over
+        all the group's tensors), else PyTorch's default for the device."""
         from torch.optim.adamw import adamw
         fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
         for p in params:
@@ -725,10 +715,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
 # -------------------------------------------------------------------- LoRA (appendix E)
 
 class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T.
-    A starts Kaiming-uniform and B at zero, so the model starts out unchanged. (The book's
-    LinearWithLoRA scales by alpha alone; alpha / rank, as in the LoRA paper, keeps the update's
-    size independent of the rank.) Keeps the Linear's parameter names, so state dicts match."""
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T. A starts
+    Kaiming-uniform and B at zero, so the model starts out unchanged. (The book's LinearWithLoRA scales by alpha alone;
+    alpha / rank, as in the LoRA paper, keeps the update's size independent of the rank.) Keeps the Linear's parameter
+    names, so state dicts match."""
 
     def __init__(self, base, rank, alpha):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
@@ -751,9 +741,9 @@ class LoRALinear(nn.Linear):
 
 
 def swap_modules(model, wanted, make):
-    """Replace, in place, each submodule for which wanted(name, module) holds by make(module), and return model.
-    By name, one at a time: a list of the modules themselves would keep every replaced one alive to the end
-    (quantizing right after loading then costs little more memory than the loaded model)."""
+    """Replace, in place, each submodule for which wanted(name, module) holds by make(module), and return model. By
+    name, one at a time: a list of the modules themselves would keep every replaced one alive to the end (quantizing
+    right after loading then costs little more memory than the loaded model)."""
     for name in [name for name, m in model.named_modules() if name and wanted(name, m)]:
         parent, _, child = name.rpartition('.')
         parent = model.get_submodule(parent)
@@ -762,8 +752,8 @@ def swap_modules(model, wanted, make):
 
 
 def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
-    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only
-    trainable parameters afterwards, until you unfreeze e.g. a new head). Returns model."""
+    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only trainable parameters
+    afterwards, until you unfreeze e.g. a new head). Returns model."""
     model.requires_grad_(False)
     return swap_modules(model, lambda name, m: name.rpartition('.')[2] in targets and type(m) is nn.Linear,
                         lambda linear: LoRALinear(linear, rank, alpha))
@@ -771,8 +761,8 @@ def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
 
 @contextmanager
 def lora_disabled(model):
-    """`with lora_disabled(model):` the model without its LoRA adapters, which is the model fine-tuning
-    started from: DPO's and GRPO's reference without a second copy of the weights."""
+    """`with lora_disabled(model):` the model without its LoRA adapters, which is the model fine-tuning started from:
+    DPO's and GRPO's reference without a second copy of the weights."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in layers:
         m.lora_enabled = False
@@ -784,8 +774,7 @@ def lora_disabled(model):
 
 
 def merged_state_dict(model):
-    """The state dict with every LoRA update folded into its plain weight (no lora_* keys):
-    what a plain GPT loads."""
+    """The state dict with every LoRA update folded into its plain weight (no lora_* keys): what a plain GPT loads."""
     sd = model.state_dict()
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):

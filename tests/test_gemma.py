@@ -1,0 +1,200 @@
+"""Gemma 3 (270M, 1B) in model.py: parity with transformers' Gemma3ForCausalLM on random weights in both shapes
+(fixtures made by tests/fixtures/make_gemma_fixtures.py), past the sliding window and with left padding; the KV
+cache's ring for the sliding layers; export; loading by name; the one-line errors."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import weights
+from conftest import FIXTURES, assert_one_line_error, run_here
+from model import GPT, GPTConfig, KVCache, apply_lora, generate_batch, merge_lora
+from weights import from_pretrained, save_pretrained
+
+SHAPES = ['tiny-gemma3-270m', 'tiny-gemma3-1b']
+
+
+def fixture(name, *files):
+    return [torch.from_numpy(np.load(FIXTURES / name / f)) for f in files]
+
+
+def load(name='tiny-gemma3-270m'):
+    return from_pretrained(str(FIXTURES / name), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize('name', SHAPES)
+def test_logits_past_the_window_and_greedy_tokens_equal_transformers(name):
+    ids, expected, greedy = fixture(name, 'input_ids.npy', 'expected_logits.npy', 'expected_greedy.npy')
+    model = load(name)
+    assert ids.size(1) > 2 * model.config.sliding_window  # the window binds
+    assert (model(ids)[0] - expected).abs().max().item() <= 1e-4
+    out = model.generate(ids[:1, :10], 20, temperature=0)  # the prompt fits the window; the decoding passes it
+    assert out.tolist() == greedy.tolist()
+    assert torch.equal(out, model.generate(ids[:1, :10], 20, temperature=0, use_cache=False))
+    assert torch.equal(out, model.generate(ids[:1, :10], 20, temperature=0, decode_step=model.decode_step))
+    long = model.generate(ids[:1], 6, temperature=0)  # a prompt three windows long, prefilled at once
+    assert torch.equal(long, model.generate(ids[:1], 6, temperature=0, use_cache=False))
+
+
+def test_each_field_is_read():
+    ids, expected = fixture('tiny-gemma3-1b', 'input_ids.npy', 'expected_logits.npy')
+    model = load('tiny-gemma3-1b')
+    cfg = model.config
+    assert cfg.layer_types[5] == 'full_attention' and cfg.layer_types.count('full_attention') == 1
+    assert (cfg.sliding_window, cfg.rope_theta, cfg.rope_local_theta) == (10, 1e6, 1e4)
+    assert (cfg.norm, cfg.mlp, cfg.n_kv_head, cfg.query_pre_attn_scalar) == ('rmsnorm_plus_one', 'geglu', 1, 24)
+    assert cfg.sandwich_norm and cfg.scale_embeddings and cfg.qk_norm and cfg.tie_embeddings
+    for field, value in dict(sliding_window=0, rope_local_theta=0.0, sandwich_norm=False, scale_embeddings=False,
+                             query_pre_attn_scalar=0.0, norm='rmsnorm', mlp='swiglu').items():
+        changed = GPT(GPTConfig(**{**cfg.__dict__, field: value})).eval()
+        changed.load_state_dict(model.state_dict(), strict=False)
+        assert (changed(ids)[0] - expected).abs().max().item() > 1e-3, field
+
+
+def test_hub_style_config_loads_the_same_model(tmp_path):
+    ids, expected = fixture('tiny-gemma3-270m', 'input_ids.npy', 'expected_logits.npy')
+    shutil.copytree(FIXTURES / 'tiny-gemma3-270m', tmp_path / 'm')
+    shutil.copy(tmp_path / 'm' / 'config.hub-style.json', tmp_path / 'm' / 'config.json')
+    hub = json.loads((tmp_path / 'm' / 'config.json').read_text())
+    assert 'layer_types' not in hub and hub['rope_local_base_freq'] == 10000.0
+    assert (from_pretrained(str(tmp_path / 'm'), dtype=torch.float32).eval()(ids)[0] - expected).abs().max() <= 1e-4
+
+
+def test_left_padding_logits_and_batched_greedy_equal_transformers():
+    padded, expected, greedy = fixture('tiny-gemma3-270m', 'padded_ids.npy', 'expected_padded_logits.npy',
+                                       'expected_padded_greedy.npy')
+    model, pad = load(), torch.tensor([0, 5])
+    cache = KVCache(model.config, 2, 'cpu', torch.float32, padding=pad)
+    logits = torch.cat([model.lm_head(model.hidden_states(padded[:, a:b], cache)) for a, b in ((0, 9), (9, 10),
+                                                                                              (10, 24))], dim=1)
+    logits[1, :5] = 0  # what the padding positions predict is nobody's business
+    assert (logits - expected).abs().max().item() <= 1e-4
+    out = model.generate(padded[:, :14], 20, temperature=0, padding=pad)
+    assert out.tolist() == greedy.tolist()
+    assert torch.equal(out, model.generate(padded[:, :14], 20, temperature=0, padding=pad,
+                                           decode_step=model.decode_step))
+    end = next(i for i in range(320) if i not in greedy)  # an end-of-text token the rows never reach
+    rows = generate_batch(model, [padded[0, :14].tolist(), padded[1, 5:14].tolist()], end_id=end, max_new_tokens=20)
+    assert rows == [greedy[0, 14:].tolist(), greedy[1, 14:].tolist()]
+
+
+def test_the_cache_keeps_a_sliding_layers_window_only():
+    model = load()
+    cache = model.new_kv_cache(1, 128, torch.device('cpu'))
+    sizes = [k.size(2) for k in cache.k]
+    assert sizes == [8, 8, 8, 8, 8, 128] and [v.size(2) for v in cache.v] == sizes
+    assert KVCache(model.config, 1, 'cpu', torch.float32, length=6).k[0].size(2) == 6  # a window longer than the cache
+    # a chat that goes back further than one token (the ring has overwritten what the window needs) starts again
+    ids = fixture('tiny-gemma3-270m', 'input_ids.npy')[0][:1]
+    model.generate(ids, 1, temperature=0, kv_cache=cache)
+    cache.truncate(cache.filled - 1)
+    assert cache.filled == 23
+    cache.truncate(12)
+    assert cache.filled == 0
+    assert torch.allclose(model.next_logits(ids[:, :13], cache), model(ids[:, :13])[0][:, -1], atol=1e-5)
+
+
+def test_the_window_slides_past_block_size_and_compiles_once():
+    model = load()
+    model.crop_block_size(32)
+    ids = fixture('tiny-gemma3-270m', 'input_ids.npy')[0][:1]
+    eager = model.generate(ids, 40, temperature=0)  # 64 tokens through a 32-slot cache: it slides
+    assert torch.equal(eager, model.generate(ids, 40, temperature=0, decode_step=model.decode_step))
+    from configurator import compile_available, compile_decoding
+    if not compile_available('cpu'):
+        pytest.skip('torch.compile needs a C compiler here')
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(eager, model.generate(ids, 40, temperature=0, decode_step=compile_decoding(model, True,
+                                                                                                      'cpu')))
+
+
+def test_lora_int8_and_int4_keep_working():
+    from quantize import cast_and_quantize
+    ids, expected = fixture('tiny-gemma3-270m', 'input_ids.npy', 'expected_logits.npy')
+    model = load()
+    apply_lora(model, rank=4, alpha=8)
+    assert sum(p.requires_grad for p in model.parameters()) == 6 * 4 * 2
+    for n, p in model.named_parameters():
+        if n.endswith('lora_B'):
+            torch.nn.init.normal_(p, std=0.1)
+    changed = model(ids)[0]
+    assert (changed - expected).abs().max() > 1e-2
+    assert torch.allclose(merge_lora(model)(ids)[0], changed, atol=1e-4)
+    for scheme in ('int8', 'int4'):
+        q = cast_and_quantize(load(), scheme, 'cpu', 'bfloat16')
+        out = q(ids)[0].float()
+        assert (out - expected).abs().mean() < 0.2 * expected.std(), scheme
+        assert q.generate(ids[:1, :10], 20, temperature=0).shape == (1, 30)
+
+
+@pytest.mark.parametrize('name', SHAPES)
+def test_export_round_trip_through_transformers(name, tmp_path):
+    ids, expected = fixture(name, 'input_ids.npy', 'expected_logits.npy')
+    model = from_pretrained(str(FIXTURES / name)).eval()  # bfloat16, as the files hold it
+    save_pretrained(model, tmp_path / 'ours')
+    ours = weights.load_safetensors(tmp_path / 'ours' / 'model.safetensors')
+    theirs = weights.load_safetensors(FIXTURES / name / 'model.safetensors')
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], t) for k, t in theirs.items())
+    back = from_pretrained(str(tmp_path / 'ours')).eval()
+    assert torch.equal(back(ids)[0], model(ids)[0])
+    exported = json.loads((tmp_path / 'ours' / 'config.json').read_text())
+    assert weights.llama_config(exported) == weights.llama_config(json.loads((FIXTURES / name / 'config.json')
+                                                                             .read_text()))
+    transformers = pytest.importorskip('transformers')
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'ours', dtype=torch.float32).eval()
+    assert type(hf).__name__ == 'Gemma3ForCausalLM'
+    assert (hf(ids).logits - expected).abs().max().item() <= 1e-4
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / 'theirs')  # ours -> transformers -> ours: the same model
+    again = from_pretrained(str(tmp_path / 'theirs')).eval()
+    assert (again(ids)[0] - model(ids)[0]).abs().max().item() == 0.0
+
+
+def test_a_multimodal_checkpoints_text_model_loads_without_its_vision_tower(tmp_path, capsys):
+    ids, expected = fixture('tiny-gemma3-270m', 'input_ids.npy', 'expected_logits.npy')
+    text = json.loads((FIXTURES / 'tiny-gemma3-270m' / 'config.json').read_text())
+    tensors = weights.load_safetensors(FIXTURES / 'tiny-gemma3-270m' / 'model.safetensors')
+    for prefix in ('language_model.model.', 'model.language_model.'):  # the hub's naming, transformers 5's
+        folder = tmp_path / prefix
+        folder.mkdir()
+        renamed = {prefix + k.removeprefix('model.'): t for k, t in tensors.items()}
+        renamed['vision_tower.vision_model.embeddings.patch_embedding.weight'] = torch.zeros(4, 3, 2, 2)
+        weights.save_safetensors(renamed, folder / 'model.safetensors')
+        (folder / 'config.json').write_text(json.dumps({'model_type': 'gemma3', 'architectures': [
+            'Gemma3ForConditionalGeneration'], 'text_config': text, 'vision_config': {'model_type': 'siglip'}}))
+        model = from_pretrained(str(folder), dtype=torch.float32).eval()
+        assert (model(ids)[0] - expected).abs().max().item() <= 1e-4
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f'{prefix}: a multimodal Gemma 3; loading its text model, skipping its vision tower']
+
+
+def test_by_name_downloaded_with_the_token_and_gated_without(server, tmp_path, monkeypatch):
+    for f in (FIXTURES / 'tiny-gemma3-270m').iterdir():
+        server.routes[f'/google/gemma-3-270m-it/resolve/main/{f.name}'] = f.read_bytes()
+    server.status['/google/gemma-3-1b-pt/resolve/main/config.json'] = 401
+    monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
+    monkeypatch.setattr(weights, 'CACHE_DIR', tmp_path / 'cache')
+    monkeypatch.setenv('HF_TOKEN', 'hf_secret')
+    ids, expected = fixture('tiny-gemma3-270m', 'input_ids.npy', 'expected_logits.npy')
+    assert (from_pretrained('gemma-3-270m-it', dtype=torch.float32).eval()(ids)[0] - expected).abs().max() <= 1e-4
+    assert set(server.authorizations) == {'Bearer hf_secret'}
+    monkeypatch.delenv('HF_TOKEN')
+    with pytest.raises(OSError, match='google/gemma-3-1b-pt is gated: accept its license on the hub, then set HF_TOK'):
+        from_pretrained('gemma-3-1b')
+
+
+def test_bad_gemma_configs_are_one_line_errors(tmp_path):
+    def folder(name, **change):
+        shutil.copytree(FIXTURES / 'tiny-gemma3-270m', tmp_path / name)
+        hf = json.loads((tmp_path / name / 'config.json').read_text())
+        (tmp_path / name / 'config.json').write_text(json.dumps({**hf, **change}))
+        return tmp_path / name
+    layers = ['sliding_attention'] * 5 + ['chunked_attention']
+    cases = {folder('chunked', layer_types=layers): "layer_types must list full_attention or sliding_attention for "
+                                                    "each of the 6 layers, not 'chunked_attention'",
+             folder('short', layer_types=layers[:3]): 'for each of the 6 layers',
+             folder('softcap', final_logit_softcapping=30.0): 'final_logit_softcapping is not supported'}
+    for path, needle in cases.items():
+        assert_one_line_error(run_here('sample.py', f'--init_from={path}', '--max_new_tokens=2'), needle)
