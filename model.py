@@ -1,9 +1,9 @@
 """The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus). GPT-2 exactly: learned
 token + position embeddings, pre-LayerNorm blocks, one fused qkv projection, flash/SDPA causal attention, tanh-GELU MLP,
-output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) is the same class with
-other GPTConfig fields: RMSNorm, rotary positions, SwiGLU, grouped-query attention. Plus what a real user needs:
-KV-cache generation, LoRA, Muon. Files (our checkpoints, published GPT-2 and Llama weights, downloads) are weights.py's
-job; it imports this file, never the other way round. Imports only torch and the standard library."""
+output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) and Gemma 3 are the same
+class with other GPTConfig fields: RMSNorm, rotary positions, SwiGLU/GeGLU, grouped-query and sliding-window attention.
+Plus KV-cache generation, LoRA, Muon. Files (checkpoints, published weights, downloads) are weights.py's job; it imports
+this file, never the other way round. Imports only torch and the standard library."""
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,9 +22,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
-    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64)
-    # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off, never sampled
-    # or scored
+    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64) makes the
+    # head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are never sampled or scored
     # --- what turns GPT-2 into the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2); the defaults are GPT-2's
     norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias)
     norm_eps: float = 1e-5
@@ -40,8 +39,7 @@ class GPTConfig:
     qkv_bias: bool = False  # biases on the q/k/v projection even without `bias` (Qwen2.5)
     tie_embeddings: bool = True  # the head shares the token embedding's weights (GPT-2, Llama 3.2 1B, Qwen3-0.6B)
     # --- Gemma 3 (270M, 1B): norm='rmsnorm_plus_one', mlp='geglu', qk_norm, and these
-    layer_types: list = None  # per layer: full_attention | sliding_attention (the last sliding_window tokens
-    # only: five such local layers for each global one); None = all full
+    layer_types: list = None  # each layer's: full_attention | sliding_attention (its last sliding_window tokens)
     sliding_window: int = 0
     rope_local_theta: float = 0.0  # the sliding layers' RoPE base (Gemma 3: 10,000 beside 1,000,000); 0 = rope_theta
     sandwich_norm: bool = False  # a norm after attention and after the MLP too, before each joins the residual
@@ -54,11 +52,10 @@ class GPTConfig:
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         kinds = set(self.layer_types or ()) - {'full_attention', 'sliding_attention'}
         if kinds or len(self.layer_types or range(self.n_layer)) != self.n_layer:
-            raise ValueError(f"layer_types must list full_attention or sliding_attention for each of the {self.n_layer} "
-                             f"layers{f', not {sorted(kinds)[0]!r}' if kinds else ''}")
+            raise ValueError(f"layer_types must list full_attention or sliding_attention for each of the "
+                             f"{self.n_layer} layers{f', not {sorted(kinds)[0]!r}' if kinds else ''}")
 
-    def window(self, i):
-        """How many of the latest tokens layer i attends to: its sliding window, or 0 for the whole context."""
+    def window(self, i):  # how many of the latest tokens layer i attends to: its sliding window, or 0 (all of them)
         return self.sliding_window if self.layer_types and self.layer_types[i] == 'sliding_attention' else 0
 
 
@@ -90,8 +87,7 @@ def make_norm(config, dim):
 
 def rope_frequencies(config, theta=None):
     """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i]. Llama 3 stretches
-    the long wavelengths by `factor` (so the model reaches past the context it was pretrained with), keeps the short
-    ones, and blends those in between."""
+    the long wavelengths by `factor` (reaching past its pretraining context), keeps the short, blends those between."""
     d = config.head_dim
     inv_freq = 1.0 / (theta or config.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     sc = config.rope_scaling
@@ -107,21 +103,18 @@ def rope_frequencies(config, theta=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) turns by the angle of its position (the Hugging
-    Face "half split" layout, which the published weights expect)."""
+    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) by its position's angle (HF's half split)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def one_query_attention(q, k, v, mask=None, scale=None):
-    """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel costs
-    ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller. q (B, nh, 1,
-    hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
+    """One new token's attention to S cached keys in plain matmuls (on a CPU in bf16 SDPA costs 10x a key past ~64 keys,
+    RESULTS.md). q (B, nh, 1, hs), k, v (B, n_kv_head, S, hs), mask None or bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
     rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * (scale or hs ** -0.5)
-    # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would first
-    # copy whole
+    # keys times queries, then turned: rows @ k^T would first copy the cached keys (a slice of the cache) whole
     scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float('-inf'))
@@ -135,8 +128,7 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        # q, k and v in one matmul
-        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)  # q, k, v at once
         self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
@@ -160,15 +152,14 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, slot)  # (B, n_kv_head, S, hs): the cached keys and values too
-        dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
         # no mask: the whole sequence (causal), or one new token that may see every cached one; else the mask says which
-        # keys each query sees (a chunk after a cached prefix, padding, the static cache)
+        # keys each query sees (a chunk after a cached prefix, padding, the static cache, a window)
         if T == 1 and not self.training and q.device.type == 'cpu' and q.dtype != torch.float32 and k.size(2) > 64:
-            y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA's kernel is slow there
+            y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA is slow there
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout * self.training,
+                                               is_causal=mask is None and T > 1, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)  # a group of heads reads one
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -188,10 +179,8 @@ class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU, Gemma'
         h = self.c_fc(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = (F.silu(gate) if self.swiglu else self.gelu(gate)) * up
-        else:
-            h = self.gelu(h)
-        return self.dropout(self.c_proj(h))
+            return self.dropout(self.c_proj((F.silu(gate) if self.swiglu else self.gelu(gate)) * up))
+        return self.dropout(self.c_proj(self.gelu(h)))
 
 
 class Block(nn.Module):  # ch04: the transformer block, pre-norm
@@ -208,14 +197,12 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
         x = x + self.ln_attn_out(self.attn(self.ln_1(x), rope, kv_cache, mask, slot))
-        x = x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
-        return x
+        return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
 
 
 def attention_mask(query_slots, key_slots, window=0, pads=None):
-    """Which keys each query sees, a bool (1 or B, 1, T, S), from their slots (query (1, T), keys (S,) or (1, S)): those
-    at or before it (a slot < 0 is an empty one), within its last `window` if one, and no padding (pads (B, 1, 1) slots
-    open each row; a padding query sees itself: no row of the mask is empty, a NaN)."""
+    """Which keys (slots (S,) or (1, S); < 0: empty) each query (slots (1, T)) sees, a bool (1 or B, 1, T, S): those at
+    or before it, in its last `window` if one, no padding (pads (B, 1, 1); a padding query sees itself: no NaN row)."""
     q, k = query_slots[..., None], key_slots[..., None, :]
     sees = (k <= q) & (k >= 0)
     if window:
@@ -227,14 +214,11 @@ def attention_mask(query_slots, key_slots, window=0, pads=None):
 
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer, so that each new token costs one position of work
-    instead of the whole sequence (the book's ch04 bonus KV cache: keys and values appended per layer, read back with
-    the new ones). Allocated once, for `length` slots, in the dtype the attention computes in; a fixed shape, so a
-    compiled decoding step is one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies
-    per query head (Llama 3.2 1B: 4x smaller). A sliding-window layer (Gemma 3's local ones) keeps only its window, in a
-    ring: slot s at s % window.
-    padding: (B,) how many left-padding tokens open each row of the text (prompts of different lengths in one batch),
-    None when no row is padded. Padding is never attended to, and a row's positions count from its first real token, so
-    each row reads as it would alone. Its fields are written here and by GPT only; callers ask: restart, truncate."""
+    (the book's ch04 bonus KV cache). Allocated once, `length` slots in attention's dtype: a fixed shape, so a compiled
+    step is one graph. It holds the n_kv_head shared heads, and a sliding-window layer (Gemma 3's local ones) only its
+    window, in a ring: slot s at s % window. padding: (B,) left-padding tokens opening each row (prompts of different
+    lengths), or None: never attended to, positions counted from a row's first token, so each row reads as alone.
+    Its fields are written here and by GPT only; callers ask: restart, truncate."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
@@ -252,9 +236,8 @@ class KVCache:
         self.restart(0)
 
     def update(self, layer_idx, k, v, slot=None):
-        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return all of its so
-        far (B, n_kv_head, filled+T, hs) (a ring: what it held, then the new ones); in the compiled one-token step,
-        write them at the tensor `slot` and return every slot (the mask hides the empty ones)."""
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots, return all so far (a ring:
+        what it held, then the new); the compiled step: write at the tensor `slot`, return every slot (masked)."""
         K, V = self.k[layer_idx], self.v[layer_idx]
         if slot is not None:
             K.index_copy_(2, slot % K.size(2), k)  # a ring's place for the slot, else the slot itself
@@ -272,9 +255,8 @@ class KVCache:
         return keys, values
 
     def positions_and_mask(self, T, slot=None):
-        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend to, a bool mask (1
-        or B, 1, T, slots) for the full layers and one for the ring's, each None where plain causal attention is exact
-        (SDPA's fast path)."""
+        """For T new tokens: their positions (1 or B, T), and the slots each may attend to in the full layers and in the
+        ring's, bool masks (1 or B, 1, T, slots), each None where plain causal attention is exact (SDPA's fast path)."""
         device = self.k[0].device
         pads = None if self.padding is None else self.window_padding[:, None, None]  # (B, 1, 1)
         if slot is not None:  # one token at slot `slot`, every slot given to attention
@@ -287,9 +269,10 @@ class KVCache:
         if self.ring:  # the slot each ring place holds: the latest one up to `last` with that remainder (< 0: none)
             last = query_slots[:, :1] if slot is not None else self.filled - 1
             held = last - (last - torch.arange(self.ring, device=device)) % self.ring
-            key_slots = held if slot is not None else torch.cat((held, query_slots[0])) if self.filled else query_slots[0]
+            if slot is None:  # what the ring held (if anything), then the new keys
+                held = torch.cat((held, query_slots[0])) if self.filled else query_slots[0]
             plain = slot is None and pads is None and self.filled == 0 and T <= self.ring
-            local = None if plain else attention_mask(query_slots, key_slots, self.ring, pads)
+            local = None if plain else attention_mask(query_slots, held, self.ring, pads)
         positions = query_slots if pads is None else (query_slots - pads[:, :, 0]).clamp(min=0)
         return positions, mask, local
 
@@ -297,13 +280,11 @@ class KVCache:
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
         self.filled = 0  # how many slots hold a token
         self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
-        # the padding left in the window, as a tensor: a compiled step reading the int offset would recompile at every
-        # slide
+        # the padding left in the window, as a tensor: a compiled step reading the int offset would recompile per slide
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
     def truncate(self, n):
-        """Keep only the first n filled slots: the next text shares just those tokens with the last. A ring has
-        overwritten what the window would need from further back than one slot: it then starts again."""
+        """Keep the first n filled slots (what the next text shares); a ring that lost what they need starts again."""
         self.filled = min(self.filled, n if not self.ring or n >= self.filled - 1 else 0)
 
 
@@ -323,8 +304,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
-            # on the model's device; not saved (persistent=False): they follow from the config. Gemma's sliding layers
-            # have tables of their own (another base)
+            # on the model's device, not saved: they follow from the config (Gemma's sliding layers: another base)
             self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']
                                                            if config.rope_local_theta else [])
             for name in self.rope_tables:
@@ -340,8 +320,7 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     @torch.no_grad()
     def init_rope(self):
-        """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in float32
-        whatever the buffers' dtype."""
+        """Fill the RoPE tables in float32 (again after a meta-device build, which leaves buffers empty)."""
         device = self.rope_cos.device
         for cos, sin, theta in zip(self.rope_tables[::2], self.rope_tables[1::2], (None, self.config.rope_local_theta)):
             angles = torch.arange(self.config.block_size, dtype=torch.float32, device=device)[:, None] \
@@ -361,9 +340,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, kv_cache=None, slot=None):
-        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head). With a kv_cache, idx
-        continues what it holds, and it then holds idx too; with a slot (a tensor), idx is one token written at that
-        slot (the compiled decoding step)."""
+        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk). With a kv_cache, idx continues what it
+        holds, and it then holds idx too; with a slot (a tensor), idx is one token written there (the compiled step)."""
         B, T = idx.size()
         filled = 0 if kv_cache is None or slot is not None else kv_cache.filled
         if filled + T > self.config.block_size:
@@ -402,9 +380,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         if logits.size(-1) > V:  # padding: -inf gets softmax 0, so it is never scored and gets no gradient.
             with torch.no_grad():  # in place and outside autograd, so the (B, T, V) logits are never copied
                 logits[..., V:] = float('-inf')
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                                            ignore_index=-100)
         return logits[..., :V], loss  # with padding a view: use .reshape() rather than .view() on it
 
     def crop_block_size(self, block_size):
@@ -419,13 +396,11 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and norm gains; the fused
-        kernel on CUDA and CPU (one pass over all params, not a loop over tensors). optimizer='muon': Muon for the
-        blocks' 2-D weights, AdamW for the rest (embeddings and head, biases, gains), as modded-nanogpt and nanochat.
-        Muon's matrices decay too, the AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon is Scalable"): at
-        Muon's larger lr a real pull toward zero, which a run that reads its data several times needs (RESULTS.md,
-        "Weight decay"). Each group's 'lr_scale' is its lr relative to learning_rate, for the schedule. muon_dtype: what
-        Newton-Schulz computes in, bfloat16 where that is native, else float32."""
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, fused on CUDA and CPU (one pass over all
+        params). optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest, as modded-nanogpt and nanochat;
+        its matrices decay the AdamW way (p *= 1 - lr * weight_decay, Moonshot's "Muon is Scalable": a real pull toward
+        zero at Muon's lr, RESULTS.md "Weight decay"). 'lr_scale': a group's lr relative to learning_rate, for the
+        schedule. muon_dtype: Newton-Schulz's, bfloat16 where that is native, else float32."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -458,14 +433,11 @@ class GPT(nn.Module):  # ch04: the GPT model
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
         """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05 generate with a KV cache
-        (the prompt is computed once, then one token per step). temperature=0 is greedy. With eos_id, a row that has
-        emitted it is padded with eos_id, and generation stops once every row has. Within block_size the tokens equal
-        use_cache=False's (which recomputes the whole cropped sequence every step, as nanoGPT).
-        on_token(next_ids (B,)) is called after each step, e.g. to stream text.
-        kv_cache: a KVCache that already holds idx's first kv_cache.filled tokens (a chat's earlier turns): only the
-        rest is computed, and it is left holding the text for the next call.
-        padding: (B,) left-padding tokens in each row of idx (prompts of different lengths).
-        decode_step: torch.compile(model.decode_step) to run each one-token step as one fixed graph."""
+        (the prompt computed once, then a token per step). temperature=0 is greedy. With eos_id, a row that emitted it
+        is padded with it, and generation stops once every row has. Within block_size the tokens equal use_cache=False's
+        (the whole cropped sequence recomputed every step, as nanoGPT). on_token(next_ids (B,)): after each step.
+        kv_cache: a KVCache holding idx's first kv_cache.filled tokens (a chat's earlier turns), left holding the text.
+        padding: (B,) left-padding tokens in each row of idx. decode_step: torch.compile(model.decode_step)."""
         B, T = idx.shape
         cache = kv_cache
         if cache is None and (use_cache or padding is not None):
@@ -505,9 +477,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         return KVCache(self.config, batch_size, device, dtype, length, padding)
 
     def next_logits(self, text, cache, decode_step=None):
-        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache lacks. When
-        they do not fit, the window slides: the cache restarts from the last half of it (a prompt longer than the cache:
-        from its last cache.length tokens)."""
+        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache lacks; when
+        they do not fit, the window slides (the cache restarts from its last half; a long prompt: its last length)."""
         if text.size(1) - cache.offset > cache.length:
             keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
@@ -521,9 +492,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
 
     def decode_step(self, token, cache, slot):
-        """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and written at
-        `slot` (a tensor), so torch.compile makes one graph (CUDA graphs with mode='reduce-overhead') that serves every
-        step."""
+        """(B, 1) token -> (B, padded vocab) logits, every shape fixed: the cache is read whole and written at `slot` (a
+        tensor), so torch.compile makes one graph (CUDA graphs with mode='reduce-overhead') for every step."""
         return self.lm_head(self.hidden_states(token, cache, slot)[:, -1])
 
 
@@ -544,8 +514,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, vocab) logits -> (B,) next token ids."""
-    if temperature == 0:
-        # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16
+    if temperature == 0:  # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16
         return logits.float().argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
@@ -566,9 +535,8 @@ def pad_rows(rows, pad_id, length=None, left=False):
 @torch.no_grad()
 def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, generator=None):
     """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id (kept as
-    the row's last token; a row without it never ended). Prompts of different lengths are left-padded (the padding is
-    never attended to, and each row's positions start at its first token), so each row equals its prompt's continuation
-    alone. temperature=0 is greedy. Run it inside the caller's autocast."""
+    its last token; a row without it never ended). Prompts are left-padded (never attended to, positions from each
+    row's first token), so each row equals its prompt's continuation alone. temperature=0 is greedy. Inside autocast."""
     device = model.lm_head.weight.device
     x = pad_rows(prompts, end_id, left=True).to(device)  # (B, longest)
     padding = torch.tensor([x.size(1) - len(ids) for ids in prompts], device=device)
@@ -593,8 +561,7 @@ def token_logprobs(model, x, y, temperature=1.0):
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a quintic Newton-Schulz iteration
-    (coefficients from Keller Jordan's Muon), in bfloat16 as Muon does where that is fast, else float32. G: (m, n), or a
-    stack (k, m, n) done at once."""
+    (Keller Jordan's Muon coefficients), in bfloat16 where that is fast, else float32. G: (m, n), or (k, m, n)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n), k = 1 for a single matrix
     tall = G.size(-2) > G.size(-1)
@@ -610,12 +577,10 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for groups with use_muon,
-    plain AdamW for the others, in one optimizer so that train.py's loop, schedule, GradScaler and checkpoints treat it
-    like AdamW. Under DDP (torch.distributed initialized, every process holding every matrix whole, with the same
-    averaged gradients) each process orthogonalizes its share of the matrices and gathers the others' updates
-    (modded-nanogpt's way): every process applies the same update, and the Newton-Schulz work is divided among them
-    instead of repeated by each. The momentum buffers are kept by every process (updating them is cheap), so any one's
-    state_dict is the whole state, and a checkpoint resumes on one process or many alike."""
+    plain AdamW for the others, in one optimizer that train.py treats as AdamW. Under DDP (every process holding every
+    matrix whole, the same averaged gradients) each orthogonalizes its share and gathers the others' (modded-nanogpt's
+    way): the Newton-Schulz work is divided, not repeated. Every process keeps all momentum buffers (cheap), so any
+    one's state_dict is the whole state, and a checkpoint resumes on one process or many alike."""
 
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
@@ -625,20 +590,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
         gathers = []  # other processes' updates, in flight while this one orthogonalizes the next shape
         for group in self.param_groups:
             params = [p for p in group['params'] if p.grad is not None]
-            if not params:
-                continue
-            if group['use_muon']:
+            if params and group['use_muon']:
                 gathers += self.muon_step(group, params)
-            else:
+            elif params:
                 self.adamw_step(group, params)
         for gather, params, updates, first, alpha in gathers:
             gather.wait()
             self.add_updates(params, updates, first, alpha)
 
     def muon_step(self, group, params):
-        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's blocks share a few shapes,
-        and a few large matmuls beat many small ones. Returns the gathers launched (under DDP; on one process each
-        shape's update is applied at once)."""
+        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape (a few large matmuls beat many small).
+        Returns the gathers launched (under DDP; on one process each shape's update is applied at once)."""
         lr, momentum, dtype = group['lr'], group['momentum'], group.get('ns_dtype', torch.bfloat16)
         rank, world = self.share_of_work(params)
         for p in params:
@@ -682,9 +644,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def share_of_work(params):
-        """(rank, world size) of the processes that share the Newton-Schulz work: under DDP all of them; (0, 1) on one
-        process, and under FSDP, whose parameters are DTensor shards rather than whole matrices (train.py refuses Muon
-        there)."""
+        """(rank, world size) of the processes sharing the Newton-Schulz work: under DDP all; (0, 1) on one process
+        and under FSDP, whose parameters are DTensor shards, not whole matrices (train.py refuses Muon there)."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return 0, 1
@@ -715,10 +676,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 # -------------------------------------------------------------------- LoRA (appendix E)
 
 class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T. A starts
-    Kaiming-uniform and B at zero, so the model starts out unchanged. (The book's LinearWithLoRA scales by alpha alone;
-    alpha / rank, as in the LoRA paper, keeps the update's size independent of the rank.) Keeps the Linear's parameter
-    names, so state dicts match."""
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T. A starts Kaiming-
+    uniform, B at zero: the model starts unchanged. (The book's LinearWithLoRA scales by alpha; alpha / rank, as the
+    LoRA paper, keeps the update's size whatever the rank.) Keeps the Linear's parameter names: state dicts match."""
 
     def __init__(self, base, rank, alpha):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
@@ -741,9 +701,8 @@ class LoRALinear(nn.Linear):
 
 
 def swap_modules(model, wanted, make):
-    """Replace, in place, each submodule for which wanted(name, module) holds by make(module), and return model. By
-    name, one at a time: a list of the modules themselves would keep every replaced one alive to the end (quantizing
-    right after loading then costs little more memory than the loaded model)."""
+    """Replace, in place, each submodule for which wanted(name, module) holds by make(module); returns model. By name,
+    one at a time: a list of the modules would keep every replaced one alive (so quantizing after loading is cheap)."""
     for name in [name for name, m in model.named_modules() if name and wanted(name, m)]:
         parent, _, child = name.rpartition('.')
         parent = model.get_submodule(parent)
@@ -752,8 +711,7 @@ def swap_modules(model, wanted, make):
 
 
 def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
-    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only trainable parameters
-    afterwards, until you unfreeze e.g. a new head). Returns model."""
+    """Freeze every parameter, wrap the named Linears with LoRA adapters (the only trainable ones). Returns model."""
     model.requires_grad_(False)
     return swap_modules(model, lambda name, m: name.rpartition('.')[2] in targets and type(m) is nn.Linear,
                         lambda linear: LoRALinear(linear, rank, alpha))
@@ -761,8 +719,7 @@ def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
 
 @contextmanager
 def lora_disabled(model):
-    """`with lora_disabled(model):` the model without its LoRA adapters, which is the model fine-tuning started from:
-    DPO's and GRPO's reference without a second copy of the weights."""
+    """`with lora_disabled(model):` the model fine-tuning started from (DPO's, GRPO's reference) without a copy."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in layers:
         m.lora_enabled = False
@@ -788,9 +745,6 @@ def merge_lora(model):
     def plain_linear(lora):
         plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None,
                           device=lora.weight.device, dtype=lora.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(lora.merged_weight())
-            if lora.bias is not None:
-                plain.bias.copy_(lora.bias)
+        plain.load_state_dict({'weight': lora.merged_weight(), **({} if lora.bias is None else {'bias': lora.bias})})
         return plain.requires_grad_(lora.weight.requires_grad)
     return swap_modules(model, lambda name, m: isinstance(m, LoRALinear), plain_linear)

@@ -243,7 +243,7 @@ class SentencePieceBPE:
         self.prepend = self.spaces(config, label)
         self.strip = any(step.get('type') == 'Strip' and step.get('start') for step in steps_of(config.get('decoder'),
                                                                                               'decoders'))
-        # a token with a character before a "▁" (not a "▁" itself) may span such a place: the text is cut at the others
+        # a token with a character before a "▁" (not a "▁" itself) may span such a place: the text is cut at others
         joined = {token[i - 1] for token in vocab for i in range(1, len(token)) if token[i] == SPACE != token[i - 1]}
         self.cut = re.compile(f"(?<=[^{re.escape(''.join(sorted(joined | {SPACE})))}])(?={SPACE})")
         self.specials_split = re.compile('(' + '|'.join(map(re.escape, sorted(self.specials, key=len, reverse=True)))
@@ -252,8 +252,9 @@ class SentencePieceBPE:
 
     @staticmethod
     def spaces(config, label):
-        """Where the "▁" that opens a text comes from: 'always' (Llama 2's Prepend normalizer, before each part between
-        special tokens), 'first' (Metaspace's, before the text's first part) or 'never' (Gemma); refuses the rest."""
+        """Where the "▁" that opens a text comes from: 'always' (Llama 2's Prepend normalizer, before each part
+        between special tokens), 'first' (Metaspace's, before the text's first part) or 'never' (Gemma); refuses the
+        rest."""
         norms = [(step.get('type'), step.get('prepend'), (step.get('pattern') or {}).get('String'), step.get('content'))
                  for step in steps_of(config.get('normalizer'), 'normalizers')]
         pre = steps_of(config.get('pre_tokenizer'), 'pretokenizers')
@@ -279,7 +280,8 @@ class SentencePieceBPE:
             else:
                 ids.extend(self.byte_ids[b] for b in char.encode('utf-8'))
         while len(ids) > 1:
-            (rank, joined), i = min((self.merges.get(pair, (math.inf, 0)), i) for i, pair in enumerate(zip(ids, ids[1:])))
+            (rank, joined), i = min((self.merges.get(pair, (math.inf, 0)), i)
+                                    for i, pair in enumerate(zip(ids, ids[1:])))
             if rank == math.inf:
                 break
             ids[i:i + 2] = [joined]

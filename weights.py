@@ -479,7 +479,8 @@ def load_llama(folder, hf, dtype=None, **overrides):
     files. Of a multimodal Gemma 3 (model_type gemma3), the text model: its vision tower is skipped, with a notice."""
     prefix = 'model.'  # where the text model's tensors are: model.layers.0..., or a multimodal one's
     if hf.get('model_type') == 'gemma3' and isinstance(hf.get('text_config'), dict):
-        print(f"{folder.name}: a multimodal Gemma 3; loading its text model, skipping its vision tower", file=sys.stderr)
+        print(f"{folder.name}: a multimodal Gemma 3; loading its text model, skipping its vision tower",
+              file=sys.stderr)
         hf, prefix = {'model_type': 'gemma3_text', **hf['text_config']}, None
     try:
         config = llama_config(hf)
@@ -617,7 +618,8 @@ def save_llama(model, folder):
     if not (gemma or llama):
         raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU), the Llama family (RoPE, RMSNorm, SwiGLU) "
                          "or Gemma 3 (its set of fields) can be saved in a Hugging Face layout")
-    family = 'gemma3_text' if gemma else 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+    family = 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+    family = 'gemma3_text' if gemma else family
     sd = merged_state_dict(model)
     tensors = {}
     for name, t in sd.items():
