@@ -35,7 +35,7 @@ quantize = 'none'  # int8: int8 weights (quantize.py), half of bf16's bytes per 
 # (faster than int8 where the CPU has AVX-512, slower with AVX2 only: bench.py --quantize=int8,int4)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
-chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
+chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's), alpaca, phi3, llama3, chatml, gemma
 system = ''  # chat: a system message to open the conversation with
 chat_context = 8192  # chat: the longest conversation kept, in tokens (at most the model's block_size)
 serve = 0  # a port: serve an OpenAI-compatible API and a chat page there instead (serve.py; 0 = off)
@@ -47,9 +47,10 @@ write = partial(print, end='', flush=True)  # generated text, shown as it comes
 
 def guess_style(tokenizer, prompt_style):
     """The chat format: the one the checkpoint was fine-tuned with, else the one its tokenizer has tokens for."""
-    specials = getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set', set())
+    specials = getattr(tokenizer, 'specials', None) or getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set',
+                                                                set())
     return prompt_style or ('llama3' if '<|start_header_id|>' in specials else 'chatml' if '<|im_start|>' in specials
-                            else 'alpaca')
+                            else 'gemma' if '<start_of_turn>' in specials else 'alpaca')
 
 
 def chat_loop(model, tokenizer, style, device, read=input, decode_step=None):

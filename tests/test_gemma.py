@@ -198,3 +198,67 @@ def test_bad_gemma_configs_are_one_line_errors(tmp_path):
              folder('softcap', final_logit_softcapping=30.0): 'final_logit_softcapping is not supported'}
     for path, needle in cases.items():
         assert_one_line_error(run_here('sample.py', f'--init_from={path}', '--max_new_tokens=2'), needle)
+
+
+def make_gemma_folder(folder):
+    """A random Gemma-3-shaped model (2 sliding layers, then a global one) with the Gemma-style fixture tokenizer, saved
+    in the Hugging Face layout."""
+    from conftest import spread_weights
+    from tokenizer import get_tokenizer
+    tokenizer_json = (FIXTURES / 'tokenizers' / 'gemma3' / 'tokenizer.json').read_text(encoding='utf-8')
+    tok = get_tokenizer({'name': 'gemma3', 'json': tokenizer_json})
+    torch.manual_seed(0)
+    cfg = load('tiny-gemma3-270m').config
+    model = GPT(GPTConfig(**{**cfg.__dict__, 'vocab_size': tok.vocab_size, 'n_layer': 3, 'block_size': 256,
+                             'layer_types': ['sliding_attention', 'sliding_attention', 'full_attention']})).eval()
+    spread_weights(model, 4.0)
+    save_pretrained(model, folder, tokenizer_json=tokenizer_json)
+    return model, tok
+
+
+def test_chat_instruction_tuning_training_and_data_with_a_gemma_model(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT, run_script
+    from test_finetune_instruct import synthetic_entries
+    from tokenizer import format_chat
+    model, tok = make_gemma_folder(tmp_path / 'm')
+    chat = subprocess.run([sys.executable, str(ROOT / 'sample.py'), '--device=cpu', '--dtype=float32',
+                           f'--init_from={tmp_path / "m"}', '--chat=True', '--temperature=0', '--max_new_tokens=12'],
+                          input='hello\n', capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    ids = tok.encode(format_chat([{'role': 'user', 'content': 'hello'}], 'gemma'))
+    assert ids[0] == 2 and ids.count(5) == 2  # <bos>, a <start_of_turn> for the user and for the model
+    gen = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=6, use_cache=False)[0, len(ids):].tolist()
+    reply = tok.decode(gen[:gen.index(6)] if 6 in gen else gen)
+    assert chat.stdout.startswith('chat (gemma format') and reply in chat.stdout and len(reply) > 3, chat.stdout
+    out = tmp_path / 'sft'  # SFT with LoRA in Gemma's chat format
+    proc = run_here('finetune_instruct.py', f'--data={synthetic_entries(tmp_path / "d.json", n=20)}',
+                    f'--init_from={tmp_path / "m"}', f'--out_dir={out}', '--prompt_style=gemma', '--lora_rank=4',
+                    '--max_iters=3', '--eval_interval=100', '--max_new_tokens=4', '--judge=none', '--eval_limit=2')
+    assert proc.returncode == 0, proc.stderr
+    ckpt = weights.load_checkpoint(out)
+    assert ckpt['prompt_style'] == 'gemma' and ckpt['model_args']['layer_types'][2] == 'full_attention'
+    (tmp_path / 'text.txt').write_text((ROOT.parent / 'shared' / 'data' / 'the-verdict.txt').read_text()[:20_000])
+    proc = run_here('prepare_data.py', f'--input={tmp_path / "text.txt"}', f'--tokenizer={tmp_path / "m"}',
+                    f'--data_dir={tmp_path / "data"}')
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / 'data' / 'meta.json').read_text())
+    assert meta['vocab_size'] == 1024 and meta['eot_id'] == 1
+    proc = run_script('train.py', f'--init_from={tmp_path / "m"}', f'--data_dir={tmp_path / "data"}',
+                      f'--out_dir={tmp_path / "pre"}', '--block_size=64', '--batch_size=2', '--max_iters=2',
+                      '--eval_interval=2', '--eval_iters=1', '--log_interval=1', '--sample_tokens=4', '--warmup_iters=1')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert weights.load_checkpoint(tmp_path / 'pre')['model_args']['sandwich_norm']
+
+
+def test_bench_knows_the_published_shapes():
+    import runpy
+    from conftest import ROOT
+    shapes = runpy.run_path(str(ROOT / 'bench.py'), run_name='bench')['SHAPES']
+    with torch.device('meta'):  # the published parameter counts: 268M and 1,000M
+        assert GPT(shapes['gemma-3-270m']).get_num_params() == 268_098_176
+        assert GPT(shapes['gemma-3-1b']).get_num_params() == 999_885_952
+    cache = KVCache(shapes['gemma-3-270m'], 1, 'meta', torch.bfloat16, length=4096)
+    kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert kv_bytes == (3 * 4096 + 15 * 512) * 2 * 256 * 2  # 3 global layers whole, 15 local ones their 512
