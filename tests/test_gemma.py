@@ -171,7 +171,7 @@ def test_a_multimodal_checkpoints_text_model_loads_without_its_vision_tower(tmp_
 
 
 def test_by_name_downloaded_with_the_token_and_gated_without(server, tmp_path, monkeypatch):
-    for f in (FIXTURES / 'tiny-gemma3-270m').iterdir():
+    for f in [*(FIXTURES / 'tiny-gemma3-270m').iterdir(), FIXTURES / 'tokenizers' / 'gemma3' / 'tokenizer.json']:
         server.routes[f'/google/gemma-3-270m-it/resolve/main/{f.name}'] = f.read_bytes()
     server.status['/google/gemma-3-1b-pt/resolve/main/config.json'] = 401
     monkeypatch.setattr(weights, 'HF_ENDPOINT', server.url)
@@ -180,6 +180,9 @@ def test_by_name_downloaded_with_the_token_and_gated_without(server, tmp_path, m
     ids, expected = fixture('tiny-gemma3-270m', 'input_ids.npy', 'expected_logits.npy')
     assert (from_pretrained('gemma-3-270m-it', dtype=torch.float32).eval()(ids)[0] - expected).abs().max() <= 1e-4
     assert set(server.authorizations) == {'Bearer hf_secret'}
+    from tokenizer import get_tokenizer
+    assert get_tokenizer('gemma-3-270m-it').encode('<start_of_turn>user') == get_tokenizer(
+        FIXTURES / 'tokenizers' / 'gemma3').encode('<start_of_turn>user')
     monkeypatch.delenv('HF_TOKEN')
     with pytest.raises(OSError, match='google/gemma-3-1b-pt is gated: accept its license on the hub, then set HF_TOK'):
         from_pretrained('gemma-3-1b')
@@ -262,3 +265,19 @@ def test_bench_knows_the_published_shapes():
     cache = KVCache(shapes['gemma-3-270m'], 1, 'meta', torch.bfloat16, length=4096)
     kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert kv_bytes == (3 * 4096 + 15 * 512) * 2 * 256 * 2  # 3 global layers whole, 15 local ones their 512
+
+
+def test_a_vocabulary_past_65536_ids_makes_uint32_shards(tmp_path):
+    """Gemma 3's 262,144 tokens need uint32 shards: the fixture tokenizer with one added token at id 262,143."""
+    from prepare_data import read_shard
+    config = json.loads((FIXTURES / 'tokenizers' / 'gemma3' / 'tokenizer.json').read_text(encoding='utf-8'))
+    config['added_tokens'].append({'id': 262143, 'content': '<image_soft_token>', 'single_word': False,
+                                   'lstrip': False, 'rstrip': False, 'normalized': False, 'special': True})
+    (tmp_path / 'tok').mkdir()
+    (tmp_path / 'tok' / 'tokenizer.json').write_text(json.dumps(config), encoding='utf-8')
+    (tmp_path / 'text.txt').write_text('To be, or not to be <image_soft_token> that is the question.\n' * 50)
+    proc = run_here('prepare_data.py', f'--input={tmp_path / "text.txt"}', f'--tokenizer={tmp_path / "tok"}',
+                    f'--data_dir={tmp_path / "data"}')
+    assert proc.returncode == 0, proc.stderr
+    shard = read_shard(sorted((tmp_path / 'data').glob('*train*.bin'))[0])
+    assert shard.dtype == np.uint32 and 262143 in shard
