@@ -384,18 +384,18 @@ def gemma3_config(hf):
         if kind.get('rope_type', kind.get('type', 'default')) != 'default':
             raise ValueError(f"RoPE scaling {kind.get('rope_type', kind.get('type'))!r} is not supported in Gemma 3 "
                              "(only none: the 270M and 1B models')")
-    for key in ('final_logit_softcapping', 'attn_logit_softcapping', 'use_bidirectional_attention'):
+    for key in ('final_logit_softcapping', 'attn_logit_softcapping', 'use_bidirectional_attention', 'attention_bias'):
         if hf.get(key):
-            raise ValueError(f"{key} is not supported (Gemma 3 text models have none)")
+            raise ValueError(f"{key} is not supported (Gemma 3's published text models have none)")
     if hf.get('hidden_activation', 'gelu_pytorch_tanh') != 'gelu_pytorch_tanh':
         raise ValueError(f"hidden_activation {hf['hidden_activation']!r} is not supported (only gelu_pytorch_tanh)")
-    n_layer, pattern = hf['num_hidden_layers'], hf.get('sliding_window_pattern', 6)
+    n_layer, pattern = hf['num_hidden_layers'], hf.get('sliding_window_pattern', hf.get('_sliding_window_pattern', 6))
     layer_types = hf.get('layer_types') or ['full_attention' if (i + 1) % pattern == 0 else 'sliding_attention'
                                             for i in range(n_layer)]
     return GPTConfig(
         block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'], n_layer=n_layer,
         n_head=hf['num_attention_heads'], n_embd=hf['hidden_size'], n_kv_head=hf['num_key_value_heads'],
-        head_dim=hf.get('head_dim', 256), bias=False, qkv_bias=bool(hf.get('attention_bias')), qk_norm=True,
+        head_dim=hf.get('head_dim', 256), bias=False, qk_norm=True,
         norm='rmsnorm_plus_one', norm_eps=hf.get('rms_norm_eps', 1e-6), pos_emb='rope',
         rope_theta=global_rope.get('rope_theta', hf.get('rope_theta', 1e6)),
         rope_local_theta=local_rope.get('rope_theta', hf.get('rope_local_base_freq', 1e4)),
@@ -611,8 +611,8 @@ def save_pretrained(model, folder, tokenizer_json=None):
 
 def save_llama(model, folder):
     cfg = model.config
-    gemma = (cfg.norm, cfg.mlp, cfg.sandwich_norm, cfg.scale_embeddings, cfg.qk_norm, cfg.bias, cfg.rope_scaling) \
-        == ('rmsnorm_plus_one', 'geglu', True, True, True, False, None)
+    gemma = (cfg.norm, cfg.mlp, cfg.sandwich_norm, cfg.scale_embeddings, cfg.qk_norm, cfg.bias or cfg.qkv_bias,
+             cfg.rope_scaling) == ('rmsnorm_plus_one', 'geglu', True, True, True, False, None)
     llama = (cfg.norm, cfg.mlp, cfg.sandwich_norm, cfg.scale_embeddings, cfg.query_pre_attn_scalar, cfg.layer_types,
              cfg.rope_local_theta) == ('rmsnorm', 'swiglu', False, False, 0.0, None, 0.0)
     if not (gemma or llama):
@@ -643,7 +643,7 @@ def save_llama(model, folder):
     if gemma:  # the hub's keys for Gemma 3 (gemma-3-270m's config.json)
         for key in ('hidden_act', 'mlp_bias', 'use_sliding_window'):
             del hf[key]
-        hf.update(hidden_activation='gelu_pytorch_tanh', attention_bias=cfg.qkv_bias,
+        hf.update(hidden_activation='gelu_pytorch_tanh', attention_bias=False,
                   query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim, sliding_window=cfg.sliding_window,
                   layer_types=cfg.layer_types or ['full_attention'] * cfg.n_layer,
                   rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta, final_logit_softcapping=None,

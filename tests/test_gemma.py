@@ -198,7 +198,8 @@ def test_bad_gemma_configs_are_one_line_errors(tmp_path):
     cases = {folder('chunked', layer_types=layers): "layer_types must list full_attention or sliding_attention for "
                                                     "each of the 6 layers, not 'chunked_attention'",
              folder('short', layer_types=layers[:3]): 'for each of the 6 layers',
-             folder('softcap', final_logit_softcapping=30.0): 'final_logit_softcapping is not supported'}
+             folder('softcap', final_logit_softcapping=30.0): 'final_logit_softcapping is not supported',
+             folder('bias', attention_bias=True): 'attention_bias is not supported'}
     for path, needle in cases.items():
         assert_one_line_error(run_here('sample.py', f'--init_from={path}', '--max_new_tokens=2'), needle)
 
@@ -250,7 +251,8 @@ def test_chat_instruction_tuning_training_and_data_with_a_gemma_model(tmp_path):
     assert meta['vocab_size'] == 1024 and meta['eot_id'] == 1
     proc = run_script('train.py', f'--init_from={tmp_path / "m"}', f'--data_dir={tmp_path / "data"}',
                       f'--out_dir={tmp_path / "pre"}', '--block_size=64', '--batch_size=2', '--max_iters=2',
-                      '--eval_interval=2', '--eval_iters=1', '--log_interval=1', '--sample_tokens=4', '--warmup_iters=1')
+                      '--eval_interval=2', '--eval_iters=1', '--log_interval=1', '--sample_tokens=4',
+                      '--warmup_iters=1')
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert weights.load_checkpoint(tmp_path / 'pre')['model_args']['sandwich_norm']
 
