@@ -220,7 +220,9 @@ def make_gemma_folder(folder):
     return model, tok
 
 
-def test_chat_instruction_tuning_training_and_data_with_a_gemma_model(tmp_path):
+def test_every_script_with_a_gemma_model(tmp_path):
+    """sample.py --chat (the gemma format, found from the tokenizer), SFT with LoRA, classification with LoRA, int4
+    sampling, prepare_data.py and train.py --init_from on a Gemma-shaped model with the Gemma-style tokenizer."""
     import subprocess
     import sys
     from conftest import ROOT, run_script
@@ -243,6 +245,14 @@ def test_chat_instruction_tuning_training_and_data_with_a_gemma_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     ckpt = weights.load_checkpoint(out)
     assert ckpt['prompt_style'] == 'gemma' and ckpt['model_args']['layer_types'][2] == 'full_attention'
+    from test_finetune_classify import synthetic
+    proc = run_here('finetune_classify.py', f'--data={synthetic(tmp_path / "syn.tsv", n=40)}', '--trainable=lora',
+                    f'--init_from={tmp_path / "m"}', f'--out_dir={tmp_path / "cls"}', '--max_iters=3', '--batch_size=4',
+                    '--eval_interval=100', '--eval_iters=1', '--num_epochs=1')
+    assert proc.returncode == 0 and (tmp_path / 'cls' / 'classifier.pt').is_file(), proc.stderr
+    proc = run_here('sample.py', f'--init_from={tmp_path / "m"}', '--quantize=int4', '--dtype=bfloat16', '--start=To be',
+                    '--max_new_tokens=8', '--num_samples=1', '--temperature=0')
+    assert proc.returncode == 0 and proc.stdout.startswith('To be'), proc.stderr
     (tmp_path / 'text.txt').write_text((ROOT.parent / 'shared' / 'data' / 'the-verdict.txt').read_text()[:20_000])
     proc = run_here('prepare_data.py', f'--input={tmp_path / "text.txt"}', f'--tokenizer={tmp_path / "m"}',
                     f'--data_dir={tmp_path / "data"}')
