@@ -26,7 +26,7 @@ from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory), generate (tokens/s with and without the KV cache) or optimizer
 init_from = 'scratch'  # 'scratch' (random weights in the shape below) or a GPT-2 size / HF-layout folder
-shape = ''  # generate: a published model's shape with random weights instead (qwen3-0.6b, llama-3.2-1b, smollm2-135m)
+shape = ''  # generate: a published model's shape with random weights instead (qwen3-0.6b, gemma-3-270m, ...)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -194,6 +194,12 @@ SHAPES = {  # the published configs (random weights here): what a token costs at
     'smollm2-135m': GPTConfig(vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                               mlp_hidden=1536, rope_theta=100000.0, **LLAMA),
 }
+GEMMA3 = dict(vocab_size=262144, block_size=32768, n_head=4, n_kv_head=1, head_dim=256, qk_norm=True, norm_eps=1e-6,
+              bias=False, norm='rmsnorm_plus_one', pos_emb='rope', mlp='geglu', rope_theta=1e6, rope_local_theta=1e4,
+              sliding_window=512, sandwich_norm=True, scale_embeddings=True, query_pre_attn_scalar=256)
+for name, n_layer, n_embd, mlp_hidden in (('gemma-3-270m', 18, 640, 2048), ('gemma-3-1b', 26, 1152, 6912)):
+    layer_types = ['full_attention' if i % 6 == 5 else 'sliding_attention' for i in range(n_layer)]
+    SHAPES[name] = GPTConfig(n_layer=n_layer, n_embd=n_embd, mlp_hidden=mlp_hidden, layer_types=layer_types, **GEMMA3)
 
 
 def random_model(config, dtype):
@@ -201,8 +207,9 @@ def random_model(config, dtype):
     model = empty_model(config, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            norm = p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight'))
-            p.fill_(1.0) if norm else p.normal_(0, 0.02)
+            norm = p.dim() == 1 and 'norm' in name or name.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight',
+                                                                      '_out.weight'))
+            p.fill_(0.0 if config.norm == 'rmsnorm_plus_one' else 1.0) if norm else p.normal_(0, 0.02)  # scale 1
     return model
 
 

@@ -21,7 +21,7 @@ import torch
 
 from configurator import configure, die
 from model import merged_state_dict, rope_frequencies
-from weights import atomic_write, load_pretrained, save_json, save_pretrained, save_text
+from weights import atomic_write, hf_family, load_pretrained, save_json, save_pretrained, save_text
 from tokenizer import (ALPACA_OPENING, CHAT_FORMATS, GPT2_PATTERN, GPT4_PATTERN, PROMPT_STYLES, ROLES, chat_style_of,
                        get_tokenizer, response_end_id, split_pattern, tokenizer_json)
 
@@ -49,6 +49,10 @@ def jinja_template(style):
     start, turns, header = template_parts(style)
     opening = (f"{{% if not messages or messages[0]['role'] != 'system' %}}{{{{ {q(ALPACA_OPENING)} }}}}{{% endif %}}"
                if style == 'alpaca' else '')
+    if style == 'gemma':  # a system message opens the first user turn
+        opening = ("{% if messages|length > 1 and messages[0]['role'] == 'system' and messages[1]['role'] == 'user' %}"
+                   "{% set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + "
+                   "messages[1]['content']}] + messages[2:] %}{% endif %}")
     body = ''.join(f"{{% {'if' if i == 0 else 'elif'} message['role'] == {q(role)} %}}"
                    f"{{{{ {q(turns[role][0])} + message['content'] + {q(turns[role][1])} }}}}"
                    for i, role in enumerate(ROLES))
@@ -65,7 +69,14 @@ def ollama_template(style):
     body = ''.join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role {q(role)} }}}}'
                    f'{{{{ {q(turns[role][0])} }}}}{{{{ .Content }}}}{{{{ {q(turns[role][1])} }}}}'
                    for i, role in enumerate(ROLES))
-    return (f'{{{{ {q(start)} }}}}{opening}{{{{ range .Messages }}}}{body}{{{{ end }}}}{{{{ end }}}}'
+    if style == 'gemma':  # a system message, then a user message: one user turn
+        folded = ('and (eq (index $.Messages 0).Role "system") (gt (len $.Messages) 1) '
+                  '(eq (index $.Messages 1).Role "user")')
+        body = (f'{{{{ if and (eq $i 0) ({folded}) }}}}{{{{ {q(turns["user"][0])} }}}}{{{{ .Content }}}}'
+                '{{ "\\n\\n" }}'
+                f'{{{{ else if and (eq $i 1) ({folded}) }}}}{{{{ .Content }}}}{{{{ {q(turns["user"][1])} }}}}'
+                f'{{{{ else }}}}{body}{{{{ end }}}}')
+    return (f'{{{{ {q(start)} }}}}{opening}{{{{ range $i, $m := .Messages }}}}{body}{{{{ end }}}}{{{{ end }}}}'
             f'{{{{ {q(header)} }}}}')
 
 
@@ -124,18 +135,14 @@ LLAMA_CPP_PRE = [
 
 
 def gguf_family(config):
-    """llama.cpp's architecture for this model, or ValueError for a mix of parts none of them has."""
-    if config.pos_emb == 'learned' and config.norm == 'layernorm' and config.mlp == 'gelu':
-        if config.n_kv_head != config.n_head or config.qk_norm or config.head_dim * config.n_head != config.n_embd:
-            raise ValueError("GGUF's gpt2 architecture has no grouped-query attention, QK-norm or other head size")
-        return 'gpt2'
-    if config.pos_emb == 'rope' and config.norm == 'rmsnorm' and config.mlp == 'swiglu':
-        family = 'qwen3' if config.qk_norm else 'qwen2' if config.qkv_bias and not config.bias else 'llama'
-        if family != 'llama' and config.rope_scaling:
-            raise ValueError(f"GGUF's {family} architecture has no Llama 3 RoPE scaling")
-        return family
-    raise ValueError(f"this model mixes GPT-2's and Llama's parts (positions {config.pos_emb}, {config.norm}, "
-                     f"{config.mlp}): no GGUF architecture holds it; export it as a Hugging Face folder instead")
+    """llama.cpp's architecture for this model (its Hugging Face family's name), or ValueError."""
+    family = hf_family(config)  # gpt2, llama, qwen2, qwen3 or gemma3_text; or ValueError for a mix of parts
+    if family == 'gemma3_text':
+        raise ValueError("Gemma 3 is not written as GGUF here: export it as a Hugging Face folder, which llama.cpp's "
+                         "convert_hf_to_gguf.py reads")
+    if family != 'llama' and config.rope_scaling:
+        raise ValueError(f"GGUF's {family} architecture has no Llama 3 RoPE scaling")
+    return family
 
 
 def gguf_vocabulary(tokenizer, n_vocab):

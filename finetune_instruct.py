@@ -30,7 +30,7 @@ method = 'sft'  # sft: supervised instruction tuning (7.2-7.6); dpo: preference 
 # data
 data = ''  # a JSON list (or JSONL) of {instruction, input, output} (+ chosen, rejected for dpo); '' = the book's file
 data_dir = 'data/instruct'  # where the book's file is downloaded to
-prompt_style = 'alpaca'  # alpaca (the book's), phi3 (exercise 7.1), llama3 or chatml (Qwen, SmolLM2's chat)
+prompt_style = 'alpaca'  # alpaca (the book's), phi3 (exercise 7.1), llama3, chatml (Qwen, SmolLM2) or gemma
 allowed_max_length = 1024  # truncate longer examples (tokens)
 mask_inputs = False  # also mask the prompt from the loss: learn only the responses (exercise 7.2)
 # model

@@ -1,13 +1,9 @@
-"""
-The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus).
-GPT-2 exactly: learned token + position embeddings, pre-LayerNorm blocks, one fused qkv
-projection, flash/SDPA causal attention, tanh-GELU MLP, output head tied to the token
-embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) is the same class with other
-GPTConfig fields: RMSNorm, rotary positions, SwiGLU, grouped-query attention. Plus what a real
-user needs: KV-cache generation, LoRA, Muon. Files (our checkpoints, published GPT-2 and Llama
-weights, downloads) are weights.py's job; it imports this file, never the other way round.
-Imports only torch and the standard library.
-"""
+"""The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus). GPT-2 exactly: learned
+token + position embeddings, pre-LayerNorm blocks, one fused qkv projection, flash/SDPA causal attention, tanh-GELU MLP,
+output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) and Gemma 3 are the same
+class with other GPTConfig fields: RMSNorm, rotary positions, SwiGLU/GeGLU, grouped-query and sliding-window attention.
+Plus KV-cache generation, LoRA, Muon. Files (checkpoints, published weights, downloads) are weights.py's job; it imports
+this file, never the other way round. Imports only torch and the standard library."""
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +22,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
-    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64)
-    # makes the head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are cut off,
-    # never sampled or scored
+    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64) makes the
+    # head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are never sampled or scored
     # --- what turns GPT-2 into the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2); the defaults are GPT-2's
     norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias)
     norm_eps: float = 1e-5
@@ -43,11 +38,25 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
     qkv_bias: bool = False  # biases on the q/k/v projection even without `bias` (Qwen2.5)
     tie_embeddings: bool = True  # the head shares the token embedding's weights (GPT-2, Llama 3.2 1B, Qwen3-0.6B)
+    # --- Gemma 3 (270M, 1B): norm='rmsnorm_plus_one', mlp='geglu', qk_norm, and these
+    layer_types: list = None  # each layer's: full_attention | sliding_attention (its last sliding_window tokens)
+    sliding_window: int = 0
+    rope_local_theta: float = 0.0  # the sliding layers' RoPE base (Gemma 3: 10,000 beside 1,000,000); 0 = rope_theta
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too, before each joins the residual
+    scale_embeddings: bool = False  # token embeddings times sqrt(n_embd)
+    query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0 = head_dim
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
+        kinds = set(self.layer_types or ()) - {'full_attention', 'sliding_attention'}
+        if kinds or len(self.layer_types or range(self.n_layer)) != self.n_layer:
+            raise ValueError(f"layer_types must list full_attention or sliding_attention for each of the "
+                             f"{self.n_layer} layers{f', not {sorted(kinds)[0]!r}' if kinds else ''}")
+
+    def window(self, i):  # how many of the latest tokens layer i attends to: its sliding window, or 0 (all of them)
+        return self.sliding_window if self.layer_types and self.layer_types[i] == 'sliding_attention' else 0
 
 
 FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
@@ -60,18 +69,27 @@ PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
 }
 
 
+class RMSNormPlusOne(nn.RMSNorm):
+    """Gemma's RMSNorm: in float32, scaled by (1 + weight), so its weights are stored as offsets from 1."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return (F.rms_norm(x.float(), self.normalized_shape, eps=self.eps) * (1 + self.weight.float())).type_as(x)
+
+
 def make_norm(config, dim):
-    if config.norm == 'rmsnorm':
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+    if config.norm in ('rmsnorm', 'rmsnorm_plus_one'):
+        return (RMSNormPlusOne if config.norm == 'rmsnorm_plus_one' else nn.RMSNorm)(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_frequencies(config):
-    """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i].
-    Llama 3 stretches the long wavelengths by `factor` (so the model reaches past the context it
-    was pretrained with), keeps the short ones, and blends those in between."""
+def rope_frequencies(config, theta=None):
+    """RoPE's inverse wavelengths (head_dim // 2,): pair i of each head turns by pos * inv_freq[i]. Llama 3 stretches
+    the long wavelengths by `factor` (reaching past its pretraining context), keeps the short, blends those between."""
     d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / (theta or config.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     sc = config.rope_scaling
     if sc:
         old_context = sc['original_max_position_embeddings']
@@ -85,21 +103,18 @@ def rope_frequencies(config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) turns by the angle of its
-    position (the Hugging Face "half split" layout, which the published weights expect)."""
+    """Rotate (B, nh, T, hs) queries or keys: pair (x[i], x[i + hs/2]) by its position's angle (HF's half split)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def one_query_attention(q, k, v, mask=None):
-    """Attention of one new token to S cached keys, in plain matmuls: on a CPU in bfloat16 PyTorch's SDPA kernel
-    costs ten times as much a key at one query (RESULTS.md), though below ~64 keys its fixed cost is the smaller.
-    q (B, nh, 1, hs), k and v (B, n_kv_head, S, hs), mask None or a bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
+def one_query_attention(q, k, v, mask=None, scale=None):
+    """One new token's attention to S cached keys in plain matmuls (on a CPU in bf16 SDPA costs 10x a key past ~64 keys,
+    RESULTS.md). q (B, nh, 1, hs), k, v (B, n_kv_head, S, hs), mask None or bool (B or 1, 1, 1, S) -> (B, nh, 1, hs)."""
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
-    rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * hs ** -0.5
-    # keys times queries, then turned: the cached keys are a slice of the cache's buffer, which rows @ k^T would
-    # first copy whole
+    rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * (scale or hs ** -0.5)
+    # keys times queries, then turned: rows @ k^T would first copy the cached keys (a slice of the cache) whole
     scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float('-inf'))
@@ -113,13 +128,13 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
-        # q, k and v in one matmul
-        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.sizes), bias=config.bias or config.qkv_bias)  # q, k, v at once
         self.c_proj = nn.Linear(self.sizes[0], config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.q_norm, self.k_norm = make_norm(config, self.head_dim), make_norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
+        self.window = config.window(layer_idx)  # 0: attends to the whole context; else to its last `window` tokens
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # None: SDPA's
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
@@ -137,25 +152,24 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, slot)  # (B, n_kv_head, S, hs): the cached keys and values too
-        dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head  # each group of query heads reads one key/value head
-        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the
-        # mask says which keys each query sees (a chunk after a cached prefix, padding, the static cache)
+        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the mask says which
+        # keys each query sees (a chunk after a cached prefix, padding, the static cache, a window)
         if T == 1 and not self.training and q.device.type == 'cpu' and q.dtype != torch.float32 and k.size(2) > 64:
-            y = one_query_attention(q, k, v, mask)  # decoding on a CPU in bf16/fp16: SDPA's kernel is slow there
+            y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA is slow there
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=mask is None and T > 1, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout * self.training,
+                                               is_causal=mask is None and T > 1, scale=self.scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)  # a group of heads reads one
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU)
+class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU, Gemma's GeGLU)
 
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == 'swiglu'
-        width = config.mlp_hidden * (2 if self.swiglu else 1)  # SwiGLU: gate and up in one matmul
+        self.gated, self.swiglu = config.mlp in ('swiglu', 'geglu'), config.mlp == 'swiglu'
+        width = config.mlp_hidden * (2 if self.gated else 1)  # SwiGLU, GeGLU: gate and up in one matmul
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh')  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
@@ -163,12 +177,10 @@ class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = self.gelu(h)
-        return self.dropout(self.c_proj(h))
+            return self.dropout(self.c_proj((F.silu(gate) if self.swiglu else self.gelu(gate)) * up))
+        return self.dropout(self.c_proj(self.gelu(h)))
 
 
 class Block(nn.Module):  # ch04: the transformer block, pre-norm
@@ -179,80 +191,101 @@ class Block(nn.Module):  # ch04: the transformer block, pre-norm
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        # Gemma's sandwich: each sublayer's output normed too before it joins the residual stream
+        self.ln_attn_out, self.ln_mlp_out = (make_norm(config, config.n_embd) if config.sandwich_norm
+                                             else nn.Identity() for _ in range(2))
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask, slot)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        x = x + self.ln_attn_out(self.attn(self.ln_1(x), rope, kv_cache, mask, slot))
+        return x + self.ln_mlp_out(self.mlp(self.ln_2(x)))
+
+
+def attention_mask(query_slots, key_slots, window=0, pads=None):
+    """Which keys (slots (S,) or (1, S); < 0: empty) each query (slots (1, T)) sees, a bool (1 or B, 1, T, S): those at
+    or before it, in its last `window` if one, no padding (pads (B, 1, 1); a padding query sees itself: no NaN row)."""
+    q, k = query_slots[..., None], key_slots[..., None, :]
+    sees = (k <= q) & (k >= 0)
+    if window:
+        sees = sees & (k > q - window)
+    if pads is not None:
+        sees = sees & ((k >= pads) | (k == q))
+    return sees[:, None]
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, so that each new token
-    costs one position of work instead of the whole sequence (the book's ch04 bonus KV cache:
-    keys and values appended per layer, read back with the new ones). Allocated once, for `length`
-    slots, in the dtype the attention computes in; a fixed shape, so a compiled decoding step is
-    one graph. Under grouped-query attention it holds the n_kv_head shared heads, not copies per
-    query head (Llama 3.2 1B: 4x smaller).
-    padding: (B,) how many left-padding tokens open each row of the text (prompts of different
-    lengths in one batch), None when no row is padded. Padding is never attended to, and a row's
-    positions count from its first real token, so each row reads as it would alone.
+    """Keys and values of the tokens seen so far, for every layer, so that each new token costs one position of work
+    (the book's ch04 bonus KV cache). Allocated once, `length` slots in attention's dtype: a fixed shape, so a compiled
+    step is one graph. It holds the n_kv_head shared heads, and a sliding-window layer (Gemma 3's local ones) only its
+    window, in a ring: slot s at s % window. padding: (B,) left-padding tokens opening each row (prompts of different
+    lengths), or None: never attended to, positions counted from a row's first token, so each row reads as alone.
     Its fields are written here and by GPT only; callers ask: restart, truncate."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
-        shape = (batch_size, config.n_kv_head, self.length, config.head_dim)
-        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor
-        # would be copied whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        windows = [config.window(i) for i in range(config.n_layer)]
+        self.ring = config.sliding_window if any(0 < w < self.length for w in windows) else 0
+        self.in_ring = [w > 0 and self.ring > 0 for w in windows]
+        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor would be copied
+        # whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
+        self.k = [torch.zeros(batch_size, config.n_kv_head, self.ring if ring else self.length, config.head_dim,
+                              device=device, dtype=dtype) for ring in self.in_ring]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.padding = padding
         # the compiled step's write slot, one tensor refilled each step: a Python int would recompile per step
         self.step_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.restart(0)
 
     def update(self, layer_idx, k, v, slot=None):
-        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots and return
-        all of its so far (B, n_kv_head, filled+T, hs); in the compiled one-token step, write them at
-        the tensor `slot` and return every slot (the mask hides the empty ones)."""
+        """Store (B, n_kv_head, T, hs) new keys/values of one layer after the `filled` slots, return all so far (a ring:
+        what it held, then the new); the compiled step: write at the tensor `slot`, return every slot (masked)."""
+        K, V = self.k[layer_idx], self.v[layer_idx]
         if slot is not None:
-            self.k[layer_idx].index_copy_(2, slot, k)
-            self.v[layer_idx].index_copy_(2, slot, v)
-            return self.k[layer_idx], self.v[layer_idx]
+            K.index_copy_(2, slot % K.size(2), k)  # a ring's place for the slot, else the slot itself
+            V.index_copy_(2, slot % K.size(2), v)
+            return K, V
         end = self.filled + k.size(2)
-        self.k[layer_idx][:, :, self.filled:end] = k
-        self.v[layer_idx][:, :, self.filled:end] = v
-        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+        if not self.in_ring[layer_idx]:
+            K[:, :, self.filled:end], V[:, :, self.filled:end] = k, v
+            return K[:, :, :end], V[:, :, :end]
+        keys, values = (torch.cat((K, k), dim=2), torch.cat((V, v), dim=2)) if self.filled else (k, v)
+        n = min(k.size(2), self.ring)  # the ring keeps the last `ring` of them
+        where = torch.arange(end - n, end, device=k.device) % self.ring
+        K.index_copy_(2, where, k[:, :, -n:])
+        V.index_copy_(2, where, v[:, :, -n:])
+        return keys, values
 
     def positions_and_mask(self, T, slot=None):
-        """For T new tokens: their positions in the text (1 or B, T), and which slots each may attend
-        to, a bool mask (1 or B, 1, T, slots), or None where plain causal attention is exact (SDPA's fast path)."""
+        """For T new tokens: their positions (1 or B, T), and the slots each may attend to in the full layers and in the
+        ring's, bool masks (1 or B, 1, T, slots), each None where plain causal attention is exact (SDPA's fast path)."""
         device = self.k[0].device
+        pads = None if self.padding is None else self.window_padding[:, None, None]  # (B, 1, 1)
         if slot is not None:  # one token at slot `slot`, every slot given to attention
             query_slots, key_slots = slot.view(1, 1), torch.arange(self.length, device=device)
         else:
             query_slots = torch.arange(self.filled, self.filled + T, device=device)[None]
             key_slots = torch.arange(self.filled + T, device=device)
-            if self.padding is None and (T == 1 or self.filled == 0):
-                return query_slots, None
-        sees = key_slots <= query_slots[..., None]  # causal: (1, T, S)
-        if self.padding is None:
-            return query_slots, sees[:, None]
-        pads = self.window_padding[:, None, None]  # (B, 1, 1)
-        # a padding query sees itself: no row of the mask is empty (a NaN)
-        sees = sees & ((key_slots >= pads) | (key_slots == query_slots[..., None]))
-        return (query_slots - pads[:, :, 0]).clamp(min=0), sees[:, None]
+        plain = slot is None and pads is None and (T == 1 or self.filled == 0)
+        mask = local = None if plain else attention_mask(query_slots, key_slots, 0, pads)
+        if self.ring:  # the slot each ring place holds: the latest one up to `last` with that remainder (< 0: none)
+            last = query_slots[:, :1] if slot is not None else self.filled - 1
+            held = last - (last - torch.arange(self.ring, device=device)) % self.ring
+            if slot is None:  # what the ring held (if anything), then the new keys
+                held = torch.cat((held, query_slots[0])) if self.filled else query_slots[0]
+            plain = slot is None and pads is None and self.filled == 0 and T <= self.ring
+            local = None if plain else attention_mask(query_slots, held, self.ring, pads)
+        positions = query_slots if pads is None else (query_slots - pads[:, :, 0]).clamp(min=0)
+        return positions, mask, local
 
     def restart(self, offset=0):
         """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
         self.filled = 0  # how many slots hold a token
         self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
-        # the padding left in the window, as a tensor: a compiled step reading the int offset would
-        # recompile at every slide
+        # the padding left in the window, as a tensor: a compiled step reading the int offset would recompile per slide
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
     def truncate(self, n):
-        """Keep only the first n filled slots: the next text shares just those tokens with the last."""
-        self.filled = min(self.filled, n)
+        """Keep the first n filled slots (what the next text shares); a ring that lost what they need starts again."""
+        self.filled = min(self.filled, n if not self.ring or n >= self.filled - 1 else 0)
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -271,9 +304,11 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
-            # on the model's device; not saved (persistent=False): they follow from the config
-            self.register_buffer('rope_cos', torch.empty(config.block_size, config.head_dim), persistent=False)
-            self.register_buffer('rope_sin', torch.empty(config.block_size, config.head_dim), persistent=False)
+            # on the model's device, not saved: they follow from the config (Gemma's sliding layers: another base)
+            self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']
+                                                           if config.rope_local_theta else [])
+            for name in self.rope_tables:
+                self.register_buffer(name, torch.empty(config.block_size, config.head_dim), persistent=False)
             self.init_rope()
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2 (saves 38.6M params at 124M)
@@ -285,13 +320,14 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     @torch.no_grad()
     def init_rope(self):
-        """Fill the RoPE tables (again after a meta-device build, which leaves buffers empty), computed in
-        float32 whatever the buffers' dtype."""
-        angles = torch.arange(self.config.block_size, dtype=torch.float32, device=self.rope_cos.device)[:, None] \
-            * rope_frequencies(self.config).to(self.rope_cos.device)[None, :]  # (block_size, hs / 2)
-        angles = torch.cat((angles, angles), dim=-1)  # the half-split layout: pair (i, i + hs/2) shares an angle
-        self.rope_cos.copy_(angles.cos())
-        self.rope_sin.copy_(angles.sin())
+        """Fill the RoPE tables in float32 (again after a meta-device build, which leaves buffers empty)."""
+        device = self.rope_cos.device
+        for cos, sin, theta in zip(self.rope_tables[::2], self.rope_tables[1::2], (None, self.config.rope_local_theta)):
+            angles = torch.arange(self.config.block_size, dtype=torch.float32, device=device)[:, None] \
+                * rope_frequencies(self.config, theta).to(device)[None, :]  # (block_size, hs / 2)
+            angles = torch.cat((angles, angles), dim=-1)  # the half-split layout: pair (i, i + hs/2) shares an angle
+            getattr(self, cos).copy_(angles.cos())
+            getattr(self, sin).copy_(angles.sin())
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -304,44 +340,48 @@ class GPT(nn.Module):  # ch04: the GPT model
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, kv_cache=None, slot=None):
-        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk, without the head).
-        With a kv_cache, idx continues what it holds, and it then holds idx too; with a slot (a tensor),
-        idx is one token written at that slot (the compiled decoding step)."""
+        """(B, T) token ids -> (B, T, n_embd) final-normed states (the trunk). With a kv_cache, idx continues what it
+        holds, and it then holds idx too; with a slot (a tensor), idx is one token written there (the compiled step)."""
         B, T = idx.size()
         filled = 0 if kv_cache is None or slot is not None else kv_cache.filled
         if filled + T > self.config.block_size:
             raise ValueError(f"sequence of {filled + T} tokens is longer than block_size {self.config.block_size}")
-        if kv_cache is None:
+        window = self.config.sliding_window
+        if kv_cache is None:  # causal (SDPA's own mask), and the sliding layers' window where T passes it
             pos, mask = torch.arange(T, device=idx.device)[None], None  # (1, T)
+            local_mask = attention_mask(pos, pos[0], window) if self.config.layer_types and 0 < window < T else None
         else:
-            pos, mask = kv_cache.positions_and_mask(T, slot)  # (1 or B, T)
+            pos, mask, local_mask = kv_cache.positions_and_mask(T, slot)  # (1 or B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        if self.config.scale_embeddings:  # (the factor rounded to x's dtype first, as Gemma's own code does)
+            x = x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
+        rope = local_rope = None
         if self.config.pos_emb == 'learned':
             x = x + self.transformer.wpe(pos)
         else:  # cos and sin of each position's angles, (1 or B, 1, T, hs): they broadcast over the heads
-            rope = (self.rope_cos[pos].to(x.dtype)[:, None], self.rope_sin[pos].to(x.dtype)[:, None])
+            tables = [getattr(self, name)[pos].to(x.dtype)[:, None] for name in self.rope_tables]
+            rope, local_rope = tables[:2], tables[-2:]
         x = self.transformer.drop(x)
         for block in self.transformer.h:
+            block_rope, block_mask = (local_rope, local_mask) if block.attn.window else (rope, mask)
             if self.grad_checkpoint and self.training:  # keep only each block's input; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, block_rope, None, block_mask, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache, mask, slot)
+                x = block(x, block_rope, kv_cache, block_mask, slot)
         if kv_cache is not None and slot is None:
             kv_cache.filled += T
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets
-        (B, T) where -100 marks positions to ignore, None without targets."""
+        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets (B, T) where -100 marks
+        positions to ignore, None without targets."""
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab_size)
         V = self.config.vocab_size
         if logits.size(-1) > V:  # padding: -inf gets softmax 0, so it is never scored and gets no gradient.
             with torch.no_grad():  # in place and outside autograd, so the (B, T, V) logits are never copied
                 logits[..., V:] = float('-inf')
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                                            ignore_index=-100)
         return logits[..., :V], loss  # with padding a view: use .reshape() rather than .view() on it
 
     def crop_block_size(self, block_size):
@@ -351,17 +391,16 @@ class GPT(nn.Module):  # ch04: the GPT model
         if self.config.pos_emb == 'learned':
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         else:
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+            for name in self.rope_tables:
+                setattr(self, name, getattr(self, name)[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on biases and norm gains; the
-        fused kernel on CUDA and CPU (one pass over all params, not a loop over tensors). optimizer='muon': Muon
-        for the blocks' 2-D weights, AdamW for the rest (embeddings and head, biases, gains), as modded-nanogpt
-        and nanochat. Muon's matrices decay too, the AdamW way (p *= 1 - lr * weight_decay, as Moonshot's "Muon
-        is Scalable"): at Muon's larger lr a real pull toward zero, which a run that reads its data several times
-        needs (RESULTS.md, "Weight decay"). Each group's 'lr_scale' is its lr relative to learning_rate, for the
-        schedule. muon_dtype: what Newton-Schulz computes in, bfloat16 where that is native, else float32."""
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, fused on CUDA and CPU (one pass over all
+        params). optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest, as modded-nanogpt and nanochat;
+        its matrices decay the AdamW way (p *= 1 - lr * weight_decay, Moonshot's "Muon is Scalable": a real pull toward
+        zero at Muon's lr, RESULTS.md "Weight decay"). 'lr_scale': a group's lr relative to learning_rate, for the
+        schedule. muon_dtype: Newton-Schulz's, bfloat16 where that is native, else float32."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -393,16 +432,12 @@ class GPT(nn.Module):  # ch04: the GPT model
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
-        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05
-        generate with a KV cache (the prompt is computed once, then one token per step).
-        temperature=0 is greedy. With eos_id, a row that has emitted it is padded with eos_id, and
-        generation stops once every row has. Within block_size the tokens equal use_cache=False's
-        (which recomputes the whole cropped sequence every step, as nanoGPT).
-        on_token(next_ids (B,)) is called after each step, e.g. to stream text.
-        kv_cache: a KVCache that already holds idx's first kv_cache.filled tokens (a chat's earlier
-        turns): only the rest is computed, and it is left holding the text for the next call.
-        padding: (B,) left-padding tokens in each row of idx (prompts of different lengths).
-        decode_step: torch.compile(model.decode_step) to run each one-token step as one fixed graph."""
+        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05 generate with a KV cache
+        (the prompt computed once, then a token per step). temperature=0 is greedy. With eos_id, a row that emitted it
+        is padded with it, and generation stops once every row has. Within block_size the tokens equal use_cache=False's
+        (the whole cropped sequence recomputed every step, as nanoGPT). on_token(next_ids (B,)): after each step.
+        kv_cache: a KVCache holding idx's first kv_cache.filled tokens (a chat's earlier turns), left holding the text.
+        padding: (B,) left-padding tokens in each row of idx. decode_step: torch.compile(model.decode_step)."""
         B, T = idx.shape
         cache = kv_cache
         if cache is None and (use_cache or padding is not None):
@@ -427,8 +462,8 @@ class GPT(nn.Module):  # ch04: the GPT model
             out[:, T + step] = next_id
             if on_token is not None:
                 on_token(next_id)
-            # whether every row is done needs the device to finish: ask every 8 tokens (or when the
-            # text is streamed, which waits for each token anyway)
+            # whether every row is done needs the device to finish: ask every 8 tokens (or when the text is streamed,
+            # which waits for each token anyway)
             if eos_id is not None and (on_token is not None or step % 8 == 7) and bool(done.all()):
                 return out[:, :T + step + 1]
         if cache is not None and cache.offset:  # the window slid: the cache no longer holds the text's start
@@ -442,9 +477,8 @@ class GPT(nn.Module):  # ch04: the GPT model
         return KVCache(self.config, batch_size, device, dtype, length, padding)
 
     def next_logits(self, text, cache, decode_step=None):
-        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache
-        lacks. When they do not fit, the window slides: the cache restarts from the last half of it (a
-        prompt longer than the cache: from its last cache.length tokens)."""
+        """(B, padded vocab) logits for the token after text (B, T), computing only the tokens the cache lacks; when
+        they do not fit, the window slides (the cache restarts from its last half; a long prompt: its last length)."""
         if text.size(1) - cache.offset > cache.length:
             keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
@@ -458,15 +492,14 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
 
     def decode_step(self, token, cache, slot):
-        """(B, 1) token -> (B, padded vocab) logits with every shape fixed: the cache is read whole and
-        written at `slot` (a tensor), so torch.compile makes one graph (CUDA graphs with
-        mode='reduce-overhead') that serves every step."""
+        """(B, 1) token -> (B, padded vocab) logits, every shape fixed: the cache is read whole and written at `slot` (a
+        tensor), so torch.compile makes one graph (CUDA graphs with mode='reduce-overhead') for every step."""
         return self.lm_head(self.hidden_states(token, cache, slot)[:, -1])
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf every logit outside the top_k largest and outside the nucleus: the
-    smallest set of most likely tokens whose probability reaches top_p. (..., vocab)"""
+    """Set to -inf every logit outside the top_k largest and outside the nucleus: the smallest set of most likely tokens
+    whose probability reaches top_p. (..., vocab)"""
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -481,8 +514,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, vocab) logits -> (B,) next token ids."""
-    if temperature == 0:
-        # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16
+    if temperature == 0:  # in float32, the same token: PyTorch's CPU argmax is vectorised there, not in bfloat16
         return logits.float().argmax(dim=-1)
     probs = F.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
@@ -491,8 +523,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # -------------------------------------------------------------------- batches of rows of different lengths
 
 def pad_rows(rows, pad_id, length=None, left=False):
-    """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded
-    with pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
+    """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded with
+    pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
     x = torch.full((len(rows), length or max(map(len, rows))), pad_id, dtype=torch.long)
     for i, row in enumerate(rows):
         start = x.size(1) - len(row) if left else 0
@@ -502,10 +534,9 @@ def pad_rows(rows, pad_id, length=None, left=False):
 
 @torch.no_grad()
 def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, generator=None):
-    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id
-    (kept as the row's last token; a row without it never ended). Prompts of different lengths are left-padded
-    (the padding is never attended to, and each row's positions start at its first token), so each row equals
-    its prompt's continuation alone. temperature=0 is greedy. Run it inside the caller's autocast."""
+    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id (kept as
+    its last token; a row without it never ended). Prompts are left-padded (never attended to, positions from each
+    row's first token), so each row equals its prompt's continuation alone. temperature=0 is greedy. Inside autocast."""
     device = model.lm_head.weight.device
     x = pad_rows(prompts, end_id, left=True).to(device)  # (B, longest)
     padding = torch.tensor([x.size(1) - len(ids) for ids in prompts], device=device)
@@ -518,8 +549,8 @@ def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, gene
 
 
 def token_logprobs(model, x, y, temperature=1.0):
-    """(log-probabilities of y's tokens (B, T), 0 where y is -100 (a prompt, the padding); that mask (B, T)) under
-    the distribution at `temperature` (GRPO scores its samples at the temperature they were drawn at)."""
+    """(log-probabilities of y's tokens (B, T), 0 where y is -100 (a prompt, the padding); that mask (B, T)) under the
+    distribution at `temperature` (GRPO scores its samples at the temperature they were drawn at)."""
     logits, _ = model(x)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     mask = y != -100
@@ -529,9 +560,8 @@ def token_logprobs(model, x, y, temperature=1.0):
 # -------------------------------------------------------------------- Muon
 
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
-    """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a
-    quintic Newton-Schulz iteration (coefficients from Keller Jordan's Muon), in bfloat16 as
-    Muon does where that is fast, else float32. G: (m, n), or a stack (k, m, n) done at once."""
+    """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a quintic Newton-Schulz iteration
+    (Keller Jordan's Muon coefficients), in bfloat16 where that is fast, else float32. G: (m, n), or (k, m, n)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (k, m, n), k = 1 for a single matrix
     tall = G.size(-2) > G.size(-1)
@@ -546,15 +576,11 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for
-    groups with use_muon, plain AdamW for the others, in one optimizer so that train.py's loop,
-    schedule, GradScaler and checkpoints treat it like AdamW.
-    Under DDP (torch.distributed initialized, every process holding every matrix whole, with the
-    same averaged gradients) each process orthogonalizes its share of the matrices and gathers
-    the others' updates (modded-nanogpt's way): every process applies the same update, and the
-    Newton-Schulz work is divided among them instead of repeated by each. The momentum buffers
-    are kept by every process (updating them is cheap), so any one's state_dict is the whole
-    state, and a checkpoint resumes on one process or many alike."""
+    """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for groups with use_muon,
+    plain AdamW for the others, in one optimizer that train.py treats as AdamW. Under DDP (every process holding every
+    matrix whole, the same averaged gradients) each orthogonalizes its share and gathers the others' (modded-nanogpt's
+    way): the Newton-Schulz work is divided, not repeated. Every process keeps all momentum buffers (cheap), so any
+    one's state_dict is the whole state, and a checkpoint resumes on one process or many alike."""
 
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
@@ -564,20 +590,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
         gathers = []  # other processes' updates, in flight while this one orthogonalizes the next shape
         for group in self.param_groups:
             params = [p for p in group['params'] if p.grad is not None]
-            if not params:
-                continue
-            if group['use_muon']:
+            if params and group['use_muon']:
                 gathers += self.muon_step(group, params)
-            else:
+            elif params:
                 self.adamw_step(group, params)
         for gather, params, updates, first, alpha in gathers:
             gather.wait()
             self.add_updates(params, updates, first, alpha)
 
     def muon_step(self, group, params):
-        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape: a model's blocks
-        share a few shapes, and a few large matmuls beat many small ones. Returns the gathers
-        launched (under DDP; on one process each shape's update is applied at once)."""
+        """Momentum (Nesterov), then one batched Newton-Schulz per weight shape (a few large matmuls beat many small).
+        Returns the gathers launched (under DDP; on one process each shape's update is applied at once)."""
         lr, momentum, dtype = group['lr'], group['momentum'], group.get('ns_dtype', torch.bfloat16)
         rank, world = self.share_of_work(params)
         for p in params:
@@ -590,8 +613,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             by_shape.setdefault(p.shape, []).append(p)
         gathers, first = [], 0
         for (rows, cols), same in by_shape.items():
-            # the matrices dealt round-robin, shape after shape, so that each process gets an even
-            # share of the whole (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
+            # the matrices dealt round-robin, shape after shape, so that each process gets an even share of the whole
+            # (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
             mine = same[(rank - first) % world::world]
             alpha = -lr * max(1.0, rows / cols) ** 0.5
             if world == 1:
@@ -621,9 +644,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def share_of_work(params):
-        """(rank, world size) of the processes that share the Newton-Schulz work: under DDP all of
-        them; (0, 1) on one process, and under FSDP, whose parameters are DTensor shards rather
-        than whole matrices (train.py refuses Muon there)."""
+        """(rank, world size) of the processes sharing the Newton-Schulz work: under DDP all; (0, 1) on one process
+        and under FSDP, whose parameters are DTensor shards, not whole matrices (train.py refuses Muon there)."""
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return 0, 1
@@ -633,8 +655,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return dist.get_rank(), dist.get_world_size()
 
     def adamw_step(self, group, params):
-        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is
-        one (one pass over all the group's tensors), else PyTorch's default for the device."""
+        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is one (one pass over
+        all the group's tensors), else PyTorch's default for the device."""
         from torch.optim.adamw import adamw
         fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
         for p in params:
@@ -654,10 +676,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 # -------------------------------------------------------------------- LoRA (appendix E)
 
 class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T.
-    A starts Kaiming-uniform and B at zero, so the model starts out unchanged. (The book's
-    LinearWithLoRA scales by alpha alone; alpha / rank, as in the LoRA paper, keeps the update's
-    size independent of the rank.) Keeps the Linear's parameter names, so state dicts match."""
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T. A starts Kaiming-
+    uniform, B at zero: the model starts unchanged. (The book's LinearWithLoRA scales by alpha; alpha / rank, as the
+    LoRA paper, keeps the update's size whatever the rank.) Keeps the Linear's parameter names: state dicts match."""
 
     def __init__(self, base, rank, alpha):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
@@ -680,9 +701,8 @@ class LoRALinear(nn.Linear):
 
 
 def swap_modules(model, wanted, make):
-    """Replace, in place, each submodule for which wanted(name, module) holds by make(module), and return model.
-    By name, one at a time: a list of the modules themselves would keep every replaced one alive to the end
-    (quantizing right after loading then costs little more memory than the loaded model)."""
+    """Replace, in place, each submodule for which wanted(name, module) holds by make(module); returns model. By name,
+    one at a time: a list of the modules would keep every replaced one alive (so quantizing after loading is cheap)."""
     for name in [name for name, m in model.named_modules() if name and wanted(name, m)]:
         parent, _, child = name.rpartition('.')
         parent = model.get_submodule(parent)
@@ -691,8 +711,7 @@ def swap_modules(model, wanted, make):
 
 
 def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
-    """Freeze every parameter and wrap the named Linear layers with LoRA adapters (the only
-    trainable parameters afterwards, until you unfreeze e.g. a new head). Returns model."""
+    """Freeze every parameter, wrap the named Linears with LoRA adapters (the only trainable ones). Returns model."""
     model.requires_grad_(False)
     return swap_modules(model, lambda name, m: name.rpartition('.')[2] in targets and type(m) is nn.Linear,
                         lambda linear: LoRALinear(linear, rank, alpha))
@@ -700,8 +719,7 @@ def apply_lora(model, rank, alpha, targets=('c_attn', 'c_proj', 'c_fc')):
 
 @contextmanager
 def lora_disabled(model):
-    """`with lora_disabled(model):` the model without its LoRA adapters, which is the model fine-tuning
-    started from: DPO's and GRPO's reference without a second copy of the weights."""
+    """`with lora_disabled(model):` the model fine-tuning started from (DPO's, GRPO's reference) without a copy."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in layers:
         m.lora_enabled = False
@@ -713,8 +731,7 @@ def lora_disabled(model):
 
 
 def merged_state_dict(model):
-    """The state dict with every LoRA update folded into its plain weight (no lora_* keys):
-    what a plain GPT loads."""
+    """The state dict with every LoRA update folded into its plain weight (no lora_* keys): what a plain GPT loads."""
     sd = model.state_dict()
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -728,9 +745,6 @@ def merge_lora(model):
     def plain_linear(lora):
         plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None,
                           device=lora.weight.device, dtype=lora.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(lora.merged_weight())
-            if lora.bias is not None:
-                plain.bias.copy_(lora.bias)
+        plain.load_state_dict({'weight': lora.merged_weight(), **({} if lora.bias is None else {'bias': lora.bias})})
         return plain.requires_grad_(lora.weight.requires_grad)
     return swap_modules(model, lambda name, m: isinstance(m, LoRALinear), plain_linear)

@@ -35,7 +35,7 @@ quantize = 'none'  # int8: int8 weights (quantize.py), half of bf16's bytes per 
 # (faster than int8 where the CPU has AVX-512, slower with AVX2 only: bench.py --quantize=int8,int4)
 use_cache = True  # KV cache; False recomputes the whole context every token (for comparison)
 chat = False  # a multi-turn terminal chat (instruction-tuned models): /reset forgets, /exit ends
-chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's: llama3, chatml), alpaca, phi3, llama3, chatml
+chat_style = 'auto'  # auto (the checkpoint's, else the tokenizer's), alpaca, phi3, llama3, chatml, gemma
 system = ''  # chat: a system message to open the conversation with
 chat_context = 8192  # chat: the longest conversation kept, in tokens (at most the model's block_size)
 serve = 0  # a port: serve an OpenAI-compatible API and a chat page there instead (serve.py; 0 = off)

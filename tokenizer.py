@@ -12,6 +12,7 @@ import base64
 import hashlib
 import heapq
 import json
+import math
 import re
 import sys
 import time
@@ -201,6 +202,130 @@ class JsonTokenizer:
         return self.enc.decode(ids, errors='replace')
 
 
+SPACE = '\u2581'  # "▁": how SentencePiece spells a space inside its tokens
+BYTE_TOKEN = re.compile(r'<0x([0-9A-F]{2})>')  # byte fallback's tokens, one per byte value
+
+
+class SentencePieceBPE:
+    """A SentencePiece-style BPE in Hugging Face's tokenizer.json (Gemma, Llama 2, Mistral): spaces spelled "▁", no
+    regex split, merges of characters in the order the file lists them, and byte fallback: a character outside the
+    vocabulary is spelled by its UTF-8 bytes' <0xNN> tokens. Read exactly, as the tokenizers library runs it, in plain
+    Python: the text is cut only where no token spans the cut (before a "▁" that no token has a character in front
+    of), and each distinct piece is merged once and remembered (tiktoken merges the pair with the lowest id, which
+    is not this model's order, and cannot start from characters)."""
+
+    def __init__(self, label, text, config):
+        digest = hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]
+        self.name = f"{label.removesuffix('-' + digest)}-{digest}"
+        self.spec = {'name': self.name, 'json': text}
+        model, vocab = config['model'], config['model'].get('vocab') or {}
+        self.vocab, self.ignore_merges = vocab, model.get('ignore_merges')
+        self.byte_ids = [vocab.get(f'<0x{b:02X}>') for b in range(256)]
+        if None in self.byte_ids:
+            raise ValueError(f"tokenizer {label}: byte_fallback without all 256 <0xNN> byte tokens")
+        self.merges = {}  # (left id, right id) -> (rank, id of the two joined)
+        for rank, merge in enumerate(model.get('merges') or []):
+            left, right = merge.split(' ') if isinstance(merge, str) else merge
+            if left not in vocab or right not in vocab or left + right not in vocab:
+                raise ValueError(f"tokenizer {label}: merge {rank} ({left} {right}) joins tokens it does not have")
+            self.merges[vocab[left], vocab[right]] = (rank, vocab[left + right])
+        added = config.get('added_tokens') or []
+        self.specials = {token['content']: token['id'] for token in added}
+        self.special_ids = {token['id'] for token in added if token.get('special', True)}
+        self.bytes_of = {id: bytes([int(BYTE_TOKEN.fullmatch(token)[1], 16)]) if BYTE_TOKEN.fullmatch(token)
+                         else token.replace(SPACE, ' ').encode('utf-8') for token, id in vocab.items()}
+        self.bytes_of.update({id: content.encode('utf-8') for content, id in self.specials.items()})
+        self.vocab_size = max(self.bytes_of) + 1
+        self.eot_id = next((self.specials.get(t, vocab.get(t)) for t in ('<eos>', '</s>', *END_OF_TEXT_TOKENS)
+                            if t in self.specials or t in vocab), None)
+        if self.eot_id is None:
+            raise ValueError(f"tokenizer {label}: it has no end-of-text token (<eos>, </s>)")
+        self.prepend = self.spaces(config, label)
+        self.strip = any(step.get('type') == 'Strip' and step.get('start') for step in steps_of(config.get('decoder'),
+                                                                                              'decoders'))
+        # a token with a character before a "▁" (not a "▁" itself) may span such a place: the text is cut at others
+        joined = {token[i - 1] for token in vocab for i in range(1, len(token)) if token[i] == SPACE != token[i - 1]}
+        self.cut = re.compile(f"(?<=[^{re.escape(''.join(sorted(joined | {SPACE})))}])(?={SPACE})")
+        self.specials_split = re.compile('(' + '|'.join(map(re.escape, sorted(self.specials, key=len, reverse=True)))
+                                         + ')') if self.specials else None
+        self.cache = {}
+
+    @staticmethod
+    def spaces(config, label):
+        """Where the "▁" that opens a text comes from: 'always' (Llama 2's Prepend normalizer, before each part
+        between special tokens), 'first' (Metaspace's, before the text's first part) or 'never' (Gemma); refuses the
+        rest."""
+        norms = [(step.get('type'), step.get('prepend'), (step.get('pattern') or {}).get('String'), step.get('content'))
+                 for step in steps_of(config.get('normalizer'), 'normalizers')]
+        pre = steps_of(config.get('pre_tokenizer'), 'pretokenizers')
+        replaced = ('Replace', None, ' ', SPACE) in norms
+        if norms in ([('Replace', None, ' ', SPACE)], [('Prepend', SPACE, None, None), ('Replace', None, ' ', SPACE)]):
+            if all(step.get('type') == 'Split' and step.get('pattern') == {'String': ' '} for step in pre):
+                return 'always' if len(norms) == 2 else 'never'
+        elif not norms and len(pre) == 1 and pre[0].get('type') == 'Metaspace' and not pre[0].get('split', True) \
+                and pre[0].get('replacement') == SPACE:
+            return pre[0].get('prepend_scheme', 'always')
+        raise ValueError(f"tokenizer {label}: a byte-fallback BPE whose normalizer / pre-tokenizer is not "
+                         f"{'Gemma' if replaced else 'Gemma, Llama 2 or Mistral'}'s (a space as \"▁\", no split)")
+
+    def encode_piece(self, piece):
+        """The tokens of one piece: its characters (or their bytes), then the listed merges, the earliest listed
+        first (leftmost first among equals), one at a time, as the tokenizers library's BPE."""
+        if self.ignore_merges and piece in self.vocab:
+            return [self.vocab[piece]]
+        ids = []
+        for char in piece:
+            if char in self.vocab:
+                ids.append(self.vocab[char])
+            else:
+                ids.extend(self.byte_ids[b] for b in char.encode('utf-8'))
+        while len(ids) > 1:
+            (rank, joined), i = min((self.merges.get(pair, (math.inf, 0)), i)
+                                    for i, pair in enumerate(zip(ids, ids[1:])))
+            if rank == math.inf:
+                break
+            ids[i:i + 2] = [joined]
+        return ids
+
+    def encode(self, text):
+        ids, parts = [], self.specials_split.split(text) if self.specials_split else [text]
+        for i, part in enumerate(parts):  # odd parts are special tokens
+            if i % 2:
+                ids.append(self.specials[part])
+                continue
+            if not part:
+                continue
+            part = (SPACE if self.prepend == 'always' or (self.prepend == 'first' and i == 0) else '') \
+                + part.replace(' ', SPACE)
+            for piece in self.cut.split(part):
+                if piece not in self.cache:
+                    if len(self.cache) > 100_000:
+                        self.cache.clear()
+                    self.cache[piece] = self.encode_piece(piece)
+                ids.extend(self.cache[piece])
+        return ids
+
+    def decode_bytes(self, ids):
+        text = b''.join(self.bytes_of[id] for id in ids)
+        return text[1:] if self.strip and text.startswith(b' ') else text  # Llama 2's decoder: Strip(1)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode('utf-8', errors='replace')
+
+
+def read_tokenizer_json(label, text):
+    """A tokenizer.json's tokenizer: a byte-level BPE (JsonTokenizer), or a SentencePiece-style one with byte
+    fallback (SentencePieceBPE)."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer {label}: not valid JSON ({e}); give a Hugging Face tokenizer.json") from None
+    model = config.get('model') if isinstance(config, dict) else None
+    if isinstance(model, dict) and model.get('type') == 'BPE' and model.get('byte_fallback'):
+        return SentencePieceBPE(label, text, config)
+    return JsonTokenizer(label, text)
+
+
 class GPT2Tokenizer(JsonTokenizer):
     """GPT-2's byte-pair encoding (book ch. 2.5): 50,257 tokens, the ranks from tiktoken's own files."""
     name = spec = 'gpt2'
@@ -300,7 +425,7 @@ def get_tokenizer(spec):
     if isinstance(spec, dict):
         if not isinstance(spec.get('name'), str) or not isinstance(spec.get('json'), str):
             raise ValueError("a tokenizer given as a dict needs {'name': str, 'json': tokenizer.json text}")
-        return JsonTokenizer(spec['name'], spec['json'])
+        return read_tokenizer_json(spec['name'], spec['json'])
     if spec == 'bytes':
         return ByteTokenizer()
     if spec == 'gpt2':
@@ -323,7 +448,7 @@ def get_tokenizer(spec):
     folder = path.parent.parent if path.parent.name == 'original' else path.parent
     label = folder.resolve().name or 'tokenizer'
     if path.suffix == '.json':
-        return JsonTokenizer(label, path.read_text(encoding='utf-8'))
+        return read_tokenizer_json(label, path.read_text(encoding='utf-8'))
     return JsonTokenizer(label, llama3_tokenizer_json(path))
 
 
@@ -419,7 +544,7 @@ def train_bpe(texts, vocab_size, pattern=GPT4_PATTERN, quiet=False):
 
 # -------------------------------------------------------------------- instruction prompts and chat formats (ch07)
 
-PROMPT_STYLES = ('alpaca', 'phi3', 'llama3', 'chatml')
+PROMPT_STYLES = ('alpaca', 'phi3', 'llama3', 'chatml', 'gemma')
 ALPACA_OPENING = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                   "the request.")
 ROLES = ('system', 'user', 'assistant')
@@ -434,10 +559,14 @@ CHAT_FORMATS = {  # style: (start of a conversation, each role's turn, the heade
                '<|start_header_id|>assistant<|end_header_id|>\n\n', '\n\n'),
     'chatml': ('', {role: f'<|im_start|>{role}\n{{}}<|im_end|>\n' for role in ROLES}, '<|im_start|>assistant\n',
                '\n\n'),
+    # Gemma 3's: the assistant is 'model', and a system message opens the first user turn (format_chat)
+    'gemma': ('<bos>', {'user': '<start_of_turn>user\n{}<end_of_turn>\n', 'assistant':
+                        '<start_of_turn>model\n{}<end_of_turn>\n', 'system': '<start_of_turn>user\n{}<end_of_turn>\n'},
+              '<start_of_turn>model\n', '\n\n'),
 }
 # what follows a response in training text (and stops generation): the book's templates end with the tokenizer's
 # end-of-text (this is its GPT-2 spelling; response_end_id gives any tokenizer's), the chat formats end the turn
-RESPONSE_END = {'alpaca': EOT, 'phi3': EOT, 'llama3': '<|eot_id|>', 'chatml': '<|im_end|>'}
+RESPONSE_END = {'alpaca': EOT, 'phi3': EOT, 'llama3': '<|eot_id|>', 'chatml': '<|im_end|>', 'gemma': '<end_of_turn>'}
 
 
 def check_style(style):
@@ -470,6 +599,9 @@ def format_chat(messages, style='alpaca'):
     start, turns, header, _ = CHAT_FORMATS[style]
     if style == 'alpaca' and (not messages or messages[0]['role'] != 'system'):
         start = ALPACA_OPENING
+    if style == 'gemma' and len(messages) > 1 and [m['role'] for m in messages[:2]] == ['system', 'user']:
+        messages = [{'role': 'user', 'content': messages[0]['content'] + '\n\n' + messages[1]['content']},
+                    *messages[2:]]
     return start + ''.join(turns[message['role']].format(message['content']) for message in messages) + header
 
 
@@ -499,9 +631,10 @@ def fit_chat(messages, tokenizer, style, room):
 
 def chat_style_of(tokenizer, prompt_style=None):
     """The chat format: the one a checkpoint was fine-tuned with, else the one its tokenizer has tokens for."""
-    specials = getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set', set())
+    specials = getattr(tokenizer, 'specials', None) or getattr(getattr(tokenizer, 'enc', None), 'special_tokens_set',
+                                                                set())
     return prompt_style or ('llama3' if '<|start_header_id|>' in specials else 'chatml' if '<|im_start|>' in specials
-                            else 'alpaca')
+                            else 'gemma' if '<start_of_turn>' in specials else 'alpaca')
 
 
 def response_end_id(tokenizer, style):
@@ -512,7 +645,7 @@ def response_end_id(tokenizer, style):
         return tokenizer.eot_id
     ids = tokenizer.encode(RESPONSE_END[style])
     if len(ids) != 1 or ids[0] not in tokenizer.special_ids:
-        family = 'Llama 3' if style == 'llama3' else 'Qwen or SmolLM2'
+        family = {'llama3': 'Llama 3', 'gemma': 'Gemma 3'}.get(style, 'Qwen or SmolLM2')
         raise ValueError(f"the {style} prompt style ends responses with {RESPONSE_END[style]}, which the "
                          f"{tokenizer.name} tokenizer has no token for; use {family}'s tokenizer, or alpaca or phi3")
     return ids[0]

@@ -300,6 +300,8 @@ ALIASES = {
     'qwen2.5-0.5b': 'Qwen/Qwen2.5-0.5B', 'qwen2.5-0.5b-instruct': 'Qwen/Qwen2.5-0.5B-Instruct',
     'smollm2-135m': 'HuggingFaceTB/SmolLM2-135M', 'smollm2-135m-instruct': 'HuggingFaceTB/SmolLM2-135M-Instruct',
     'smollm2-360m': 'HuggingFaceTB/SmolLM2-360M', 'smollm2-360m-instruct': 'HuggingFaceTB/SmolLM2-360M-Instruct',
+    'gemma-3-270m': 'google/gemma-3-270m', 'gemma-3-270m-it': 'google/gemma-3-270m-it',  # gated, as Llama's
+    'gemma-3-1b': 'google/gemma-3-1b-pt', 'gemma-3-1b-it': 'google/gemma-3-1b-it',
 }
 
 
@@ -355,21 +357,59 @@ HF_NAMES = {
     'mlp.c_proj.weight': ['mlp.down_proj.weight'],
     'mlp.c_proj.bias': ['mlp.down_proj.bias'],
 }
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+# Gemma 3 norms each sublayer's input and output: its post_attention_layernorm is our ln_attn_out, not ln_2
+GEMMA_NAMES = {**HF_NAMES, 'ln_2.weight': ['pre_feedforward_layernorm.weight'],
+               'ln_attn_out.weight': ['post_attention_layernorm.weight'],
+               'ln_mlp_out.weight': ['post_feedforward_layernorm.weight']}
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                 'gemma3_text': 'Gemma3ForCausalLM'}
 
 
-def hf_names(name):
-    """Our parameter name -> the hub's tensor names that make it up."""
+def hf_names(name, sandwich_norm=False):
+    """Our parameter name -> the hub's tensor names that make it up (Gemma's table for a sandwich-normed model)."""
+    table = GEMMA_NAMES if sandwich_norm else HF_NAMES
     if name.startswith('transformer.h.'):
         i, rest = name.removeprefix('transformer.h.').split('.', 1)
-        return [f'model.layers.{i}.{n}' for n in HF_NAMES[rest]]
-    return HF_NAMES[name]
+        return [f'model.layers.{i}.{n}' for n in table[rest]]
+    return table[name]
+
+
+def gemma3_config(hf):
+    """GPTConfig from a Gemma 3 text config.json: five sliding-window layers for each global one (layer_types, or
+    the hub's sliding_window_pattern), each kind with its RoPE base (rope_theta + rope_local_base_freq, or
+    transformers 5's rope_parameters per layer type), sandwich norms scaled by (1 + weight), GeGLU, QK-norm."""
+    rope = hf.get('rope_parameters') or {}
+    global_rope, local_rope = rope.get('full_attention') or {}, rope.get('sliding_attention') or {}
+    for kind in (hf.get('rope_scaling') or {}, global_rope, local_rope):
+        if kind.get('rope_type', kind.get('type', 'default')) != 'default':
+            raise ValueError(f"RoPE scaling {kind.get('rope_type', kind.get('type'))!r} is not supported in Gemma 3 "
+                             "(only none: the 270M and 1B models')")
+    for key in ('final_logit_softcapping', 'attn_logit_softcapping', 'use_bidirectional_attention', 'attention_bias'):
+        if hf.get(key):
+            raise ValueError(f"{key} is not supported (Gemma 3's published text models have none)")
+    if hf.get('hidden_activation', 'gelu_pytorch_tanh') != 'gelu_pytorch_tanh':
+        raise ValueError(f"hidden_activation {hf['hidden_activation']!r} is not supported (only gelu_pytorch_tanh)")
+    n_layer, pattern = hf['num_hidden_layers'], hf.get('sliding_window_pattern', hf.get('_sliding_window_pattern', 6))
+    layer_types = hf.get('layer_types') or ['full_attention' if (i + 1) % pattern == 0 else 'sliding_attention'
+                                            for i in range(n_layer)]
+    return GPTConfig(
+        block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'], n_layer=n_layer,
+        n_head=hf['num_attention_heads'], n_embd=hf['hidden_size'], n_kv_head=hf['num_key_value_heads'],
+        head_dim=hf.get('head_dim', 256), bias=False, qk_norm=True,
+        norm='rmsnorm_plus_one', norm_eps=hf.get('rms_norm_eps', 1e-6), pos_emb='rope',
+        rope_theta=global_rope.get('rope_theta', hf.get('rope_theta', 1e6)),
+        rope_local_theta=local_rope.get('rope_theta', hf.get('rope_local_base_freq', 1e4)),
+        mlp='geglu', mlp_hidden=hf['intermediate_size'], tie_embeddings=hf.get('tie_word_embeddings', True),
+        layer_types=layer_types, sliding_window=hf.get('sliding_window', 4096), sandwich_norm=True,
+        scale_embeddings=True, query_pre_attn_scalar=hf.get('query_pre_attn_scalar', 256))
 
 
 def llama_config(hf):
     """GPTConfig from a Llama / Qwen2 / Qwen3 config.json (rope_theta + rope_scaling, or transformers 5's
-    rope_parameters)."""
+    rope_parameters), or Gemma 3's."""
     family = hf['model_type']
+    if family == 'gemma3_text':
+        return gemma3_config(hf)
     rope = hf.get('rope_scaling') or hf.get('rope_parameters') or {}
     rope_type = rope.get('rope_type', rope.get('type', 'default'))
     if rope_type not in ('default', 'llama3'):
@@ -435,13 +475,23 @@ def empty_model(config, dtype):
 
 
 def load_llama(folder, hf, dtype=None, **overrides):
-    """A Llama / Qwen2 / Qwen3 / SmolLM2 model from a Hugging Face folder, each parameter read from the files."""
+    """A Llama / Qwen2 / Qwen3 / SmolLM2 / Gemma 3 model from a Hugging Face folder, each parameter read from the
+    files. Of a multimodal Gemma 3 (model_type gemma3), the text model: its vision tower is skipped, with a notice."""
+    prefix = 'model.'  # where the text model's tensors are: model.layers.0..., or a multimodal one's
+    if hf.get('model_type') == 'gemma3' and isinstance(hf.get('text_config'), dict):
+        print(f"{folder.name}: a multimodal Gemma 3; loading its text model, skipping its vision tower",
+              file=sys.stderr)
+        hf, prefix = {'model_type': 'gemma3_text', **hf['text_config']}, None
     try:
         config = llama_config(hf)
     except KeyError as e:
         raise ValueError(f"{folder / 'config.json'} lacks {e}; is it a whole {hf['model_type']} config.json?") from None
     config.dropout = overrides.get('dropout', 0.0)
     files = SafetensorsFiles([p for p in weight_files(folder) if p.is_file()] or [folder / 'model.safetensors'])
+    if prefix is None:  # the hub's files name it language_model.model.*, transformers 5's model.language_model.*
+        prefix = next((p for p in ('language_model.model.', 'model.language_model.')
+                       if p + 'embed_tokens.weight' in files.where), 'model.')
+        files.where = {'model.' + k.removeprefix(prefix): v for k, v in files.where.items() if k.startswith(prefix)}
     embedding = HF_NAMES['transformer.wte.weight'][0]
     if embedding not in files.where:
         raise ValueError(f"{folder} lacks {embedding}; is it a complete {hf['model_type']} checkpoint?")
@@ -449,7 +499,7 @@ def load_llama(folder, hf, dtype=None, **overrides):
     model = empty_model(config, dtype or file_dtype)
     with torch.no_grad():
         for name, param in model.named_parameters():  # the tied head is not listed twice
-            parts = hf_names(name)
+            parts = hf_names(name, config.sandwich_norm)
             missing = [p for p in parts if p not in files.where]
             if missing:
                 raise ValueError(f"{folder} lacks {missing[0]}; is it a complete {hf['model_type']} checkpoint?")
@@ -499,11 +549,11 @@ def from_pretrained(name_or_path, dtype=None, **overrides):
     path = pretrained_path(name_or_path)
     cfg_file = path / 'config.json' if path.is_dir() else path.parent / 'config.json'
     hf = json.loads(cfg_file.read_text(encoding='utf-8')) if cfg_file.is_file() else {'model_type': 'gpt2'}
-    if hf.get('model_type') in ARCHITECTURES:
+    if hf.get('model_type') in (*ARCHITECTURES, 'gemma3'):
         model = load_llama(path if path.is_dir() else path.parent, hf, dtype, **overrides)
     elif hf.get('model_type') != 'gpt2':
         raise ValueError(f"{cfg_file}: model_type {hf.get('model_type')!r} is not supported "
-                         f"(gpt2, {', '.join(ARCHITECTURES)})")
+                         f"(gpt2, {', '.join(ARCHITECTURES)}, gemma3)")
     else:
         weights = path / 'model.safetensors' if path.is_dir() else path
         if not weights.is_file():
@@ -527,22 +577,35 @@ def from_pretrained(name_or_path, dtype=None, **overrides):
     return model
 
 
+def hf_family(cfg):
+    """The Hugging Face model_type whose layout holds a model of this config, or ValueError: GPT-2's, the Llama
+    family's (llama, qwen2, qwen3: RoPE, RMSNorm, SwiGLU) or Gemma 3's, each with none of the others' parts."""
+    gemma_parts = (cfg.sandwich_norm, cfg.scale_embeddings, cfg.query_pre_attn_scalar, cfg.layer_types,
+                   cfg.rope_local_theta)
+    plain = gemma_parts == (False, False, 0.0, None, 0.0)
+    if plain and (cfg.pos_emb, cfg.norm, cfg.mlp) == ('learned', 'layernorm', 'gelu') and not cfg.qk_norm and \
+            cfg.n_kv_head == cfg.n_head and cfg.head_dim * cfg.n_head == cfg.n_embd:
+        return 'gpt2'
+    if plain and (cfg.pos_emb, cfg.norm, cfg.mlp) == ('rope', 'rmsnorm', 'swiglu'):
+        return 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+    if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.sandwich_norm, cfg.scale_embeddings, cfg.qk_norm, cfg.bias or cfg.qkv_bias,
+            cfg.rope_scaling) == ('rope', 'rmsnorm_plus_one', 'geglu', True, True, True, False, None):
+        return 'gemma3_text'
+    raise ValueError("this model mixes the parts of GPT-2 (learned positions, LayerNorm, GELU, a key/value head per "
+                     "head), the Llama family (RoPE, RMSNorm, SwiGLU) and Gemma 3: no published layout holds it")
+
+
 def save_pretrained(model, folder, tokenizer_json=None):
     """Write config.json + model.safetensors as transformers writes this family (GPT2LMHeadModel: Conv1D weights
     transposed back, zero biases where this model has none; Llama/Qwen: the hub's names, q/k/v and gate/up split
     apart again), plus tokenizer.json when given its text, so the folder loads here and in transformers."""
-    cfg = model.config
-    gpt2 = ((cfg.pos_emb, cfg.norm, cfg.mlp) == ('learned', 'layernorm', 'gelu') and cfg.n_kv_head == cfg.n_head
-            and cfg.head_dim * cfg.n_head == cfg.n_embd and not cfg.qk_norm)
-    if not gpt2 and (cfg.pos_emb, cfg.norm, cfg.mlp) != ('rope', 'rmsnorm', 'swiglu'):  # nothing written then
-        raise ValueError("only GPT-2 (learned positions, LayerNorm, GELU, one key/value head per head) or the Llama "
-                         "family (RoPE, RMSNorm, SwiGLU) can be saved in a Hugging Face layout")
+    cfg, family = model.config, hf_family(model.config)  # checked before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_json is not None:
         save_text(folder / 'tokenizer.json', tokenizer_json)
-    if cfg.pos_emb == 'rope':
-        return save_llama(model, folder)
+    if family != 'gpt2':
+        return save_llama(model, folder, family)
     tensors = {}
     for name, t in merged_state_dict(model).items():
         if name == 'transformer.wte.weight':
@@ -564,9 +627,8 @@ def save_pretrained(model, folder, tokenizer_json=None):
     save_text(folder / 'config.json', json.dumps(hf_config, indent=2))
 
 
-def save_llama(model, folder):
-    cfg = model.config
-    family = 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias and not cfg.bias else 'llama'
+def save_llama(model, folder, family):
+    cfg, gemma = model.config, family == 'gemma3_text'
     sd = merged_state_dict(model)
     tensors = {}
     for name, t in sd.items():
@@ -574,7 +636,7 @@ def save_llama(model, folder):
             continue
         if name in ('transformer.wte.weight', 'lm_head.weight'):
             t = t[:cfg.vocab_size]  # without the padding rows
-        parts = hf_names(name)
+        parts = hf_names(name, gemma)
         sizes = model.transformer.h[0].attn.sizes if len(parts) == 3 else [t.size(0) // len(parts)] * len(parts)
         for part, piece in zip(parts, t.split(sizes)):
             tensors[part] = piece.contiguous()
@@ -587,6 +649,14 @@ def save_llama(model, folder):
               rope_scaling=dict(rope_type='llama3', **cfg.rope_scaling) if cfg.rope_scaling else None,
               rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
               mlp_bias=cfg.bias, attention_dropout=0.0, use_sliding_window=False, torch_dtype=dtype)
+    if gemma:  # the hub's keys for Gemma 3 (gemma-3-270m's config.json)
+        for key in ('hidden_act', 'mlp_bias', 'use_sliding_window'):
+            del hf[key]
+        hf.update(hidden_activation='gelu_pytorch_tanh', attention_bias=False,
+                  query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim, sliding_window=cfg.sliding_window,
+                  layer_types=cfg.layer_types or ['full_attention'] * cfg.n_layer,
+                  rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta, final_logit_softcapping=None,
+                  attn_logit_softcapping=None)
     save_text(folder / 'config.json', json.dumps(hf, indent=2))
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import FIXTURES, PEAK_RSS, ROOT, assert_one_line_error, run_here, spread_weights
 import export
 from model import GPT, GPTConfig, rope_frequencies
-from tokenizer import format_chat, get_tokenizer
+from tokenizer import PROMPT_STYLES, format_chat, get_tokenizer
 from weights import save_checkpoint
 
 gguf = pytest.importorskip('gguf')  # tests/requirements.txt installs it (under CI a skip fails)
@@ -170,10 +170,10 @@ def test_gguf_metadata_and_chat_template(tmp_path, family):
     assert modelfile.startswith(f'FROM ./{path.name}\nTEMPLATE """') and f'PARAMETER stop "{end_of_turn}"' in modelfile
 
 
-@pytest.mark.parametrize('style', ['alpaca', 'phi3', 'llama3', 'chatml'])
+@pytest.mark.parametrize('style', PROMPT_STYLES)
 def test_every_chat_format_as_a_jinja_template(style):
     template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(export.jinja_template(style))
-    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2], []):
+    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:2], CONVERSATION[:1], []):
         assert template.render(messages=messages, add_generation_prompt=True) == format_chat(messages, style)
         assert format_chat(messages, style).startswith(template.render(messages=messages))
 
@@ -277,6 +277,8 @@ def test_bad_input_gets_one_line_and_writes_nothing(tmp_path):
     save_checkpoint(tmp_path / 'mixed' / 'ckpt.pt', mixed, 'bytes', {})
     for to in (gguf_path, tmp_path / 'hf'):
         assert_one_line_error(run_here('export.py', f'--out_dir={tmp_path / "mixed"}', f'--to={to}'), 'GPT-2')
+    gemma = FIXTURES / 'tiny-gemma3-270m'  # no GGUF here (its folder is the way to llama.cpp)
+    assert_one_line_error(run_here('export.py', f'--init_from={gemma}', f'--to={gguf_path}'), 'Gemma 3')
     # a tokenizer whose split llama.cpp has no twin of; a tokenizer with more ids than the model has rows
     spec = tokenizer_spec('bpe')
     spec['json'] = spec['json'].replace(json.dumps(r"\p{N}{1,3}")[1:-1], json.dumps(r"\p{N}{1,2}")[1:-1])

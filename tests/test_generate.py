@@ -168,9 +168,9 @@ def test_bfloat16_decoding_past_64_keys_attends_in_matmuls(family, monkeypatch):
     import model as model_file
     original, keys = model_file.one_query_attention, []
 
-    def counted(q, k, v, mask=None):
+    def counted(q, k, v, mask=None, scale=None):
         keys.append(k.size(2))
-        return original(q, k, v, mask)
+        return original(q, k, v, mask, scale)
     monkeypatch.setattr(model_file, 'one_query_attention', counted)
     torch.manual_seed(0)
     model = spread_weights(GPT(GPTConfig(block_size=128, vocab_size=96, n_layer=2, n_head=4, n_embd=32, **family)))

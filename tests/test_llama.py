@@ -339,7 +339,7 @@ def test_configs_and_checkpoints_that_do_not_fit_are_one_line_errors(tmp_path):
     torch.save(ckpt, tmp_path / 'ours' / 'ckpt.pt')
     cases = {
         folder('mistral', 'tiny-qwen2', lambda hf: hf.update(model_type='mistral')):
-            "model_type 'mistral' is not supported (gpt2, llama, qwen2, qwen3)",
+            "model_type 'mistral' is not supported (gpt2, llama, qwen2, qwen3, gemma3_text, gemma3)",
         folder('sliding', 'tiny-qwen2', lambda hf: hf.update(use_sliding_window=True)):
             'sliding-window attention (use_sliding_window) is not supported',
         folder('wider', 'tiny-gpt2', lambda hf: hf.update(n_embd=64)):

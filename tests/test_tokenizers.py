@@ -142,28 +142,76 @@ def test_non_special_added_tokens_equal_the_tokenizers_library():
         assert tok.encode(sample) == hf.encode(sample, add_special_tokens=False).ids, sample
 
 
-def test_byte_fallback_tokenizer_is_refused_in_one_line(tmp_path):
-    """Llama 2's or Mistral's tokenizer.json (SentencePiece BPE: '▁' for spaces, <0x41> byte tokens for text
-    its vocabulary lacks) is not byte-level BPE: refused with the reason, not misread."""
-    vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'<0x{b:02X}>': 3 + b for b in range(256)}, '▁': 259, 't': 260,
-             'h': 261, '▁t': 262, '▁th': 263}
-    specials = [{'id': i, 'content': t, 'special': True} for t, i in list(vocab.items())[:3]]
-    config = {'version': '1.0', 'added_tokens': specials,
-              'normalizer': {'type': 'Sequence', 'normalizers': [
-                  {'type': 'Prepend', 'prepend': '▁'},
-                  {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]},
-              'pre_tokenizer': None,
-              'model': {'type': 'BPE', 'byte_fallback': True, 'fuse_unk': True, 'unk_token': '<unk>', 'vocab': vocab,
-                        'merges': ['▁ t', '▁t h']}}
+LLAMA2_STYLE = {  # Llama 2's tokenizer.json in miniature: a "▁" prepended, spaces as "▁", byte fallback, Strip(1)
+    'version': '1.0', 'added_tokens': [{'id': i, 'content': t, 'single_word': False, 'lstrip': False, 'rstrip': False,
+                                        'normalized': False, 'special': True} for i, t in enumerate(['<unk>', '<s>',
+                                                                                                     '</s>'])],
+    'normalizer': {'type': 'Sequence', 'normalizers': [{'type': 'Prepend', 'prepend': '▁'},
+                                                       {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '▁'}]},
+    'pre_tokenizer': None, 'post_processor': None,
+    'decoder': {'type': 'Sequence', 'decoders': [{'type': 'Replace', 'pattern': {'String': '▁'}, 'content': ' '},
+                                                 {'type': 'ByteFallback'}, {'type': 'Fuse'},
+                                                 {'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0}]},
+    'model': {'type': 'BPE', 'dropout': None, 'unk_token': '<unk>', 'continuing_subword_prefix': None,
+              'end_of_word_suffix': None, 'fuse_unk': True, 'byte_fallback': True, 'ignore_merges': False,
+              'vocab': {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'<0x{b:02X}>': 3 + b for b in range(256)}, '▁': 259,
+                        't': 260, 'h': 261, 'e': 262, '▁t': 263, '▁th': 264, '▁the': 265, 'he': 266},
+              'merges': ['▁ t', '▁t h', '▁th e', 'h e']}}
+
+
+def test_llama2_style_byte_fallback_tokenizer_is_read(tmp_path):
+    """Llama 2's and Mistral's tokenizer.json (SentencePiece BPE: '▁' prepended and for spaces, <0x41> byte tokens for
+    text its vocabulary lacks) is read by the same reader as Gemma's; an unknown normalizer is refused in one line."""
     (tmp_path / 'llama2').mkdir()
+    (tmp_path / 'llama2' / 'tokenizer.json').write_text(json.dumps(LLAMA2_STYLE), encoding='utf-8')
+    tok = get_tokenizer(tmp_path / 'llama2')
+    assert tok.encode('the thhe') == [265, 264, 266]  # '▁the', '▁th', 'he': merges in listed order
+    assert tok.encode('hé</s>the') == [259, 261, 3 + 0xC3, 3 + 0xA9, 2, 265]  # 'é' by its two bytes
+    assert tok.decode(tok.encode('the thé')) == 'the thé' and tok.eot_id == 2  # Strip(1): the prepended space
+    texts = ['the thhe', 'hé</s>the', ' the  t', '', 'x<s>y', 'théthe 你']
+    tokenizers = pytest.importorskip('tokenizers')
+    hf = tokenizers.Tokenizer.from_str(json.dumps(LLAMA2_STYLE))
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
+    config = {**LLAMA2_STYLE, 'normalizer': {'type': 'NFKC'}}
     (tmp_path / 'llama2' / 'tokenizer.json').write_text(json.dumps(config), encoding='utf-8')
-    with pytest.raises(ValueError, match="byte_fallback .* is not byte-level") as error:
-        get_tokenizer(tmp_path / 'llama2')
-    assert '\n' not in str(error.value)
     (tmp_path / 'in.txt').write_text('some text\n' * 10, encoding='utf-8')
-    # prepare_data.py's one case in a new interpreter: the real no-traceback contract (the others run in-process)
-    assert_one_line_error(run_script('prepare_data.py', f'--input={tmp_path}/in.txt',
-                                     f'--tokenizer={tmp_path / "llama2"}', f'--data_dir={tmp_path}/d'), 'byte_fallback')
+    assert_one_line_error(run_here('prepare_data.py', f'--input={tmp_path}/in.txt',
+                                   f'--tokenizer={tmp_path / "llama2"}', f'--data_dir={tmp_path}/d'),
+                          'a byte-fallback BPE whose normalizer / pre-tokenizer is not Gemma, Llama 2 or Mistral')
+
+
+GEMMA = TOKENIZERS / 'gemma3'
+GEMMA_EXPECTED = json.loads((GEMMA / 'expected.json').read_text(encoding='utf-8'))
+
+
+def test_gemma_ids_equal_the_tokenizers_library_and_decode_back():
+    tok = get_tokenizer(GEMMA)
+    assert type(tok).__name__ == 'SentencePieceBPE' and len(GEMMA_EXPECTED) >= 60
+    for e in GEMMA_EXPECTED:
+        assert tok.encode(e['text']) == e['ids'], e['text']
+        assert tok.decode(e['ids']) == tok.decode_bytes(e['ids']).decode() == e['decoded']
+        assert e['decoded'] == e['text'] or '▁' in e['text']  # a "▁" of the text decodes to a space, as there
+    fallback = set(range(7, 7 + 256))  # the <0xNN> tokens
+    spelled = {e['text'] for e in GEMMA_EXPECTED if fallback & set(e['ids'])}
+    assert 'Only bytes can spell these: 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 𓀀 ᚠᛇᚻ ⸘' in spelled and not fallback & set(tok.encode('你好，世界'))
+    assert tok.encode('<start_of_turn>user\nHi<end_of_turn>')[::len(tok.encode('user\nHi')) + 1] == [5, 6]
+    assert tok.eot_id == 1 and {0, 1, 2, 3, 4, 5, 6} == tok.special_ids and tok.vocab_size == 1024
+    assert token_bytes(tok)[tok.encode(' the')[0]] == 4 and token_bytes(tok)[5] == 0
+
+
+def test_gemma_random_texts_equal_the_tokenizers_library():
+    tokenizers = pytest.importorskip('tokenizers')
+    hf = tokenizers.Tokenizer.from_file(str(GEMMA / 'tokenizer.json'))
+    tok = get_tokenizer(GEMMA)
+    extra = ['<start_of_turn>', '<end_of_turn>', '<eos>', '<bos>', '▁', '▁▁', 'ꙮ', '𝔘', '<0x41>', ' the', ' thou']
+    for text in random_texts(seed=39, n=400) + [t + x for t in random_texts(seed=40, n=100) for x in extra[:2]] \
+            + extra + [pydoc_text()[:50_000]]:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), text
 
 
 def test_unreadable_tokenizers_give_one_clear_error(tmp_path):
@@ -385,6 +433,10 @@ def test_chat_formats():
                                            '\n\n### Instruction:\nColor?\n\n### Response:\n')
     assert format_chat(talk, 'phi3') == ('<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>:\nHello!\n'
                                          '<|user|>\nColor?\n<|assistant|>:\n')
+    assert format_chat(talk, 'gemma') == (  # Gemma 3's template: the system message opens the first user turn
+        '<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n'
+        '<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\n')
+    assert format_prompt(entry, 'gemma') == '<bos><start_of_turn>user\nName a color.\n\nsky<end_of_turn>\n<start_of_turn>model\n'
     with pytest.raises(ValueError, match='chat message 1'):
         format_chat([{'role': 'user', 'content': 'x'}, {'role': 'bot', 'content': 'y'}], 'chatml')
     with pytest.raises(ValueError, match='unknown prompt style'):
@@ -403,6 +455,10 @@ def test_response_ends_are_single_special_tokens():
     with pytest.raises(ValueError, match='has no token for'):
         response_end_id(get_tokenizer('bytes'), 'chatml')
     assert response_end_id(get_tokenizer('bytes'), 'phi3') == 256
+    gemma = get_tokenizer(GEMMA)
+    assert response_end_id(gemma, 'gemma') == 6 and response_end_id(gemma, 'alpaca') == gemma.eot_id == 1
+    with pytest.raises(ValueError, match="use Gemma 3's tokenizer"):
+        response_end_id(qwen2, 'gemma')
 
 
 # -------------------------------------------------------------------- against the libraries themselves
