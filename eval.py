@@ -78,18 +78,18 @@ SOURCES = {  # task: {file it reads under data_dir/<task>/: (url, sha256 of what
 }
 
 
-def fetch(task, data_dir):
-    """data_dir/<task>/ holding every file the task reads: a missing one is downloaded (an archive into data_dir,
-    then all that any task reads from it unpacked, and the archive deleted)."""
-    folder = Path(data_dir) / task
+def fetch(task, folder):
+    """folder (data_dir/<task>/) holding every file the task reads: a missing one is downloaded (an archive into
+    data_dir, then all that any task reads from it unpacked into data_dir/<task>/, and the archive deleted)."""
+    folder = Path(folder)
     for name, (url, sha256, member) in SOURCES[task].items():
         if (folder / name).exists():
             continue
         if member is None:
             download(url, folder / name, sha256, desc=f"{task}/{name}")
         else:
-            archive = download(url, Path(data_dir) / url.rsplit('/', 1)[1], sha256)
-            unpack(archive, url, data_dir)
+            archive = download(url, folder.parent / url.rsplit('/', 1)[1], sha256)
+            unpack(archive, url, folder.parent)
             archive.unlink()
     return folder
 
@@ -236,9 +236,10 @@ READERS = {'hellaswag': hellaswag_items, 'arc_easy': lambda f: arc_items(f, 'ARC
            'winogrande': winogrande_items, 'mmlu': mmlu_items, 'gsm8k': gsm8k_items}
 
 
-def read_items(task, data_dir, limit=None):
-    """The task's items (downloaded first if missing), the first `limit` of them (of each MMLU subject's)."""
-    folder = fetch(task, data_dir)
+def read_items(task, folder, limit=None):
+    """The task's items from folder (data_dir/<task>/; downloaded first if missing), the first `limit` of them (of
+    each MMLU subject's)."""
+    folder = fetch(task, folder)
     try:
         items = READERS[task](folder)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as e:
@@ -406,7 +407,7 @@ if __name__ == '__main__':
     device, device_type, dtype, ctx = setup(device, dtype, seed)
     try:
         talk_dtype(quantize, device_type, dtype)  # an unknown scheme stops before anything loads
-        task_items = {task: read_items(task, data_dir, limit) for task in names}  # a bad file stops before the model
+        task_items = {task: read_items(task, Path(data_dir) / task, limit) for task in names}  # a bad file stops before the model
         model, info = load_pretrained(init_from, out_dir=out_dir)
         tokenizer = get_tokenizer(info['tokenizer'])
         style = info['prompt_style'] if chat_style == 'auto' else None if chat_style == 'fewshot' else chat_style
