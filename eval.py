@@ -72,8 +72,8 @@ SOURCES = {  # task: {file it reads under data_dir/<task>/: (url, sha256 of what
                                  'winogrande_1.1/dev.jsonl')},
     'mmlu': {d: (MMLU_TAR, 'bec563ba4bac1d6aaf04141cd7d1605d7a5ca833e38f994051e818489592989b', d + '/')
              for d in ('data/dev', 'data/test')},  # a folder: every file in it (one CSV per subject)
-    'gsm8k': {'test.jsonl': (GSM8K_URL + 'test.jsonl', '3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14',
-                             None),
+    'gsm8k': {'test.jsonl': (GSM8K_URL + 'test.jsonl',
+                             '3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14', None),
               'train.jsonl': (GSM8K_URL + 'train.jsonl', None, None)},  # only its first 8 problems: the shots
 }
 
@@ -242,7 +242,7 @@ def read_items(task, folder, limit=None):
     folder = fetch(task, folder)
     try:
         items = READERS[task](folder)
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{folder} does not hold {task}'s files as its source has them ({type(e).__name__}: {e}); "
                          "a file may be cut short: delete it to download it again") from None
     if not items:
@@ -407,7 +407,8 @@ if __name__ == '__main__':
     device, device_type, dtype, ctx = setup(device, dtype, seed)
     try:
         talk_dtype(quantize, device_type, dtype)  # an unknown scheme stops before anything loads
-        task_items = {task: read_items(task, Path(data_dir) / task, limit) for task in names}  # a bad file stops before the model
+        # every task's data first: a bad file stops the run before the model loads
+        task_items = {task: read_items(task, Path(data_dir) / task, limit) for task in names}
         model, info = load_pretrained(init_from, out_dir=out_dir)
         tokenizer = get_tokenizer(info['tokenizer'])
         style = info['prompt_style'] if chat_style == 'auto' else None if chat_style == 'fewshot' else chat_style

@@ -319,7 +319,8 @@ def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, mon
     import importlib
     evaluation = importlib.import_module('eval')
     rows = [{'ctx': f'The {w} is', 'ctx_a': f'The {w} is', 'ctx_b': '', 'activity_label': 'x', 'label': i % 4,
-             'endings': [' red.', ' blue.', ' a dog.', ' seven.']} for i, w in enumerate(['sky', 'sea', 'cat', 'car', 'sun'])]
+             'endings': [' red.', ' blue.', ' a dog.', ' seven.']}
+            for i, w in enumerate(['sky', 'sea', 'cat', 'car', 'sun'])]
     server.routes['/hellaswag_val.jsonl'] = '\n'.join(json.dumps(r) for r in rows).encode()
     monkeypatch.setitem(evaluation.SOURCES, 'hellaswag', {'hellaswag_val.jsonl': (server.url + '/hellaswag_val.jsonl',
                                                                                    None, None)})
