@@ -50,6 +50,7 @@ def test_each_task_prompt_is_lm_evals():
     assert wino[0]['requests'] == [('The lantern did not fit in the harbor because the lantern', ' was too big.'),
                                    ('The lantern did not fit in the harbor because the box', ' was too big.')]
     assert wino[0]['label'] == 0 and wino[1]['label'] == 1
+    assert wino[30]['requests'][1] == ('The ladder fell on the kettle, so kettle', " 's handle broke.")
     mmlu = items('mmlu')[0]
     context = mmlu['requests'][0][0]
     assert context.startswith('The following are multiple choice questions (with answers) about abstract algebra.\n\n'
@@ -68,6 +69,18 @@ def test_each_task_prompt_is_lm_evals():
     assert prompt.count('Question:') == 9 and gsm['answer'] == '1,640,000'
     chat = ev.gsm8k_prompt(gsm, 'chatml')
     assert chat.startswith('<|im_start|>user\nSolve this math problem') and chat.endswith('<|im_start|>assistant\n')
+
+
+@needs_gpt2_bpe
+def test_context_and_continuation_are_encoded_as_lm_eval_encodes_a_pair():
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer('gpt2')
+    assert ev.encode_pair(tok, 'Answer: ', 'A') == (tok.encode('Answer:'), tok.encode(' A'))  # the space moves
+    assert ev.encode_pair(tok, '', ' x') == ([tok.eot_id], tok.encode(' x'))  # no context: end-of-text
+    whole = tok.encode('They said it12345')  # the whole text, split after the context's own tokens
+    assert tok.encode('They said it1') != whole[:len(tok.encode('They said it1'))]  # (a merge across the seam)
+    assert ev.encode_pair(tok, 'They said it1', '2345') == (tok.encode('They said it1'),
+                                                            whole[len(tok.encode('They said it1')):])
 
 
 def test_limit_takes_each_mmlu_subjects_first_items():
@@ -190,8 +203,11 @@ def test_a_prompt_longer_than_the_context_is_cropped_from_the_left_as_lm_eval_do
     mmlu = items('mmlu', limit=2)
     _, picks = ev.score_multiple_choice(model, tok, 'mmlu', mmlu, 'cpu', nullcontext())
     assert 'notice: 4 of 4 mmlu prompts are longer than the model\'s context of 40 tokens' in capsys.readouterr().err
-    expected = [first_best([hf_loglikelihood(hf, tok, c, e, 40)[0] for c, e in it['requests']]) for it in mmlu]
-    assert [p['acc'] for p in picks] == expected
+    expected = [[hf_loglikelihood(hf, tok, c, e, 40)[0] for c, e in it['requests']] for it in mmlu]
+    assert [p['acc'] for p in picks] == [first_best(sums) for sums in expected]
+    scores = ev.score_choices(model, [[ev.encode_pair(tok, c, e) for c, e in it['requests']] for it in mmlu], 'cpu',
+                              nullcontext())
+    assert [[s for s, _ in item] for item in scores] == [pytest.approx(sums, abs=1e-4) for sums in expected]
 
 
 @needs_gpt2_bpe

@@ -305,14 +305,17 @@ def test_hellaswag_scoring_picks_the_most_likely_ending():
     train = importlib.import_module('train')
     examples = [{'llmc': ('x', ['aaaa', 'bbbb', 'cccc', 'dddd']), 'label': 0},
                 {'llmc': ('yy', ['bbbb', 'cccc', 'aaa', 'dddd']), 'label': 2},
-                {'llmc': ('z', ['aaaa', 'bbbb', 'cccc', 'dddd']), 'label': 3}]
-    # length-normalised: 'aaa' wins over longer endings; the third example's label is wrong on purpose
-    assert train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext()) == 2 / 3
+                {'llmc': ('z', ['aaaa', 'bbbb', 'cccc', 'dddd']), 'label': 3},
+                {'llmc': ('w', ['a', 'aaaaaaaa', 'bb', 'cc']), 'label': 1}]
+    # the third example's label is wrong on purpose; in the fourth the mean per token picks the long ending of a's,
+    # where the sum would pick the short one
+    assert train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext()) == 3 / 4
     # under torchrun each rank scores every world_size-th example; padding slots are run but never counted
     assert train.my_share(3, 0, 2) == [0, 2] and train.my_share(3, 1, 2) == [1, None]
     shares = [train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext(), rank, 2)
               for rank in (0, 1)]
-    assert shares == [1 / 3, 1 / 3]  # rank 0: example 0 right, 2 wrong; rank 1: example 1 right, its pad not counted
+    assert train.hellaswag_accuracy(PrefersA(), examples[:3], ByteTokenizer(), 'cpu', nullcontext(), 1, 2) == 1 / 3
+    assert shares == [1 / 4, 2 / 4]  # rank 0: example 0 right, 2 wrong; rank 1: examples 1 and 3 right
 
 
 def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, monkeypatch):
