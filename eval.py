@@ -33,7 +33,7 @@ tasks = 'hellaswag,arc_easy,arc_challenge,piqa,winogrande,mmlu'  # comma-separat
 limit = None  # score only each task's first N items (MMLU: each subject's, as lm-eval's --limit); None = all
 data_dir = 'data'  # each set is read from data_dir/<task>/ under its source's file names; what is missing is downloaded
 out = ''  # the results as JSON {task: {metric: value, ..., "n": items}}; '' = eval.json beside a checkpoint of ours
-batch_size = 4  # items whose choices go through the model in one batch (more is faster on a GPU)
+batch_size = 4  # items whose choices go through the model in one batch (more on a GPU); 0 = each choice alone
 gen_batch_size = 16  # GSM8K: problems answered at once
 max_new_tokens = 256  # GSM8K: the longest answer
 chat_style = 'auto'  # GSM8K: auto (a fine-tuned checkpoint's own template, else 8-shot), fewshot, or a chat style
@@ -284,12 +284,45 @@ def llmc_pairs(context, endings, tokenizer):
     return [(context_ids, tokenizer.encode(' ' + e)) for e in endings]
 
 
+def common_length(rows):
+    """How many first tokens all rows share."""
+    return next((j for j, tokens in enumerate(zip(*rows)) if len(set(tokens)) > 1), min(map(len, rows)))
+
+
+def continuation_states(model, rows, starts, sizes):
+    """(final states (B, L, n_embd), targets (B, L), -100 where nothing is scored) of token rows scored from their
+    starts on; sizes: how many consecutive rows are one item's choices. Each item's first tokens that its choices
+    share go through the model once, into a KV cache (items left-padded in it, as generate_batch pads prompts) that
+    the choices continue from, each the rest of its row, right-padded, in one batch. Where the rows share nothing
+    or would not fit the context so, each row whole, right-padded (padding follows a row's tokens, so causal
+    attention never lets the row see it)."""
+    dev, T = model.lm_head.weight.device, model.config.block_size
+    firsts = [sum(sizes[:k]) for k in range(len(sizes))]  # each item's first row
+    shared = [min(common_length(rows[f:f + n]), *(s - 1 for s in starts[f:f + n])) for f, n in zip(firsts, sizes)]
+    own = [p for p, n in zip(shared, sizes) for _ in range(n)]  # each row's shared start
+    length = max(shared) + max(len(r) - 1 - p for r, p in zip(rows, own))  # the cache's slots: starts, then rests
+    cache = None
+    if min(shared) < 1 or length > T:
+        own = [0] * len(rows)
+    else:
+        cache = model.new_kv_cache(len(sizes), length, dev, torch.tensor([max(shared) - p for p in shared], device=dev))
+        model.hidden_states(pad_rows([rows[f][:p] for f, p in zip(firsts, shared)], 0, left=True).to(dev), cache)
+        cache = cache.repeat_rows(sizes)  # (items, ...) -> (rows, ...)
+    x = pad_rows([r[p:-1] for r, p in zip(rows, own)], 0).to(dev)  # (B, longest rest)
+    y = pad_rows([[-100] * (s - 1 - p) + r[s:] for r, s, p in zip(rows, starts, own)], -100).to(dev)
+    return model.hidden_states(x, cache), y
+
+
 @torch.no_grad()
 def score_choices(model, items, dev, ctx, batch_size=1, progress=None):
     """items: for each item its choices' (context ids, continuation ids) -> for each item, each choice's
     (log-likelihood of its continuation, its tokens). The choices of batch_size items go through the model as one
     batch, right-padded (pad_rows): padding follows a row's tokens, so causal attention never lets them see it.
-    A row longer than the context keeps its last block_size + 1 tokens (lm-eval's cropping)."""
+    A row longer than the context keeps its last block_size + 1 tokens (lm-eval's cropping). batch_size=0: each
+    choice alone, one forward pass each (for comparison)."""
+    if batch_size == 0:
+        alone = iter(score_choices(model, [[pair] for item in items for pair in item], dev, ctx, 1, progress))
+        return [[next(alone)[0] for _ in item] for item in items]
     T, V = model.config.block_size, model.config.vocab_size
     was_training = model.training
     model.eval()
@@ -299,11 +332,10 @@ def score_choices(model, items, dev, ctx, batch_size=1, progress=None):
         pairs = [pair for item in group for pair in item]
         rows = [(c + e)[-T - 1:] for c, e in pairs]
         starts = [max(len(r) - len(e), 1) for r, (_, e) in zip(rows, pairs)]  # where each continuation starts
-        x = pad_rows([r[:-1] for r in rows], 0).to(dev)  # (B, longest)
-        y = pad_rows([[-100] * (s - 1) + r[s:] for r, s in zip(rows, starts)], -100).to(dev)  # continuation only
-        scored = y != -100
         with ctx:  # the head only where a continuation token is predicted: the rest of (B, T, vocab) is not needed
-            logits = model.lm_head(model.hidden_states(x)[scored])[:, :V].float()  # (N, vocab)
+            states, y = continuation_states(model, rows, starts, [len(item) for item in group])
+            scored = y != -100
+            logits = model.lm_head(states[scored])[:, :V].float()  # (N, vocab)
         logp = logits.log_softmax(-1).gather(1, y[scored][:, None])[:, 0]  # (N,)
         sums = torch.zeros(len(rows), device=logp.device).index_add_(0, scored.nonzero()[:, 0], logp).tolist()
         counts = scored.sum(1).tolist()

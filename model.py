@@ -8,6 +8,7 @@ user needs: KV-cache generation, LoRA, Muon. Files (our checkpoints, published G
 weights, downloads) are weights.py's job; it imports this file, never the other way round.
 Imports only torch and the standard library.
 """
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -253,6 +254,16 @@ class KVCache:
     def truncate(self, n):
         """Keep only the first n filled slots: the next text shares just those tokens with the last."""
         self.filled = min(self.filled, n)
+
+    def repeat_rows(self, repeats):
+        """A cache whose rows are this one's, row i repeated repeats[i] times: texts that continue one shared start
+        (eval.py's choices after their context) read it from there, computed once."""
+        new, repeats = copy.copy(self), torch.as_tensor(repeats, device=self.k[0].device)
+        new.k, new.v = ([t.repeat_interleave(repeats, dim=0) for t in kv] for kv in (self.k, self.v))
+        if self.padding is not None:
+            new.padding, new.window_padding = (t.repeat_interleave(repeats) for t in (self.padding,
+                                                                                    self.window_padding))
+        return new
 
 
 class GPT(nn.Module):  # ch04: the GPT model

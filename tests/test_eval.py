@@ -215,10 +215,12 @@ def test_batching_items_changes_no_score(tiny_gpt2):
     model, _, tok, _ = tiny_gpt2
     encoded = [[ev.encode_pair(tok, c, e) for c, e in it['requests']] for it in items('arc_easy', limit=9)]
     one = ev.score_choices(model, [[pair] for item in encoded for pair in item], 'cpu', nullcontext())
-    batched = ev.score_choices(model, encoded, 'cpu', nullcontext(), batch_size=4)
-    flat = [s for item in batched for s in item]
-    assert [n for _, n in flat] == [n for [(_, n)] in one]
-    assert [s for s, _ in flat] == pytest.approx([s for [(s, _)] in one], abs=1e-4)
+    for batch_size in (4, 0):  # four items' choices in one batch; each choice alone
+        batched = ev.score_choices(model, encoded, 'cpu', nullcontext(), batch_size=batch_size)
+        assert [len(item) for item in batched] == [len(item) for item in encoded]
+        flat = [s for item in batched for s in item]
+        assert [n for _, n in flat] == [n for [(_, n)] in one]
+        assert [s for s, _ in flat] == pytest.approx([s for [(s, _)] in one], abs=1e-4)
 
 
 def test_gsm8k_answers_are_cut_at_the_next_question_and_checked_by_the_grpo_verifier(monkeypatch):
