@@ -4,6 +4,7 @@ output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Q
 class with other GPTConfig fields: RMSNorm, rotary positions, SwiGLU/GeGLU, grouped-query and sliding-window attention.
 Plus KV-cache generation, LoRA, Muon. Files (checkpoints, published weights, downloads) are weights.py's job; it imports
 this file, never the other way round. Imports only torch and the standard library."""
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -213,12 +214,11 @@ def attention_mask(query_slots, key_slots, window=0, pads=None):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, so that each new token costs one position of work
-    (the book's ch04 bonus KV cache). Allocated once, `length` slots in attention's dtype: a fixed shape, so a compiled
-    step is one graph. It holds the n_kv_head shared heads, and a sliding-window layer (Gemma 3's local ones) only its
-    window, in a ring: slot s at s % window. padding: (B,) left-padding tokens opening each row (prompts of different
-    lengths), or None: never attended to, positions counted from a row's first token, so each row reads as alone.
-    Its fields are written here and by GPT only; callers ask: restart, truncate."""
+    """Keys and values of the tokens seen so far, for every layer: each new token costs one position of work (the
+    book's ch04 bonus). Allocated once, `length` slots: a fixed shape, so a compiled step is one graph. It holds the
+    n_kv_head shared heads, and a sliding-window layer only its window, in a ring (slot s at s % window). padding: (B,)
+    left pads per row, or None: never attended to; positions count from a row's first token, so each reads as alone.
+    Its fields are written here and by GPT only; callers ask: restart, truncate, repeat_rows."""
 
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
@@ -286,6 +286,14 @@ class KVCache:
     def truncate(self, n):
         """Keep the first n filled slots (what the next text shares); a ring that lost what they need starts again."""
         self.filled = min(self.filled, n if not self.ring or n >= self.filled - 1 else 0)
+
+    def repeat_rows(self, repeats):
+        """A cache with row i of this one repeated repeats[i] times (eval.py: choices continuing one context each)."""
+        new, repeats = copy.copy(self), torch.as_tensor(repeats, device=self.k[0].device)
+        new.k, new.v = ([t.repeat_interleave(repeats, dim=0) for t in kv] for kv in (self.k, self.v))
+        if self.padding is not None:
+            new.padding, new.window_padding = (t.repeat_interleave(repeats) for t in (new.padding, new.window_padding))
+        return new
 
 
 class GPT(nn.Module):  # ch04: the GPT model
@@ -396,11 +404,9 @@ class GPT(nn.Module):  # ch04: the GPT model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw', muon_lr=0.02,
                              muon_dtype=torch.bfloat16):
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, fused on CUDA and CPU (one pass over all
-        params). optimizer='muon': Muon for the blocks' 2-D weights, AdamW for the rest, as modded-nanogpt and nanochat;
-        its matrices decay the AdamW way (p *= 1 - lr * weight_decay, Moonshot's "Muon is Scalable": a real pull toward
-        zero at Muon's lr, RESULTS.md "Weight decay"). 'lr_scale': a group's lr relative to learning_rate, for the
-        schedule. muon_dtype: Newton-Schulz's, bfloat16 where that is native, else float32."""
+        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, fused on CUDA and CPU. optimizer='muon':
+        Muon for the blocks' 2-D weights (decayed as AdamW's, Moonshot's "Muon is Scalable"), AdamW for the rest.
+        'lr_scale': a group's lr relative to learning_rate. muon_dtype: Newton-Schulz's."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if optimizer == 'adamw':
             groups = [{'params': [p for _, p in named if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -423,8 +429,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         N = self.get_num_params() - (self.transformer.wpe.weight.numel() if cfg.pos_emb == 'learned' else 0)
         return 6 * N + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
 
-    def estimate_mfu(self, tokens_per_s, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+    def estimate_mfu(self, tokens_per_s, peak_flops):  # model FLOPs utilisation: achieved FLOP/s over the peak
         return self.flops_per_token() * tokens_per_s / peak_flops if peak_flops else None
 
     # ---------------------------------------------------------------- generation (ch05)
@@ -432,12 +437,10 @@ class GPT(nn.Module):  # ch04: the GPT model
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
-        """Append up to max_new_tokens to idx (B, T) and return it (B, T + n): the book's ch05 generate with a KV cache
-        (the prompt computed once, then a token per step). temperature=0 is greedy. With eos_id, a row that emitted it
-        is padded with it, and generation stops once every row has. Within block_size the tokens equal use_cache=False's
-        (the whole cropped sequence recomputed every step, as nanoGPT). on_token(next_ids (B,)): after each step.
-        kv_cache: a KVCache holding idx's first kv_cache.filled tokens (a chat's earlier turns), left holding the text.
-        padding: (B,) left-padding tokens in each row of idx. decode_step: torch.compile(model.decode_step)."""
+        """Append up to max_new_tokens to idx (B, T), return it (B, T + n): the book's ch05 generate, with a KV cache
+        (equal to use_cache=False within block_size); temperature=0 greedy; rows past eos_id padded with it, stop once
+        all are. on_token(next_ids (B,)): after each step. kv_cache: a KVCache holding idx's first kv_cache.filled
+        tokens (a chat's earlier turns). padding: (B,) left pads per row. decode_step: the compiled one-token step."""
         B, T = idx.shape
         cache = kv_cache
         if cache is None and (use_cache or padding is not None):
@@ -577,10 +580,8 @@ def orthogonalize(G, steps=5, dtype=torch.bfloat16):
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for groups with use_muon,
-    plain AdamW for the others, in one optimizer that train.py treats as AdamW. Under DDP (every process holding every
-    matrix whole, the same averaged gradients) each orthogonalizes its share and gathers the others' (modded-nanogpt's
-    way): the Newton-Schulz work is divided, not repeated. Every process keeps all momentum buffers (cheap), so any
-    one's state_dict is the whole state, and a checkpoint resumes on one process or many alike."""
+    plain AdamW for the others. Under DDP each process orthogonalizes its share and gathers the others'
+    (modded-nanogpt): the work is divided. Every process keeps all momentum buffers: any state_dict is the whole."""
 
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
@@ -676,9 +677,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 # -------------------------------------------------------------------- LoRA (appendix E)
 
 class LoRALinear(nn.Linear):
-    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + (alpha / rank) x A^T B^T. A starts Kaiming-
-    uniform, B at zero: the model starts unchanged. (The book's LinearWithLoRA scales by alpha; alpha / rank, as the
-    LoRA paper, keeps the update's size whatever the rank.) Keeps the Linear's parameter names: state dicts match."""
+    """A frozen Linear plus a trainable low-rank update, y = x W^T + b + (alpha / rank) x A^T B^T, B starting at 0.
+    (The book's LinearWithLoRA scales by alpha; alpha / rank, as the LoRA paper, keeps the update's size any rank.)"""
 
     def __init__(self, base, rank, alpha):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')

@@ -51,21 +51,6 @@ DATASETS = {  # name: (url, file name, sha256)
                     'tinyshakespeare.txt', '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
 }
 FINEWEB_URL = 'https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main/'
-HELLASWAG_URL = 'https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'
-
-
-# -------------------------------------------------------------------- HellaSwag (GPT-2 runs are compared on it)
-
-def hellaswag_examples(folder):
-    """HellaSwag's 10,042 validation examples [{ctx, endings (4), label}], downloaded into folder once."""
-    path = download(HELLASWAG_URL, Path(folder) / 'hellaswag_val.jsonl')
-    try:
-        with open(path, encoding='utf-8') as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [{'ctx': r['ctx'], 'endings': r['endings'], 'label': int(r['label'])} for r in rows]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not HellaSwag's validation set ({type(e).__name__}: {e}); "
-                         "delete it to download it again") from None
 
 
 # -------------------------------------------------------------------- shards

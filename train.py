@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from configurator import (configure, run_config, setup, die, init_distributed, local_rank0_first, maybe_compile,
                           compile_available, pick_dtype, gpu_peak_flops, save_plot)
-from model import GPTConfig, pad_rows, token_logprobs
+from model import GPTConfig
 from quantize import cast_and_quantize, talk_dtype
 from weights import load_pretrained, save_checkpoint, save_text
 from tokenizer import get_tokenizer, token_bytes
-from prepare_data import data_tokenizer, find_shards, hellaswag_examples, prepare, read_meta, read_shard
+from prepare_data import data_tokenizer, find_shards, prepare, read_meta, read_shard
+from eval import best, llmc_pairs, read_items, score_choices
 
 # I/O
 out_dir = 'out'
@@ -207,10 +208,10 @@ def sum_across_ranks(values, comm_dev='cpu'):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, tokenizer, byte_counts, hellaswag, proc):
+def estimate_loss(model, splits, byte_counts, proc):
     """Mean loss over the same eval_iters batches of each split every time (ch05's calc_loss_loader), shared out
     among the processes; and val_bpb, the val loss summed over tokens per UTF-8 byte they stand for, which compares
-    across tokenizers (byte_counts: (vocab,), 0 for special tokens). With HellaSwag examples, their acc_norm too."""
+    across tokenizers (byte_counts: (vocab,), 0 for special tokens)."""
     model.eval()
     out = {}
     for name, shards in splits.items():
@@ -227,31 +228,19 @@ def estimate_loss(model, splits, tokenizer, byte_counts, hellaswag, proc):
         out[name] = loss_sum / tokens
         if name == 'val':
             out['val_bpb'] = text_loss / math.log(2) / max(text_bytes, 1)
-    if hellaswag:
-        out['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
-                                              proc.world_size, proc.comm_dev)
     model.train()
     return out
 
 
-@torch.no_grad()
 def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
-    """acc_norm as llm.c and nanoGPT count it: for each example, the ending whose tokens have the lowest mean
-    loss after the context is the model's choice. The examples are shared out among the processes."""
-    model.eval()
-    correct = 0
-    for index in my_share(len(examples), rank, world_size):
-        ex = examples[index or 0]  # (a padding slot, None, scores example 0 and does not count)
-        ctx_ids = tokenizer.encode(ex['ctx'])
-        endings = [tokenizer.encode(' ' + e) for e in ex['endings']]
-        rows = [(ctx_ids + e)[-model.config.block_size - 1:] for e in endings]  # 4 candidates, one per row
-        starts = [max(len(r) - len(e), 1) for r, e in zip(rows, endings)]  # where each ending starts in its row
-        x = pad_rows([r[:-1] for r in rows], 0).to(dev)
-        y = pad_rows([[-100] * (s - 1) + r[s:] for r, s in zip(rows, starts)], -100).to(dev)  # only the endings
-        with ctx:
-            logp, mask = token_logprobs(model, x, y)  # (4, T-1)
-        choice = (logp.sum(1) / mask.sum(1)).argmax().item()  # the highest mean log-probability = lowest mean loss
-        correct += int(choice == ex['label'] and index is not None)
+    """acc_norm as llm.c and nanoGPT count it (eval.py's acc_norm_llmc, the same code): for each example, the
+    ending whose tokens have the lowest mean loss after the context is the model's choice. The examples are shared
+    out among the processes."""
+    share = my_share(len(examples), rank, world_size)  # a padding slot, None, scores example 0 and does not count
+    items = [llmc_pairs(*examples[index or 0]['llmc'], tokenizer) for index in share]
+    scores = score_choices(model, items, dev, ctx)  # one example's endings in one batch, as before
+    correct = sum(index is not None and best([s / n for s, n in sc]) == examples[index]['label']
+                  for index, sc in zip(share, scores))
     model.train()
     return sum_across_ranks([correct], comm_dev)[0] / max(len(examples), 1)
 
@@ -387,8 +376,8 @@ def load_data(T, proc):
     byte_counts = torch.from_numpy(token_bytes(tokenizer)).to(proc.dev)
     hellaswag = None
     if eval_hellaswag:  # every process scores its share of the examples
-        hellaswag = local_rank0_first(lambda: hellaswag_examples(hellaswag_dir), proc.distributed, proc.local_rank)
-        hellaswag = hellaswag[:hellaswag_limit or None]
+        hellaswag = local_rank0_first(lambda: read_items('hellaswag', hellaswag_dir),
+                                      proc.distributed, proc.local_rank)[:hellaswag_limit or None]
     return splits, tokenizer, byte_counts, hellaswag
 
 
@@ -398,7 +387,10 @@ def hellaswag_text(losses, hellaswag):
 
 def evaluate_only(model, splits, tokenizer, byte_counts, hellaswag, proc):
     """--eval_only: the val batches every evaluation scores, so that models compare on equal tokens; nothing written."""
-    losses = estimate_loss(model, {'val': splits['val']}, tokenizer, byte_counts, hellaswag, proc)
+    losses = estimate_loss(model, {'val': splits['val']}, byte_counts, proc)
+    if hellaswag:
+        losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
+                                                 proc.world_size, proc.comm_dev)
     if proc.master:
         print(f"{init_from}{f' ({quantize} weights)' if quantize != 'none' else ''}: val loss {losses['val']:.4f}, "
               f"{losses['val_bpb']:.4f} bits per byte on {eval_iters} x "
@@ -562,7 +554,11 @@ def evaluate(parallel, splits, tokenizer, byte_counts, hellaswag, proc):
     with evaluations draws the same dropout as one without."""
     sample = ''
     with torch.random.fork_rng(devices=[proc.dev] if proc.device_type == 'cuda' else []):
-        losses = estimate_loss(parallel.raw, splits, tokenizer, byte_counts, hellaswag, proc)
+        losses = estimate_loss(parallel.raw, splits, byte_counts, proc)
+        if hellaswag:  # the scorer calls the trunk and the head, past FSDP's gathering hook: gathered first
+            with parallel.for_generation() as model:
+                losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
+                                                         proc.world_size, proc.comm_dev)
         if parallel.samples_here and sample_prompt:
             prompt = torch.tensor([tokenizer.encode(sample_prompt)[-parallel.raw.config.block_size:]], device=proc.dev)
             with proc.ctx, parallel.for_generation() as model:

@@ -169,7 +169,7 @@ def pydoc_data(tmp_path_factory):
     return prepare('pydoc', data_dir=tmp_path_factory.mktemp('pydoc_data') / 'pydoc', quiet=True)
 
 
-DEVICE_SCRIPTS = ('train.py', 'sample.py', 'finetune_classify.py', 'finetune_instruct.py', 'bench.py')
+DEVICE_SCRIPTS = ('train.py', 'sample.py', 'finetune_classify.py', 'finetune_instruct.py', 'bench.py', 'eval.py')
 
 
 def script_argv(script, args):

@@ -287,12 +287,21 @@ def test_no_arguments_prepares_the_default_data_first(tmp_path):
 
 class PrefersA(torch.nn.Module):
     """A stand-in model whose next token is always most likely 'a' (byte 97)."""
-    config = type('C', (), {'block_size': 64})()
+    config = type('C', (), {'block_size': 64, 'vocab_size': 257})()
 
-    def forward(self, idx):
-        logits = torch.zeros(*idx.shape, 257)
+    def hidden_states(self, idx, kv_cache=None):
+        return torch.zeros(*idx.shape, 1)
+
+    def new_kv_cache(self, *args):  # its own cache: what it predicts never depends on what came before
+        return self
+
+    def repeat_rows(self, repeats):
+        return self
+
+    def lm_head(self, states):
+        logits = torch.zeros(*states.shape[:-1], 257)
         logits[..., 97] = 5.0
-        return logits, None
+        return logits
 
 
 def test_hellaswag_scoring_picks_the_most_likely_ending():
@@ -300,25 +309,31 @@ def test_hellaswag_scoring_picks_the_most_likely_ending():
     from contextlib import nullcontext
     from tokenizer import ByteTokenizer
     train = importlib.import_module('train')
-    examples = [{'ctx': 'x', 'endings': ['aaaa', 'bbbb', 'cccc', 'dddd'], 'label': 0},
-                {'ctx': 'yy', 'endings': ['bbbb', 'cccc', 'aaa', 'dddd'], 'label': 2},
-                {'ctx': 'z', 'endings': ['aaaa', 'bbbb', 'cccc', 'dddd'], 'label': 3}]
-    # length-normalised: 'aaa' wins over longer endings; the third example's label is wrong on purpose
-    assert train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext()) == 2 / 3
+    examples = [{'llmc': ('x', ['aaaa', 'bbbb', 'cccc', 'dddd']), 'label': 0},
+                {'llmc': ('yy', ['bbbb', 'cccc', 'aaa', 'dddd']), 'label': 2},
+                {'llmc': ('z', ['aaaa', 'bbbb', 'cccc', 'dddd']), 'label': 3},
+                {'llmc': ('w', ['a', 'aaaaaaaa', 'bb', 'cc']), 'label': 1}]
+    # the third example's label is wrong on purpose; in the fourth the mean per token picks the long ending of a's,
+    # where the sum would pick the short one
+    assert train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext()) == 3 / 4
     # under torchrun each rank scores every world_size-th example; padding slots are run but never counted
     assert train.my_share(3, 0, 2) == [0, 2] and train.my_share(3, 1, 2) == [1, None]
     shares = [train.hellaswag_accuracy(PrefersA(), examples, ByteTokenizer(), 'cpu', nullcontext(), rank, 2)
               for rank in (0, 1)]
-    assert shares == [1 / 3, 1 / 3]  # rank 0: example 0 right, 2 wrong; rank 1: example 1 right, its pad not counted
+    assert train.hellaswag_accuracy(PrefersA(), examples[:3], ByteTokenizer(), 'cpu', nullcontext(), 1, 2) == 1 / 3
+    assert shares == [1 / 4, 2 / 4]  # rank 0: example 0 right, 2 wrong; rank 1: examples 1 and 3 right
 
 
 def test_hellaswag_during_training_from_a_local_copy(data, tmp_path, server, monkeypatch):
-    import prepare_data
-    rows = [{'ctx': f'The {w} is', 'endings': [' red.', ' blue.', ' a dog.', ' seven.'], 'label': i % 4,
-             'activity_label': 'x'} for i, w in enumerate(['sky', 'sea', 'cat', 'car', 'sun'])]
+    import importlib
+    evaluation = importlib.import_module('eval')
+    rows = [{'ctx': f'The {w} is', 'ctx_a': f'The {w} is', 'ctx_b': '', 'activity_label': 'x', 'label': i % 4,
+             'endings': [' red.', ' blue.', ' a dog.', ' seven.']}
+            for i, w in enumerate(['sky', 'sea', 'cat', 'car', 'sun'])]
     server.routes['/hellaswag_val.jsonl'] = '\n'.join(json.dumps(r) for r in rows).encode()
-    monkeypatch.setattr(prepare_data, 'HELLASWAG_URL', server.url + '/hellaswag_val.jsonl')
-    assert len(prepare_data.hellaswag_examples(tmp_path / 'hs')) == 5  # downloaded and parsed
+    monkeypatch.setitem(evaluation.SOURCES, 'hellaswag', {'hellaswag_val.jsonl': (server.url + '/hellaswag_val.jsonl',
+                                                                                   None, None)})
+    assert len(evaluation.read_items('hellaswag', tmp_path / 'hs')) == 5  # downloaded and parsed
     proc = run_script('train.py', *tiny(data, tmp_path / 'out', '--max_iters=10', '--eval_hellaswag=True',
                                         f'--hellaswag_dir={tmp_path}/hs', '--hellaswag_limit=4'))
     assert proc.returncode == 0, proc.stderr
