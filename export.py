@@ -276,9 +276,11 @@ def q8_0(rows):
     return np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1).tobytes()
 
 
-def tensor_bytes(t, kind, rows=1024):
-    """The tensor as ggml stores it, a few rows at a time (so a large matrix is never copied whole)."""
+def tensor_bytes(t, kind):
+    """The tensor as ggml stores it, 64K values at a time: the float32 working copies stay a few MB (the whole
+    embedding of Qwen3-0.6B would be 620 MB), and a small model's export holds little beside its weights."""
     t = t.reshape(-1, t.size(-1)) if t.dim() > 1 else t.reshape(1, -1)
+    rows = max(1, 2**16 // t.size(1))
     for i in range(0, t.size(0), rows):
         chunk = t[i:i + rows].float()
         if kind == 'q8_0':
