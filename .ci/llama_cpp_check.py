@@ -67,14 +67,18 @@ def export(flag, gguf):
                    capture_output=True)
 
 
-def same_greedy_text(bin, flag, gguf):
-    """Our 24 greedy tokens (model.generate, as sample.py --temperature=0) against llama-simple's, as bytes."""
+def load(flag):
+    """(model, tokenizer) of --out_dir=DIR or --init_from=X, as export.py loads them."""
     key, value = flag[2:].split('=', 1)
     model, info = load_pretrained('resume' if key == 'out_dir' else value, out_dir=value)
-    tok = get_tokenizer(info['tokenizer'])
+    return model.eval(), get_tokenizer(info['tokenizer'])
+
+
+def same_greedy_text(bin, model, tok, gguf):
+    """Our 24 greedy tokens (model.generate, as sample.py --temperature=0) against llama-simple's, as bytes."""
     ids = torch.tensor([tok.encode(PROMPT)])
     with torch.no_grad():
-        ours = model.eval().generate(ids, 24, temperature=0.0)[0, ids.size(1):].tolist()
+        ours = model.generate(ids, 24, temperature=0.0)[0, ids.size(1):].tolist()
     printed = subprocess.run([f'{bin}/llama-simple', '-m', gguf, '-n', '24', PROMPT], capture_output=True).stdout
     if not printed.startswith(PROMPT.encode()):
         return f'DIFFERENT: {printed[:80]!r} (something before the prompt)'
@@ -93,9 +97,7 @@ def same_greedy_text(bin, flag, gguf):
             f'{printed[:50]!r}, ours {tok.decode_bytes(ours)[:50]!r}')
 
 
-def same_ids(bin, flag, gguf, folder):
-    key, value = flag[2:].split('=', 1)
-    tok = get_tokenizer(load_pretrained('resume' if key == 'out_dir' else value, out_dir=value)[1]['tokenizer'])
+def same_ids(bin, tok, gguf, folder):
     equal = 0
     for text in TEXTS:
         text = text.replace('<|endoftext|>', tok.decode([tok.eot_id]))
@@ -157,7 +159,8 @@ if __name__ == '__main__':
         for flag in flags:
             gguf = folder / 'm.gguf'
             export(flag, gguf)
-            print(f"{flag:40s} greedy: {same_greedy_text(bin, flag, gguf)}; "
-                  f"tokenizer: {same_ids(bin, flag, gguf, folder)}")
+            model, tok = load(flag)
+            print(f"{flag:40s} greedy: {same_greedy_text(bin, model, tok, gguf)}; "
+                  f"tokenizer: {same_ids(bin, tok, gguf, folder)}")
         llama_cpp_templates(bin, flags, folder)
         ollama_templates(folder)
