@@ -147,7 +147,8 @@ def ollama_templates(folder):
     for style in PROMPT_STYLES:
         (folder / 't.tmpl').write_text(ollama_template(style))
         same = [subprocess.run([folder / 'render', folder / 't.tmpl', json.dumps(m)], capture_output=True,
-                               text=True).stdout == format_chat(m, style) for m in (chat, chat[1:], chat[1:2], chat[:1])]
+                               text=True).stdout == format_chat(m, style)
+                for m in (chat, chat[1:], chat[1:2], chat[:1])]
         print(f"Ollama template {style:7s} {sum(same)} of 4 conversations render as format_chat")
 
 
