@@ -289,20 +289,21 @@ def common_length(rows):
     return next((j for j, tokens in enumerate(zip(*rows)) if len(set(tokens)) > 1), min(map(len, rows)))
 
 
-def continuation_states(model, rows, starts, sizes, dev):
+def continuation_states(model, rows, starts, sizes, dev, share_context=True):
     """(final states (B, L, n_embd), targets (B, L), -100 where nothing is scored) of token rows scored from their
     starts on; sizes: how many consecutive rows are one item's choices. Each item's first tokens that its choices
     share go through the model once, into a KV cache (items left-padded in it, as generate_batch pads prompts) that
     the choices continue from, each the rest of its row, right-padded, in one batch. Where the rows share nothing
-    or would not fit the context so, each row whole, right-padded (padding follows a row's tokens, so causal
-    attention never lets the row see it)."""
+    or would not fit the context so, or share_context is off, each row whole, right-padded (padding follows a row's
+    tokens, so causal attention never lets the row see it): one forward pass whatever the data, as FSDP's processes
+    need (each gathers the weights in every forward; a rank-dependent number of passes would hang them)."""
     T, dev = model.config.block_size, torch.device(dev)
     firsts = [sum(sizes[:k]) for k in range(len(sizes))]  # each item's first row
     shared = [min(common_length(rows[f:f + n]), *(s - 1 for s in starts[f:f + n])) for f, n in zip(firsts, sizes)]
     own = [p for p, n in zip(shared, sizes) for _ in range(n)]  # each row's shared start
     length = max(shared) + max(len(r) - 1 - p for r, p in zip(rows, own))  # the cache's slots: starts, then rests
     cache = None
-    if min(shared) < 1 or length > T or min(sizes) < 2:  # (a row alone gains nothing from a cache)
+    if not share_context or min(shared) < 1 or length > T or min(sizes) < 2:  # (a row alone gains nothing)
         own = [0] * len(rows)
     else:
         cache = model.new_kv_cache(len(sizes), length, dev, torch.tensor([max(shared) - p for p in shared], device=dev))
@@ -314,12 +315,12 @@ def continuation_states(model, rows, starts, sizes, dev):
 
 
 @torch.no_grad()
-def score_choices(model, items, dev, ctx, batch_size=1, progress=None):
+def score_choices(model, items, dev, ctx, batch_size=1, progress=None, share_context=True):
     """items: for each item its choices' (context ids, continuation ids) -> for each item, each choice's
     (log-likelihood of its continuation, its tokens). The choices of batch_size items go through the model as one
     batch, right-padded (pad_rows): padding follows a row's tokens, so causal attention never lets them see it.
     A row longer than the context keeps its last block_size + 1 tokens (lm-eval's cropping). batch_size=0: each
-    choice alone, one forward pass each (for comparison)."""
+    choice alone, one forward pass each (for comparison). share_context: see continuation_states."""
     if batch_size == 0:
         alone = iter(score_choices(model, [[pair] for item in items for pair in item], dev, ctx, 1, progress))
         return [[next(alone)[0] for _ in item] for item in items]
@@ -333,7 +334,7 @@ def score_choices(model, items, dev, ctx, batch_size=1, progress=None):
         rows = [(c + e)[-T - 1:] for c, e in pairs]
         starts = [max(len(r) - len(e), 1) for r, (_, e) in zip(rows, pairs)]  # where each continuation starts
         with ctx:  # the head only where a continuation token is predicted: the rest of (B, T, vocab) is not needed
-            states, y = continuation_states(model, rows, starts, [len(item) for item in group], dev)
+            states, y = continuation_states(model, rows, starts, [len(item) for item in group], dev, share_context)
             scored = y != -100
             logits = model.lm_head(states[scored])[:, :V].float()  # (N, vocab)
         logp = logits.log_softmax(-1).gather(1, y[scored][:, None])[:, 0]  # (N,)

@@ -232,13 +232,13 @@ def estimate_loss(model, splits, byte_counts, proc):
     return out
 
 
-def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1, comm_dev='cpu'):
+def hellaswag_accuracy(model, examples, tokenizer, dev, ctx, rank=0, world_size=1, comm_dev='cpu', lockstep=False):
     """acc_norm as llm.c and nanoGPT count it (eval.py's acc_norm_llmc, the same code): for each example, the
     ending whose tokens have the lowest mean loss after the context is the model's choice. The examples are shared
-    out among the processes."""
+    out among the processes; lockstep (FSDP): one forward pass per example on every process."""
     share = my_share(len(examples), rank, world_size)  # a padding slot, None, scores example 0 and does not count
     items = [llmc_pairs(*examples[index or 0]['llmc'], tokenizer) for index in share]
-    scores = score_choices(model, items, dev, ctx)  # one example's endings in one batch, as before
+    scores = score_choices(model, items, dev, ctx, share_context=not lockstep)  # an example's endings: one batch
     correct = sum(index is not None and best([s / n for s, n in sc]) == examples[index]['label']
                   for index, sc in zip(share, scores))
     model.train()
@@ -558,7 +558,7 @@ def evaluate(parallel, splits, tokenizer, byte_counts, hellaswag, proc):
         if hellaswag:  # the scorer calls the trunk and the head, past FSDP's gathering hook: gathered first
             with parallel.for_generation() as model:
                 losses['hellaswag'] = hellaswag_accuracy(model, hellaswag, tokenizer, proc.dev, proc.ctx, proc.rank,
-                                                         proc.world_size, proc.comm_dev)
+                                                         proc.world_size, proc.comm_dev, lockstep=parallel.fsdp)
         if parallel.samples_here and sample_prompt:
             prompt = torch.tensor([tokenizer.encode(sample_prompt)[-parallel.raw.config.block_size:]], device=proc.dev)
             with proc.ctx, parallel.for_generation() as model:

@@ -344,3 +344,19 @@ def test_a_download_that_fails_its_checksum_is_one_line(server, tmp_path, monkey
     with pytest.raises(OSError, match='sha256'):
         ev.read_items('gsm8k', tmp_path / 'gsm8k')
     assert not (tmp_path / 'gsm8k' / 'test.jsonl').exists()
+
+
+@needs_gpt2_bpe
+def test_without_a_shared_context_each_batch_is_one_forward_pass(tiny_gpt2, monkeypatch):
+    # FSDP's processes gather weights in every forward pass: train.py's HellaSwag under FSDP (share_context=False)
+    # must make as many on every process whatever the data, here one a batch, with the same scores
+    model, _, tok, _ = tiny_gpt2
+    encoded = [[ev.encode_pair(tok, c, e) for c, e in it['requests']] for it in items('arc_easy', limit=3)]
+    shared = ev.score_choices(model, encoded, 'cpu', nullcontext())
+    calls, real = [], model.hidden_states
+    monkeypatch.setattr(model, 'hidden_states', lambda *a, **k: calls.append(1) or real(*a, **k))
+    lockstep = ev.score_choices(model, encoded, 'cpu', nullcontext(), share_context=False)
+    assert len(calls) == len(encoded)
+    assert [[n for _, n in item] for item in lockstep] == [[n for _, n in item] for item in shared]
+    assert [[s for s, _ in item] for item in lockstep] == [pytest.approx([s for s, _ in item], abs=1e-4)
+                                                          for item in shared]
