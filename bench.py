@@ -5,14 +5,20 @@ Speed measurements (nanoGPT's bench.py idea; the book's ch05 "speed-up" bonus as
     python bench.py --mode=generate --compare_hf=True --dtype=float16   # generation tokens/s
     python bench.py --mode=generate --shape=qwen3-0.6b --dtype=bfloat16 --batch_size=1 --compare_hf=True
     python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --quantize=int8   # int8 beside bf16
+    python bench.py --mode=generate --shape=qwen3-0.6b --batch_size=1 --prompt_tokens=1 --max_new_tokens=64 \
+        --quantize=int8,int4 --compile=True --llamacpp=PATH/llama-bench      # beside llama.cpp, the same weights
     python bench.py --mode=optimizer                 # one optimizer step alone, GPT-2 124M: fused AdamW vs Muon
 """
 import copy
+import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +26,7 @@ import torch.nn as nn
 
 from configurator import configure, setup, die, maybe_compile, synchronize, gpu_peak_flops, compile_decoding
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
-from quantize import Int4Linear, Int8Linear, cast_and_quantize, talk_dtype
+from quantize import cast_and_quantize, talk_dtype
 from weights import empty_model, load_pretrained, save_pretrained
 from prepare_data import find_shards, read_shard
 
@@ -48,7 +54,8 @@ repeats = 3  # generate: timed rounds, each running every variant once in turn; 
 uncached = True  # generate: also time generation without the KV cache (slow for big shapes)
 compare_hf = False  # generate: also time transformers' generate() on the same weights (pip install transformers)
 quantize = 'none'  # generate: int8, int4 or int8,int4 = also time weight-only copies (quantize.py) in the same rounds
-bandwidth_mb = 1024  # generate: MB of the matrix whose matrix-vector product measures memory bandwidth (0 = skip)
+bandwidth_mb = 1024  # generate: MB of the buffer whose plain read measures memory bandwidth (0 = skip)
+llamacpp = ''  # generate: PATH/llama-bench = also time llama.cpp on GGUFs of the same weights (F16, Q8_0, Q4_0)
 device = 'auto'
 dtype = 'auto'  # train: autocast dtype; generate: the dtype the weights are stored in
 seed = 1337
@@ -237,21 +244,22 @@ def generate_speed(dev, device_type, dtype_name):
     print(f"{model.get_num_params() / 1e6:.1f}M params, {dtype_name}{also}, {dev}, threads={torch.get_num_threads()}, "
           f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy; "
           f"median of {repeats} interleaved rounds")
-    with torch.no_grad():
-        variants = generation_variants(model, quantized, idx, device_type, dtype_name)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        variants, read = generation_variants(model, quantized, idx, device_type, dtype_name)
+        if llamacpp:
+            read.update(llama_cpp_variants(model, schemes, Path(tmp), variants))
         times, outs = time_interleaved(variants, device_type, 1, repeats)
-    hf_rows = [n for n in variants if n.startswith('transformers')]
-    print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'vs transformers':>16s}")
-    for name, t in times.items():
-        rel = f"{times[hf_rows[-1]] / t:.2f}x" if hf_rows else '-'
-        print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} {rel:>16s}")
+    probe = memory_bandwidth(dev, bandwidth_mb) if bandwidth_mb else 0
+    print_generation_table(times, read, probe)
     same = lambda a, b: f"{torch.equal(outs[a], outs[b])}" if a in outs and b in outs else 'not run'  # noqa: E731
+    hf_rows = [n for n in variants if n.startswith('transformers')]
     print(f"KV cache == no cache: {same('ours, KV cache', 'ours, no cache (recompute the context)')}"
-          + (f"; compiled == eager: {same('ours, KV cache', 'ours, KV cache, compiled step')}" if compile else '')
-          + ''.join(f"; {s} compiled == {s} eager: {same(f'ours {s}, KV cache', f'ours {s}, KV cache, compiled step')}"
-                    for s in schemes if compile)
           + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
+    if compile:  # compiled logits against eager ones (random weights: a near tie may pick another greedy token)
+        for label, m in [('', model)] + [(f'{s} ', quantized[s]) for s in schemes]:
+            print(f"{label or 'bf16/float '}compiled step against eager, one step's logits: {compiled_gap(m):.3g} "
+                  f"(largest difference over the logits' spread)")
     if profile:  # after the timed rounds, so that the profiler's own cost is not in the figures
         for name in [n for n in variants if n.startswith('ours') and n.endswith(', KV cache')]:
             with torch.no_grad(), torch.profiler.profile() as prof:
@@ -259,25 +267,54 @@ def generate_speed(dev, device_type, dtype_name):
             where = 'device' if device_type == 'cuda' else 'cpu'
             print(f"{name}, one generation: where its time goes")
             print(prof.key_averages().table(sort_by=f'self_{where}_time_total', row_limit=10, max_name_column_width=40))
-    # a token reads every weight once: what that costs against what the memory can deliver
-    for label, m, scheme in [('', model, 'none')] + [(f'{s} ', quantized[s], s) for s in schemes]:
-        # the token embedding's own rows are looked up, a few a token, not read whole (tied, they are the head's)
-        looked_up = {id(p) for p in m.transformer.wte.parameters()} - {id(p) for p in m.lm_head.parameters()}
-        weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in looked_up)
-        best = min(t for name, t in times.items() if name.startswith(f'ours {label}'.rstrip() + ', KV'))
-        read = weight_bytes * max_new_tokens / best
-        line = f"{label}weights {weight_bytes / 1e9:.2f} GB; our fastest {label}decoding reads {read / 1e9:.1f} GB/s"
-        if bandwidth_mb:
-            talk = getattr(torch, dtype_name if scheme == 'none' else q_dtype)
-            peak = memory_bandwidth(dev, talk, bandwidth_mb, scheme)
-            line += f"; the machine's {label}bandwidth probe {peak / 1e9:.1f} GB/s ({100 * read / peak:.0f}% of it)"
-        print(line)
+
+
+def weight_bytes(m):
+    """The bytes a token reads: every weight once, but the token embedding's own rows are looked up, a few a token,
+    not read whole (tied, they are the head's)."""
+    looked_up = {id(p) for p in m.transformer.wte.parameters()} - {id(p) for p in m.lm_head.parameters()}
+    return sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in looked_up)
+
+
+def print_generation_table(times, read, probe):
+    """One row per variant: tokens/s, ms/token, the GB/s its weights are read at (and its share of the probe's plain
+    read), and the ratio to transformers or to llama.cpp at the same width."""
+    hf_rows = [n for n in times if n.startswith('transformers')]
+    width = {'': 'F16', 'int8': 'Q8_0', 'int4': 'Q4_0'}  # ours at a width -> llama.cpp's file at the same one
+    print(f"{'variant':42s} {'tokens/s':>9s} {'ms/token':>9s} {'GB/s':>6s} {'of probe':>8s} {'vs':>16s}")
+    for name, t in times.items():
+        scheme = next((s for s in ('int8', 'int4') if name.startswith(f'ours {s}')), '')
+        twin = f'llama.cpp {width[scheme]}'
+        if name.startswith('ours') and 'KV cache' in name and twin in times:
+            rel = f"{times[twin] / t:.2f}x {twin[10:]}"
+        else:
+            rel = f"{times[hf_rows[-1]] / t:.2f}x transformers" if hf_rows and name.startswith('ours') else '-'
+        gbs = read[name] * max_new_tokens / t / 1e9 if name in read else 0
+        share = f"{100 * gbs * 1e9 / probe:.0f}%" if probe and gbs else '-'
+        print(f"{name:42s} {batch_size * max_new_tokens / t:9.1f} {1e3 * t / max_new_tokens:9.2f} "
+              f"{gbs or float('nan'):6.1f} {share:>8s} {rel:>16s}")
+    if probe:
+        print(f"the machine's bandwidth probe: a plain read of {bandwidth_mb} MB with {torch.get_num_threads()} "
+              f"threads, {probe / 1e9:.1f} GB/s (GB/s: the weights a token reads, times tokens/s)")
+
+
+@torch.no_grad()
+def compiled_gap(m):
+    """One step's logits, compiled step against eager, from the same cache: the largest difference over the eager
+    logits' spread (max - min)."""
+    idx = torch.randint(0, m.config.vocab_size, (batch_size, 4), device=m.lm_head.weight.device)
+    logits = []
+    for step in (None, compile_decoding(m, True, m.lm_head.weight.device.type)):
+        cache = m.new_kv_cache(batch_size, 8, idx.device)
+        m.next_logits(idx[:, :3], cache)
+        logits.append(m.next_logits(idx, cache, step).float())
+    return float((logits[0] - logits[1]).abs().max() / (logits[0].max() - logits[0].min()))
 
 
 def generation_variants(model, quantized, idx, device_type, dtype_name):
-    """{row name: a function generating max_new_tokens greedily}: ours with the KV cache (and compiled, and
-    quantized), without it, and transformers' generate() on the same weights."""
-    variants = {}
+    """({row name: a function generating max_new_tokens greedily}, {row name: the weight bytes a token reads}): ours
+    with the KV cache (and compiled, and quantized), without it, and transformers' generate() on the same weights."""
+    variants, read = {}, {}
     for label, m in [('ours', model)] + [(f'ours {s}', q) for s, q in quantized.items()]:
         # one cache per model for every run: a compiled step's graph is recorded for its addresses
         cache = m.new_kv_cache(batch_size, min(m.config.block_size, prompt_tokens + max_new_tokens), idx.device)
@@ -286,9 +323,11 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
             cache.restart(0)
             return m.generate(idx, max_new_tokens, temperature=0, kv_cache=cache, decode_step=decode_step)
         variants[f'{label}, KV cache'] = ours
+        read[f'{label}, KV cache'] = weight_bytes(m)
         if compile:
             step = compile_decoding(m, True, device_type)
             variants[f'{label}, KV cache, compiled step'] = lambda ours=ours, step=step: ours(decode_step=step)
+            read[f'{label}, KV cache, compiled step'] = weight_bytes(m)
     if uncached:
         variants['ours, no cache (recompute the context)'] = lambda: model.generate(idx, max_new_tokens, temperature=0,
                                                                                    use_cache=False)
@@ -310,13 +349,72 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
             variants['transformers, static cache, compiled'] = lambda: hf_generate(cache_implementation='static',
                                                                                    compile_config=config)
         variants['transformers generate(), its KV cache'] = hf_generate
-    return variants
+    return variants, read
+
+
+def llama_cpp_variants(model, schemes, folder, variants):
+    """Add llama-bench (--llamacpp) on GGUFs of the model's own weights, written by export.py into folder: F16, and
+    Q8_0 and Q4_0 beside int8 and int4 (Q4_0 made by llama-quantize, found beside llama-bench). Same threads, batch 1,
+    the same prompt and new tokens. Returns {row name: the GGUF's tensor bytes a token reads}."""
+    import export
+    from tokenizer import get_tokenizer
+    bench_bin = Path(llamacpp)
+    if not bench_bin.is_file():
+        die(f"--llamacpp={llamacpp}: no such file; give the path of llama.cpp's llama-bench (build/bin/llama-bench)")
+    if batch_size != 1 or model.lm_head.weight.device.type != 'cpu':
+        die("--llamacpp compares one prompt at a time on the CPU, as llama-bench does: --batch_size=1 --device=cpu")
+    if model.config.vocab_size < 256:
+        die("--llamacpp needs a vocabulary of at least 256 tokens (the GGUF's tokenizer is GPT-2's or bytes)")
+    tokenizer = get_tokenizer('gpt2' if model.config.vocab_size >= 50257 else 'bytes')
+    family, read = export.gguf_family(model.config), {}
+    files = {'F16': 'f16'} | ({'Q8_0': 'q8_0'} if 'int8' in schemes else {})
+    for kind, file_type in files.items():
+        path = folder / f'bench-{file_type}.gguf'
+        metadata = export.gguf_metadata(model, tokenizer, 'alpaca', family, file_type, 'bench')
+        export.write_gguf(path, metadata, export.gguf_tensors(model, family), file_type)
+        variants[f'llama.cpp {kind}'] = lambda path=path: run_llama_bench(bench_bin, path)
+    quantizer = bench_bin.with_name('llama-quantize' + bench_bin.suffix)
+    if 'int4' in schemes and quantizer.is_file():
+        subprocess.run([str(quantizer), str(folder / 'bench-f16.gguf'), str(folder / 'bench-q4_0.gguf'), 'Q4_0'],
+                       check=True, capture_output=True)
+        variants['llama.cpp Q4_0'] = lambda: run_llama_bench(bench_bin, folder / 'bench-q4_0.gguf')
+    elif 'int4' in schemes:
+        print(f"(no {quantizer.name} beside {bench_bin}: no Q4_0 row)")
+    for kind in ('F16', 'Q8_0', 'Q4_0'):
+        if f'llama.cpp {kind}' in variants:  # its file less the token embedding's own rows (looked up, as ours)
+            path = folder / f'bench-{kind.lower()}.gguf'
+            embedding = 0 if model.config.tie_embeddings else gguf_tensor_bytes(path, 'token_embd.weight')
+            if embedding is not None:
+                read[f'llama.cpp {kind}'] = os.path.getsize(path) - embedding
+    return read
+
+
+def gguf_tensor_bytes(path, name):
+    """The bytes one tensor takes in a GGUF, read by ggml's gguf package (pip install gguf), or None without it."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    return next(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name == name)
+
+
+def run_llama_bench(bench_bin, path):
+    """Seconds llama-bench takes for the same work as one of our generations (its own timing, as a float: the
+    process's start and the file's load are not counted): a prompt of prompt_tokens, then max_new_tokens."""
+    work = ['-p', '0', '-n', str(max_new_tokens)] if prompt_tokens == 1 else \
+        ['-p', '0', '-n', '0', '-pg', f'{prompt_tokens},{max_new_tokens}']
+    proc = subprocess.run([str(bench_bin), '-m', str(path), *work, '-t', str(torch.get_num_threads()), '-r', '1',
+                           '-o', 'json'], capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        die(f"llama-bench failed on {path.name}: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout)[0]['avg_ns'] / 1e9
 
 
 def time_interleaved(variants, device_type, warmup, rounds):
     """({name: median seconds}, {name: its last output}) over `rounds` rounds, each running every variant once
     in turn, after `warmup` untimed ones (allocations, kernels, compilation): a load on the machine that comes
-    and goes then falls on every variant alike."""
+    and goes then falls on every variant alike. A variant that times itself (an outside program) returns its
+    seconds as a float."""
     times, outs = {name: [] for name in variants}, {}
     for r in range(warmup + rounds):
         for name, fn in variants.items():
@@ -325,34 +423,22 @@ def time_interleaved(variants, device_type, warmup, rounds):
             outs[name] = fn()
             synchronize(device_type)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(outs[name] if isinstance(outs[name], float) else time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}, outs
 
 
-def memory_bandwidth(dev, dtype, megabytes, scheme='none', tries=5):
-    """Bytes/s that a matrix-vector product of a megabytes-sized matrix reads (the best of `tries`): the speed limit
-    of decoding one token, which does the same with every weight. Computed as a Linear layer does (x @ W^T, one row
-    of x), or an Int8Linear or Int4Linear for int8 or int4, so that it runs the kernels decoding runs."""
-    cols = 4096
-    with torch.device('meta'):
-        bits = {'int8': 8, 'int4': 4}.get(scheme, torch.finfo(dtype).bits)
-        linear = nn.Linear(cols, megabytes * 2**23 // (cols * bits) // 16 * 16, bias=False)  # rows: int4 packs 16
-        layer = {'int8': Int8Linear, 'int4': Int4Linear}.get(scheme, lambda linear: linear)(linear)
-    layer = layer.to_empty(device=dev).to(dtype)
-    with torch.no_grad():  # random values made in place: no float32 copy of the matrix first
-        for p in layer.parameters():
-            low, high = (-127, 128) if p.dtype == torch.int8 else (0, 256)  # int8, or int4 packed two to a uint8
-            p.normal_() if p.is_floating_point() else p.random_(low, high)
-    x = torch.randn(1, cols, device=dev, dtype=dtype)
+def memory_bandwidth(dev, megabytes, tries=5):
+    """Bytes/s of a plain read (a sum) of a megabytes-sized buffer, bigger than the caches, with the threads decoding
+    uses, the best of `tries`: the speed limit of decoding one token, which reads every weight once."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=dev)  # float32, every page touched
     best = float('inf')
-    with torch.no_grad():
-        for _ in range(tries + 1):  # the first is a warm-up
-            synchronize(dev.split(':')[0])
-            t0 = time.perf_counter()
-            layer(x)
-            synchronize(dev.split(':')[0])
-            best = min(best, time.perf_counter() - t0)
-    return sum(p.numel() * p.element_size() for p in layer.parameters()) / best
+    for _ in range(tries + 1):  # the first is a warm-up
+        synchronize(dev.split(':')[0])
+        t0 = time.perf_counter()
+        buffer.sum()
+        synchronize(dev.split(':')[0])
+        best = min(best, time.perf_counter() - t0)
+    return buffer.numel() * 4 / best
 
 
 if __name__ == '__main__':

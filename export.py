@@ -321,13 +321,14 @@ def write_gguf(path, metadata, tensors, file_type):
     with atomic_write(path) as tmp, open(tmp, 'wb') as f:
         f.write(b''.join(header))
         f.write(bytes(-f.tell() % ALIGNMENT))
+        data_start = f.tell()
         for i, (name, t, kind, start) in enumerate(infos):
             for chunk in tensor_bytes(t, kind):
                 f.write(chunk)
             f.write(bytes(-f.tell() % ALIGNMENT))
             if time.time() - shown > 0.5 or i == len(infos) - 1:
                 shown = time.time()
-                print(f"\rwriting {path.name}: {f.tell() / 1e6:,.0f} of {offset / 1e6:,.0f} MB", end='',
+                print(f"\rwriting {path.name}: {(f.tell() - data_start) / 1e6:,.0f} of {offset / 1e6:,.0f} MB", end='',
                       file=sys.stderr, flush=True)
         print(file=sys.stderr)
 

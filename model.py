@@ -6,6 +6,7 @@ Plus KV-cache generation, LoRA, Muon. Files (checkpoints, published weights, dow
 this file, never the other way round. Imports only torch and the standard library."""
 import copy
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -115,11 +116,49 @@ def one_query_attention(q, k, v, mask=None, scale=None):
     B, nh, _, hs = q.shape
     # the query heads that read each key/value head, as rows, scaled before the matmul (float16 cannot overflow then)
     rows = q.reshape(B, k.size(1), nh // k.size(1), hs) * (scale or hs ** -0.5)
-    # keys times queries, then turned: rows @ k^T would first copy the cached keys (a slice of the cache) whole
-    scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float('-inf'))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, nh, 1, hs)  # softmax in float32, as SDPA's
+    if torch.compiler.is_compiling():  # compiled: sums Inductor fuses, reading each key once, in float32
+        scores = (k[:, :, None].float() * rows[:, :, :, None].float()).sum(-1)  # (B, n_kv_head, nh / n_kv_head, S)
+        scores = scores if mask is None else scores.masked_fill(~mask, float('-inf'))
+        return (scores.softmax(dim=-1)[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).view(B, nh, 1, hs)
+    with onednn_enabled(torch.backends.mkldnn.is_available()):  # oneDNN's small matmuls, whatever one_row_kernels chose
+        # keys times queries, then turned: rows @ k^T would first copy the cached keys (a slice of the cache) whole
+        scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float('-inf'))
+        return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, nh, 1, hs)  # softmax in float32, as SDPA's
+
+
+ONEDNN_AT_ONE_ROW = {}  # dtype -> whether oneDNN computes one-row matmuls on this CPU (measured once: one_row_kernels)
+
+
+@contextmanager
+def onednn_enabled(enabled):
+    """`with onednn_enabled(False):` ATen's own CPU kernels where oneDNN's would run (torch.backends.mkldnn), then as
+    before."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def one_row_kernels(dtype, device):
+    """The kernels a one-token step runs with: on a CPU in bf16/fp16, oneDNN's one-row matmul (x @ W^T) or ATen's own,
+    timed once per dtype on a 128 MB matrix (bigger than the caches, as a model's weights): without AMX, oneDNN reads
+    bf16 at half the memory's speed (RESULTS.md). oneDNN stays unless ATen's is 10% faster."""
+    onednn = torch.backends.mkldnn.enabled
+    if onednn and device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16):
+        if dtype not in ONEDNN_AT_ONE_ROW:
+            w, x, best = torch.ones(2**14, 4096, dtype=dtype), torch.ones(1, 4096, dtype=dtype), {}
+            for kind in (True, False) * 3:  # interleaved, the best of each: a passing load falls on both
+                with onednn_enabled(kind):
+                    start = time.perf_counter()
+                    F.linear(x, w)
+                    best[kind] = min(best.get(kind, float('inf')), time.perf_counter() - start)
+            ONEDNN_AT_ONE_ROW[dtype] = best[False] > 0.9 * best[True]
+        onednn = ONEDNN_AT_ONE_ROW[dtype]
+    return onednn_enabled(onednn)
 
 
 class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-query attention, RoPE)
@@ -486,13 +525,15 @@ class GPT(nn.Module):  # ch04: the GPT model
             keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
         new = text[:, cache.offset + cache.filled:]
-        if decode_step is not None and new.size(1) == 1:
+        if new.size(1) > 1:  # the prompt: a variable length, computed eagerly
+            return self.lm_head(self.hidden_states(new, cache)[:, -1])
+        with one_row_kernels(cache.k[0].dtype, new.device):
+            if decode_step is None:
+                return self.lm_head(self.hidden_states(new, cache)[:, -1])
             cache.step_slot.fill_(cache.filled)
-            new = new.clone(memory_format=torch.contiguous_format)  # the same strides every call: one graph
-            logits = decode_step(new, cache, cache.step_slot)
+            logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache, cache.step_slot)  # one graph
             cache.filled += 1
             return logits
-        return self.lm_head(self.hidden_states(new, cache)[:, -1])  # the prompt: a variable length, computed eagerly
 
     def decode_step(self, token, cache, slot):
         """(B, 1) token -> (B, padded vocab) logits, every shape fixed: the cache is read whole and written at `slot` (a

@@ -182,3 +182,63 @@ def test_bfloat16_decoding_past_64_keys_attends_in_matmuls(family, monkeypatch):
         for t in range(60, 80):  # each cached step's logits against the whole text's, through SDPA
             cached, full = model.next_logits(text[:, :t], cache).float(), model(text[:, :t])[0][:, -1].float()
             assert (cached - full).abs().max() <= 0.05 * full.std(), t
+
+
+@pytest.mark.parametrize('onednn', [False, True], ids=['aten', 'onednn'])
+def test_one_token_steps_run_the_measured_matmul_kernel(onednn, monkeypatch):
+    """Decoding on a CPU in bf16: the one-token steps' matmuls run with the kernel one_row_kernels chose (oneDNN off
+    where ATen's own one-row kernel is faster), attention's small matmuls with oneDNN, the prompt as before, and the
+    setting is back after; greedy tokens are the same either way."""
+    import model as model_file
+    monkeypatch.setitem(model_file.ONEDNN_AT_ONE_ROW, torch.bfloat16, onednn)
+    seen = []  # (tokens in, oneDNN on) at each MLP matmul, and ('attention', oneDNN on) at one_query_attention's
+    matmul = torch.Tensor.__matmul__
+
+    def attention_matmul(a, b):
+        seen.append(('attention', torch.backends.mkldnn.enabled))
+        return matmul(a, b)
+    monkeypatch.setattr(torch.Tensor, '__matmul__', attention_matmul)
+    torch.manual_seed(0)
+    model = spread_weights(GPT(GPTConfig(block_size=128, vocab_size=96, n_layer=2, n_head=4, n_embd=32))).eval()
+    model = model.to(torch.bfloat16)
+    model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].size(1), torch.backends.mkldnn.enabled)))
+    out = model.generate(torch.randint(1, 96, (1, 70)), 4, temperature=0)
+    assert seen[0] == (70, True) and set(seen[1:]) == {(1, onednn), ('attention', True)}, seen
+    assert torch.backends.mkldnn.enabled
+    monkeypatch.setitem(model_file.ONEDNN_AT_ONE_ROW, torch.bfloat16, not onednn)
+    assert torch.equal(model.generate(out[:, :70], 4, temperature=0), out)
+
+
+def test_one_row_kernels_are_chosen_by_a_measurement_once(monkeypatch):
+    # a fake clock: each oneDNN matmul takes `onednn` seconds, each of ATen's `aten`; ATen must be 10% faster to win
+    import model as model_file
+    for onednn, aten, chosen in [(10.0, 5.0, False), (10.0, 9.5, True)]:
+        ticks = iter([0.0, onednn, 0.0, aten] * 3)
+        monkeypatch.setattr(model_file.time, 'perf_counter', lambda: next(ticks))
+        monkeypatch.setattr(model_file, 'ONEDNN_AT_ONE_ROW', {})
+        with model_file.one_row_kernels(torch.bfloat16, torch.device('cpu')):
+            assert torch.backends.mkldnn.enabled == chosen
+        with model_file.one_row_kernels(torch.bfloat16, torch.device('cpu')):  # measured once: no clock left
+            assert torch.backends.mkldnn.enabled == chosen
+        with model_file.one_row_kernels(torch.float32, torch.device('cpu')):  # float32: nothing measured or changed
+            assert torch.backends.mkldnn.enabled
+        assert model_file.ONEDNN_AT_ONE_ROW == {torch.bfloat16: chosen} and torch.backends.mkldnn.enabled
+
+
+@pytest.mark.skipif(not compile_available('cpu'), reason="torch.compile needs a C compiler here")
+def test_compiled_bf16_step_past_64_keys_is_within_tolerance_of_eager():
+    # compiled, one_query_attention is sums that Inductor fuses (no matmul kernel); eager, oneDNN's matmuls
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = spread_weights(GPT(GPTConfig(block_size=128, vocab_size=96, n_layer=2, n_head=4, n_embd=32,
+                                         **LLAMA_STYLE))).eval().to(torch.bfloat16)
+    text, step = torch.randint(1, 96, (2, 90)), compile_decoding(model, True, 'cpu')
+    logits = []
+    with torch.no_grad():
+        for decode_step in (None, step):
+            cache = model.new_kv_cache(2, 96, text.device)
+            model.next_logits(text[:, :80], cache)
+            logits.append(torch.stack([model.next_logits(text[:, :t], cache, decode_step) for t in range(81, 91)]))
+    eager, compiled = (x.float() for x in logits)
+    assert (compiled - eager).abs().max() <= 0.02 * (eager.max() - eager.min())

@@ -1,6 +1,8 @@
 """Speed and scale features on CPU: bench.py, compile-friendliness, Muon, activation checkpointing. (Training with
 both and resuming exactly: test_train.py's test_resume_continues_exactly.)"""
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +29,9 @@ def test_bench_runs_a_tiny_config_in_both_modes():
     gen = run_script('bench.py', '--mode=generate', *args, '--max_new_tokens=8', '--repeats=1', '--batch_size=1',
                      '--quantize=int8,int4', '--bandwidth_mb=16', '--profile=True')
     assert gen.returncode == 0 and 'KV cache == no cache: True' in gen.stdout, gen.stdout + gen.stderr
-    for scheme in ('int8', 'int4'):  # timed in the same rounds, each beside a probe of its own kernel
-        assert f'ours {scheme}, KV cache' in gen.stdout and f"the machine's {scheme} bandwidth probe" in gen.stdout
+    for scheme in ('int8', 'int4'):  # timed in the same rounds
+        assert f'ours {scheme}, KV cache' in gen.stdout
+    assert "the machine's bandwidth probe: a plain read of 16 MB" in gen.stdout and ' GB/s ' in gen.stdout
     # --profile=True: where each of our models' generations spends its time, after the timed rounds
     assert gen.stdout.count('one generation: where its time goes') == 3 and 'aten::_weight_int8pack_mm' in gen.stdout
 
@@ -194,3 +197,35 @@ def test_grad_checkpoint_gives_the_same_gradients():
     for (name, a), b in zip(model.named_parameters(), other.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
+
+
+def test_bench_times_llama_cpp_on_the_same_weights_in_the_same_rounds(tmp_path):
+    """--llamacpp: GGUFs of the benchmarked weights (F16, and Q8_0 and Q4_0 beside int8 and int4), each timed by
+    llama-bench in every round, its own seconds taken; here a stand-in llama-bench reports 1 s a run and checks
+    what it is given, and a stand-in llama-quantize copies."""
+    fake_bench, fake_quantize, calls = tmp_path / 'llama-bench', tmp_path / 'llama-quantize', tmp_path / 'calls'
+    fake_bench.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+model = open(args[args.index('-m') + 1], 'rb').read(4)
+assert model == b'GGUF' and args[args.index('-n') + 1] == '8' and args[args.index('-t') + 1] == '2', args
+open({str(calls)!r}, 'a').write(args[args.index('-m') + 1] + chr(10))
+print(json.dumps([dict(avg_ns=1e9)]))
+""")
+    fake_quantize.write_text(f"#!{sys.executable}\nimport shutil, sys\nshutil.copy(sys.argv[1], sys.argv[2])\n")
+    for f in (fake_bench, fake_quantize):
+        f.chmod(0o755)
+    args = ('--mode=generate', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--vocab_size=320',
+            '--max_new_tokens=8', '--prompt_tokens=1', '--repeats=2', '--batch_size=1', '--quantize=int8,int4',
+            '--bandwidth_mb=16', '--device=cpu', '--uncached=False')
+    proc = run_script('bench.py', *args, f'--llamacpp={fake_bench}')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split('  ')[0]: line for line in proc.stdout.splitlines() if line.startswith(('ours', 'llama.cpp'))}
+    for kind in ('F16', 'Q8_0', 'Q4_0'):  # 8 tokens in llama-bench's 1 s
+        assert rows[f'llama.cpp {kind}'].split()[2] == '8.0', rows
+    assert rows['ours, KV cache'].endswith(' F16') and rows['ours int8, KV cache'].endswith(' Q8_0')
+    assert rows['ours int4, KV cache'].endswith(' Q4_0')
+    ran = calls.read_text().split()
+    assert len(ran) == 9 and {Path(p).name for p in ran} == {'bench-f16.gguf', 'bench-q8_0.gguf', 'bench-q4_0.gguf'}
+    missing = run_script('bench.py', *args, f'--llamacpp={tmp_path / "nothing"}')
+    assert missing.returncode != 0 and 'llama-bench' in missing.stderr.strip().splitlines()[-1]
