@@ -256,7 +256,10 @@ def generate_speed(dev, device_type, dtype_name):
     print(f"KV cache == no cache: {same('ours, KV cache', 'ours, no cache (recompute the context)')}"
           + (f"; ours == transformers: {same('ours, KV cache', hf_rows[-1])}" if hf_rows else '')
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
-    if compile:  # compiled logits against eager ones (random weights: a near tie may pick another greedy token)
+    if compile:  # the first start compiles (Inductor's cache on disk makes the next start fast)
+        print("first generation, compiling included: " + ', '.join(
+            f"{name.split(',')[0]} {FIRST_CALL[name]:.1f} s" for name in variants if name.endswith('compiled step')))
+        # compiled logits against eager ones (random weights: a near tie may pick another greedy token)
         for label, m in [('', model)] + [(f'{s} ', quantized[s]) for s in schemes]:
             print(f"{label or 'bf16/float '}compiled step against eager, one step's logits: {compiled_gap(m):.3g} "
                   f"(largest difference over the logits' spread)")
@@ -424,7 +427,12 @@ def time_interleaved(variants, device_type, warmup, rounds):
             synchronize(device_type)
             if r >= warmup:
                 times[name].append(outs[name] if isinstance(outs[name], float) else time.perf_counter() - t0)
+            elif r == 0:
+                FIRST_CALL[name] = time.perf_counter() - t0  # a compiled step's compilation is in it
     return {name: float(np.median(t)) for name, t in times.items()}, outs
+
+
+FIRST_CALL = {}  # variant -> seconds of its first (untimed) run
 
 
 def memory_bandwidth(dev, megabytes, tries=5):
