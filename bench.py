@@ -261,7 +261,8 @@ def generate_speed(dev, device_type, dtype_name):
             f"{name.split(',')[0]} {FIRST_CALL[name]:.1f} s" for name in variants if name.endswith('compiled step')))
         # compiled logits against eager ones (random weights: a near tie may pick another greedy token)
         for label, m in [('', model)] + [(f'{s} ', quantized[s]) for s in schemes]:
-            print(f"{label or 'bf16/float '}compiled step against eager, one step's logits: {compiled_gap(m):.3g} "
+            gap = compiled_gap(m, COMPILED[id(m)])
+            print(f"{label or 'unquantized '}compiled step against eager, one step's logits: {gap:.3g} "
                   f"(largest difference over the logits' spread)")
     if profile:  # after the timed rounds, so that the profiler's own cost is not in the figures
         for name in [n for n in variants if n.startswith('ours') and n.endswith(', KV cache')]:
@@ -302,15 +303,15 @@ def print_generation_table(times, read, probe):
 
 
 @torch.no_grad()
-def compiled_gap(m):
+def compiled_gap(m, step):
     """One step's logits, compiled step against eager, from the same cache: the largest difference over the eager
     logits' spread (max - min)."""
     idx = torch.randint(0, m.config.vocab_size, (batch_size, 4), device=m.lm_head.weight.device)
     logits = []
-    for step in (None, compile_decoding(m, True, m.lm_head.weight.device.type)):
+    for decode_step in (None, step):
         cache = m.new_kv_cache(batch_size, 8, idx.device)
         m.next_logits(idx[:, :3], cache)
-        logits.append(m.next_logits(idx, cache, step).float())
+        logits.append(m.next_logits(idx, cache, decode_step).float())
     return float((logits[0] - logits[1]).abs().max() / (logits[0].max() - logits[0].min()))
 
 
@@ -328,7 +329,7 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
         variants[f'{label}, KV cache'] = ours
         read[f'{label}, KV cache'] = weight_bytes(m)
         if compile:
-            step = compile_decoding(m, True, device_type)
+            step = COMPILED[id(m)] = compile_decoding(m, True, device_type)
             variants[f'{label}, KV cache, compiled step'] = lambda ours=ours, step=step: ours(decode_step=step)
             read[f'{label}, KV cache, compiled step'] = weight_bytes(m)
     if uncached:
@@ -433,6 +434,7 @@ def time_interleaved(variants, device_type, warmup, rounds):
 
 
 FIRST_CALL = {}  # variant -> seconds of its first (untimed) run
+COMPILED = {}  # id(model) -> its compiled one-token step (--compile=True)
 
 
 def memory_bandwidth(dev, megabytes, tries=5):
