@@ -1,9 +1,8 @@
 """The whole GPT in one file (book chapters 3-4; LoRA appendix E; the "GPT to Llama" bonus). GPT-2 exactly: learned
 token + position embeddings, pre-LayerNorm blocks, one fused qkv projection, flash/SDPA causal attention, tanh-GELU MLP,
-output head tied to the token embedding. The Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2) and Gemma 3 are the same
-class with other GPTConfig fields: RMSNorm, rotary positions, SwiGLU/GeGLU, grouped-query and sliding-window attention.
-Plus KV-cache generation, LoRA, Muon. Files (checkpoints, published weights, downloads) are weights.py's job; it imports
-this file, never the other way round. Imports only torch and the standard library."""
+head tied to the token embedding. The Llama family and Gemma 3 are the same class with other GPTConfig fields: RMSNorm,
+rotary positions, SwiGLU/GeGLU, grouped-query and sliding-window attention. Plus KV-cache generation, LoRA, Muon.
+Imports only torch and the standard library: files (checkpoints, published weights, downloads) are weights.py's job."""
 import copy
 import math
 import time
@@ -24,15 +23,13 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2 (False: a bit faster)
-    padded_vocab_size: int = 0  # rows of the embedding and head; 0 = vocab_size. 50304 (a multiple of 64) makes the
-    # head's matmuls tensor-core friendly, as nanoGPT and llm.c; the extra logits are never sampled or scored
+    padded_vocab_size: int = 0  # embedding/head rows, 0 = vocab_size; nanoGPT's 50304 (64 x 786) suits tensor cores
     # --- what turns GPT-2 into the Llama family (Llama 3.2, Qwen2.5, Qwen3, SmolLM2); the defaults are GPT-2's
     norm: str = 'layernorm'  # layernorm (GPT-2) | rmsnorm (Llama: no mean, no bias)
     norm_eps: float = 1e-5
     pos_emb: str = 'learned'  # learned (GPT-2's wpe table) | rope (rotary: positions rotate queries and keys)
     rope_theta: float = 10000.0  # RoPE's base wavelength (Llama 3: 500,000; Qwen: 1,000,000)
-    rope_scaling: dict = None  # Llama 3's frequency scaling {factor, low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings}, None = plain RoPE
+    rope_scaling: dict = None  # Llama 3's {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
     mlp: str = 'gelu'  # gelu (GPT-2: 4x wide, tanh GELU) | swiglu (Llama: silu(gate) * up)
     mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 * n_embd
     n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0 = n_head
@@ -62,18 +59,14 @@ class GPTConfig:
 
 
 FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
-
-PRESETS = {  # the four GPT-2 sizes: n_layer, n_head, n_embd
-    'gpt2': dict(n_layer=12, n_head=12, n_embd=768),          # 124M
-    'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
-    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
-    'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
-}
+ONEDNN_AT_ONE_ROW = {}  # dtype -> whether oneDNN computes one-row matmuls on this CPU (measured once: one_row_kernels)
+PRESETS = {  # the four GPT-2 sizes: 124M, 355M, 774M, 1558M parameters
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768), 'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280), 'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600)}
 
 
 class RMSNormPlusOne(nn.RMSNorm):
     """Gemma's RMSNorm: in float32, scaled by (1 + weight), so its weights are stored as offsets from 1."""
-
     def reset_parameters(self):
         nn.init.zeros_(self.weight)
 
@@ -92,8 +85,7 @@ def rope_frequencies(config, theta=None):
     the long wavelengths by `factor` (reaching past its pretraining context), keeps the short, blends those between."""
     d = config.head_dim
     inv_freq = 1.0 / (theta or config.rope_theta) ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    sc = config.rope_scaling
-    if sc:
+    if sc := config.rope_scaling:
         old_context = sc['original_max_position_embeddings']
         wavelen = 2 * math.pi / inv_freq
         low_freq_wavelen, high_freq_wavelen = old_context / sc['low_freq_factor'], old_context / sc['high_freq_factor']
@@ -128,13 +120,9 @@ def one_query_attention(q, k, v, mask=None, scale=None):
         return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, nh, 1, hs)  # softmax in float32, as SDPA's
 
 
-ONEDNN_AT_ONE_ROW = {}  # dtype -> whether oneDNN computes one-row matmuls on this CPU (measured once: one_row_kernels)
-
-
 @contextmanager
 def onednn_enabled(enabled):
-    """`with onednn_enabled(False):` ATen's own CPU kernels where oneDNN's would run (torch.backends.mkldnn), then as
-    before."""
+    """`with onednn_enabled(False):` ATen's own CPU kernels, not oneDNN's (torch.backends.mkldnn), then as before."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = enabled
     try:
@@ -162,7 +150,6 @@ def one_row_kernels(dtype, device):
 
 
 class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-query attention, RoPE)
-
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -175,25 +162,20 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
         self.qk_norm = config.qk_norm
         self.window = config.window(layer_idx)  # 0: attends to the whole context; else to its last `window` tokens
         self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # None: SDPA's
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.resid_dropout, self.dropout = nn.Dropout(config.dropout), config.dropout  # the latter: SDPA's dropout_p
         self.layer_idx = layer_idx  # which slot of a KVCache is ours
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.sizes, dim=2)
         # (B, T, heads * hs) -> (B, heads, T, hs): each head attends on its own; k and v have n_kv_head heads
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = [t.unflatten(2, (-1, self.head_dim)).transpose(1, 2) for t in self.c_attn(x).split(self.sizes, dim=2)]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, slot)  # (B, n_kv_head, S, hs): the cached keys and values too
-        # no mask: the whole sequence (causal), or one new token that may see every cached one; else the mask says which
-        # keys each query sees (a chunk after a cached prefix, padding, the static cache, a window)
+        # no mask: causal, or one token seeing all the cache; else the keys each query sees (prefix, padding, window)
         if T == 1 and not self.training and q.device.type == 'cpu' and q.dtype != torch.float32 and k.size(2) > 64:
             y = one_query_attention(q, k, v, mask, self.scale)  # decoding on a CPU in bf16/fp16: SDPA is slow there
         else:
@@ -205,7 +187,6 @@ class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-q
 
 
 class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU, Gemma's GeGLU)
-
     def __init__(self, config):
         super().__init__()
         self.gated, self.swiglu = config.mlp in ('swiglu', 'geglu'), config.mlp == 'swiglu'
@@ -224,16 +205,14 @@ class MLP(nn.Module):  # ch04: feed forward with GELU (or Llama's SwiGLU, Gemma'
 
 
 class Block(nn.Module):  # ch04: the transformer block, pre-norm
-
     def __init__(self, config, layer_idx):
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
-        # Gemma's sandwich: each sublayer's output normed too before it joins the residual stream
-        self.ln_attn_out, self.ln_mlp_out = (make_norm(config, config.n_embd) if config.sandwich_norm
-                                             else nn.Identity() for _ in range(2))
+        self.ln_attn_out, self.ln_mlp_out = (make_norm(config, config.n_embd) if config.sandwich_norm else nn.Identity()
+                                             for _ in range(2))  # Gemma's sandwich: outputs normed before the residual
 
     def forward(self, x, rope=None, kv_cache=None, mask=None, slot=None):
         x = x + self.ln_attn_out(self.attn(self.ln_1(x), rope, kv_cache, mask, slot))
@@ -258,16 +237,14 @@ class KVCache:
     n_kv_head shared heads, and a sliding-window layer only its window, in a ring (slot s at s % window). padding: (B,)
     left pads per row, or None: never attended to; positions count from a row's first token, so each reads as alone.
     Its fields are written here and by GPT only; callers ask: restart, truncate, repeat_rows."""
-
     def __init__(self, config, batch_size, device, dtype, length=None, padding=None):
         self.length = min(length or config.block_size, config.block_size)  # no position lies beyond block_size
         windows = [config.window(i) for i in range(config.n_layer)]
         self.ring = config.sliding_window if any(0 < w < self.length for w in windows) else 0
         self.in_ring = [w > 0 and self.ring > 0 for w in windows]
-        # one tensor per layer, so that a compiled step writes each in place (a slice of one big tensor would be copied
-        # whole); zeros, not empty: a masked-out slot gets weight 0, and 0 * NaN is NaN
+        # one tensor per layer: a compiled step writes each in place (a slice of one big tensor would be copied whole)
         self.k = [torch.zeros(batch_size, config.n_kv_head, self.ring if ring else self.length, config.head_dim,
-                              device=device, dtype=dtype) for ring in self.in_ring]
+                              device=device, dtype=dtype) for ring in self.in_ring]  # zeros, not empty: 0 * NaN = NaN
         self.v = [torch.zeros_like(k) for k in self.k]
         self.padding = padding
         # the compiled step's write slot, one tensor refilled each step: a Python int would recompile per step
@@ -315,15 +292,13 @@ class KVCache:
         positions = query_slots if pads is None else (query_slots - pads[:, :, 0]).clamp(min=0)
         return positions, mask, local
 
-    def restart(self, offset=0):
-        """Empty the cache; it will hold the text from token `offset` on (the window slides)."""
+    def restart(self, offset=0):  # empty the cache; it will hold the text from token `offset` on (the window slides)
         self.filled = 0  # how many slots hold a token
         self.offset = offset  # which token of the text is in slot 0 (> 0 once the window has slid)
         # the padding left in the window, as a tensor: a compiled step reading the int offset would recompile per slide
         self.window_padding = None if self.padding is None else (self.padding - offset).clamp(min=0)
 
-    def truncate(self, n):
-        """Keep the first n filled slots (what the next text shares); a ring that lost what they need starts again."""
+    def truncate(self, n):  # keep the first n filled slots (what the next text shares); a ring that lost them restarts
         self.filled = min(self.filled, n if not self.ring or n >= self.filled - 1 else 0)
 
     def repeat_rows(self, repeats):
@@ -336,7 +311,6 @@ class KVCache:
 
 
 class GPT(nn.Module):  # ch04: the GPT model
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -351,10 +325,9 @@ class GPT(nn.Module):  # ch04: the GPT model
         ))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
-            # on the model's device, not saved: they follow from the config (Gemma's sliding layers: another base)
-            self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']
+            self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']  # Gemma: sliding layers
                                                            if config.rope_local_theta else [])
-            for name in self.rope_tables:
+            for name in self.rope_tables:  # on the model's device, not saved: they follow from the config
                 self.register_buffer(name, torch.empty(config.block_size, config.head_dim), persistent=False)
             self.init_rope()
         if config.tie_embeddings:
@@ -366,8 +339,7 @@ class GPT(nn.Module):  # ch04: the GPT model
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @torch.no_grad()
-    def init_rope(self):
-        """Fill the RoPE tables in float32 (again after a meta-device build, which leaves buffers empty)."""
+    def init_rope(self):  # fill the RoPE tables in float32 (again after a meta-device build: it leaves buffers empty)
         device = self.rope_cos.device
         for cos, sin, theta in zip(self.rope_tables[::2], self.rope_tables[1::2], (None, self.config.rope_local_theta)):
             angles = torch.arange(self.config.block_size, dtype=torch.float32, device=device)[:, None] \
@@ -382,8 +354,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def get_num_params(self):
-        """All parameters, the tied head counted once (124,439,808 for GPT-2 124M)."""
+    def get_num_params(self):  # all parameters, the tied head counted once (124,439,808 for GPT-2 124M)
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx, kv_cache=None, slot=None):
@@ -420,8 +391,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """logits (B, T, vocab_size) for every position; loss = cross-entropy against targets (B, T) where -100 marks
-        positions to ignore, None without targets."""
+        """logits (B, T, vocab_size); loss: cross-entropy vs targets (B, T), -100 ignored (None without targets)."""
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab_size)
         V = self.config.vocab_size
         if logits.size(-1) > V:  # padding: -inf gets softmax 0, so it is never scored and gets no gradient.
@@ -472,7 +442,6 @@ class GPT(nn.Module):  # ch04: the GPT model
         return self.flops_per_token() * tokens_per_s / peak_flops if peak_flops else None
 
     # ---------------------------------------------------------------- generation (ch05)
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
                  use_cache=True, on_token=None, generator=None, kv_cache=None, padding=None, decode_step=None):
@@ -504,8 +473,7 @@ class GPT(nn.Module):  # ch04: the GPT model
             out[:, T + step] = next_id
             if on_token is not None:
                 on_token(next_id)
-            # whether every row is done needs the device to finish: ask every 8 tokens (or when the text is streamed,
-            # which waits for each token anyway)
+            # done.all() waits for the device: asked every 8 tokens (or each one when streamed, which waits anyway)
             if eos_id is not None and (on_token is not None or step % 8 == 7) and bool(done.all()):
                 return out[:, :T + step + 1]
         if cache is not None and cache.offset:  # the window slid: the cache no longer holds the text's start
@@ -542,8 +510,7 @@ class GPT(nn.Module):  # ch04: the GPT model
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set to -inf every logit outside the top_k largest and outside the nucleus: the smallest set of most likely tokens
-    whose probability reaches top_p. (..., vocab)"""
+    """(..., vocab) logits, -inf outside the top_k largest and the nucleus (fewest likeliest tokens reaching top_p)."""
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -565,7 +532,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 # -------------------------------------------------------------------- batches of rows of different lengths
-
 def pad_rows(rows, pad_id, length=None, left=False):
     """Token-id lists of different lengths -> (B, length) tensor (length: the longest row's), each row padded with
     pad_id on the right, or on the left (batched generation: every row's last token in the last column)."""
@@ -578,9 +544,8 @@ def pad_rows(rows, pad_id, length=None, left=False):
 
 @torch.no_grad()
 def generate_batch(model, prompts, end_id, max_new_tokens, temperature=0.0, generator=None):
-    """Continuations (token-id lists) of several token-id prompts at once: KV cache, each row stops at end_id (kept as
-    its last token; a row without it never ended). Prompts are left-padded (never attended to, positions from each
-    row's first token), so each row equals its prompt's continuation alone. temperature=0 is greedy. Inside autocast."""
+    """Continuations (token-id lists) of several token-id prompts at once, in a KV cache; a row ends with end_id (if it
+    ended). Prompts are left-padded: each row equals its continuation alone. temperature=0: greedy. Inside autocast."""
     device = model.lm_head.weight.device
     x = pad_rows(prompts, end_id, left=True).to(device)  # (B, longest)
     padding = torch.tensor([x.size(1) - len(ids) for ids in prompts], device=device)
@@ -602,7 +567,6 @@ def token_logprobs(model, x, y, temperature=1.0):
 
 
 # -------------------------------------------------------------------- Muon
-
 def orthogonalize(G, steps=5, dtype=torch.bfloat16):
     """The (semi-)orthogonal matrix nearest to G (U V^T of its SVD), approximately, by a quintic Newton-Schulz iteration
     (Keller Jordan's Muon coefficients), in bfloat16 where that is fast, else float32. G: (m, n), or (k, m, n)."""
@@ -623,7 +587,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Muon (momentum, then each 2-D update orthogonalized: every direction moves equally) for groups with use_muon,
     plain AdamW for the others. Under DDP each process orthogonalizes its share and gathers the others'
     (modded-nanogpt): the work is divided. Every process keeps all momentum buffers: any state_dict is the whole."""
-
     def __init__(self, groups):
         super().__init__(groups, dict(lr=0.02, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0))
 
@@ -655,8 +618,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             by_shape.setdefault(p.shape, []).append(p)
         gathers, first = [], 0
         for (rows, cols), same in by_shape.items():
-            # the matrices dealt round-robin, shape after shape, so that each process gets an even share of the whole
-            # (GPT-2's 4 x 12 on 8 GPUs: 6 each): matrix i goes to (first + i) % world
+            # matrix i to (first + i) % world, round-robin across shapes: even shares (GPT-2's 4 x 12 on 8 GPUs: 6 each)
             mine = same[(rank - first) % world::world]
             alpha = -lr * max(1.0, rows / cols) ** 0.5
             if world == 1:
@@ -697,8 +659,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return dist.get_rank(), dist.get_world_size()
 
     def adamw_step(self, group, params):
-        """torch.optim.AdamW's update, by its own functional form: the fused kernel where there is one (one pass over
-        all the group's tensors), else PyTorch's default for the device."""
+        """torch.optim.AdamW's functional update: fused (one pass over the group) where possible, else the default."""
         from torch.optim.adamw import adamw
         fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
         for p in params:
@@ -716,11 +677,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 # -------------------------------------------------------------------- LoRA (appendix E)
-
 class LoRALinear(nn.Linear):
     """A frozen Linear plus a trainable low-rank update, y = x W^T + b + (alpha / rank) x A^T B^T, B starting at 0.
     (The book's LinearWithLoRA scales by alpha; alpha / rank, as the LoRA paper, keeps the update's size any rank.)"""
-
     def __init__(self, base, rank, alpha):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device='meta')
         self.weight, self.bias = base.weight, base.bias
@@ -733,9 +692,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x):
         y = super().forward(x)
-        if self.lora_enabled:
-            y = y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-        return y
+        return y + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale if self.lora_enabled else y
 
     def merged_weight(self):
         return (self.weight + self.scale * self.lora_B @ self.lora_A).detach()
