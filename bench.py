@@ -28,6 +28,7 @@ from configurator import configure, setup, die, maybe_compile, synchronize, gpu_
 from model import FUSED_ADAMW_DEVICES, GPT, GPTConfig
 from quantize import cast_and_quantize, talk_dtype
 from weights import empty_model, load_pretrained, save_pretrained
+from tokenizer import get_tokenizer, tokenizer_json
 from prepare_data import find_shards, read_shard
 
 mode = 'train'  # train (ms/step, tokens/s, MFU, memory), generate (tokens/s with and without the KV cache) or optimizer
@@ -357,11 +358,10 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
 
 
 def llama_cpp_variants(model, schemes, folder, variants):
-    """Add llama-bench (--llamacpp) on GGUFs of the model's own weights, written by export.py into folder: F16, and
-    Q8_0 and Q4_0 beside int8 and int4 (Q4_0 made by llama-quantize, found beside llama-bench). Same threads, batch 1,
-    the same prompt and new tokens. Returns {row name: the GGUF's tensor bytes a token reads}."""
-    import export
-    from tokenizer import get_tokenizer
+    """Add llama-bench (--llamacpp) on GGUFs of the model's own weights: saved to a folder, written by export.py run
+    as a program: F16, and Q8_0 and Q4_0 beside int8 and int4 (Q4_0 made by llama-quantize, found beside
+    llama-bench). Same threads, batch 1, the same prompt and new tokens. Returns {row name: the GGUF's bytes a token
+    reads}."""
     bench_bin = Path(llamacpp)
     if not bench_bin.is_file():
         die(f"--llamacpp={llamacpp}: no such file; give the path of llama.cpp's llama-bench (build/bin/llama-bench)")
@@ -370,12 +370,15 @@ def llama_cpp_variants(model, schemes, folder, variants):
     if model.config.vocab_size < 256:
         die("--llamacpp needs a vocabulary of at least 256 tokens (the GGUF's tokenizer is GPT-2's or bytes)")
     tokenizer = get_tokenizer('gpt2' if model.config.vocab_size >= 50257 else 'bytes')
-    family, read = export.gguf_family(model.config), {}
-    files = {'F16': 'f16'} | ({'Q8_0': 'q8_0'} if 'int8' in schemes else {})
-    for kind, file_type in files.items():
-        path = folder / f'bench-{file_type}.gguf'
-        metadata = export.gguf_metadata(model, tokenizer, 'alpaca', family, file_type, 'bench')
-        export.write_gguf(path, metadata, export.gguf_tensors(model, family), file_type)
+    save_pretrained(model, folder / 'model', tokenizer_json=tokenizer_json(tokenizer))
+    kinds = ['F16'] + ['Q8_0'] * ('int8' in schemes)
+    for kind in kinds:
+        path = folder / f'bench-{kind.lower()}.gguf'
+        export = [sys.executable, str(Path(__file__).with_name('export.py')), f'--init_from={folder / "model"}']
+        proc = subprocess.run(export + [f'--to={path}', f'--type={kind.lower()}', '--name=bench'], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            die(f"export.py could not write {path.name}: {proc.stderr.strip().splitlines()[-1:]}")
         variants[f'llama.cpp {kind}'] = lambda path=path: run_llama_bench(bench_bin, path)
     quantizer = bench_bin.with_name('llama-quantize' + bench_bin.suffix)
     if 'int4' in schemes and quantizer.is_file():
@@ -384,6 +387,7 @@ def llama_cpp_variants(model, schemes, folder, variants):
         variants['llama.cpp Q4_0'] = lambda: run_llama_bench(bench_bin, folder / 'bench-q4_0.gguf')
     elif 'int4' in schemes:
         print(f"(no {quantizer.name} beside {bench_bin}: no Q4_0 row)")
+    read = {}
     for kind in ('F16', 'Q8_0', 'Q4_0'):
         if f'llama.cpp {kind}' in variants:  # its file less the token embedding's own rows (looked up, as ours)
             path = folder / f'bench-{kind.lower()}.gguf'
