@@ -172,7 +172,7 @@ def optimizer_speed(dev, device_type, dtype_name):
     ns_dtype = torch.bfloat16 if dtype_name == 'bfloat16' else torch.float32
     opts = {name: model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, name, muon_dtype=ns_dtype)
             for name in ('adamw', 'muon')}
-    seconds, _ = time_interleaved({name: opt.step for name, opt in opts.items()}, device_type, warmup_steps, steps)
+    seconds, _, _ = time_interleaved({name: opt.step for name, opt in opts.items()}, device_type, warmup_steps, steps)
     ms = {name: 1000 * t for name, t in seconds.items()}
     print(f"optimizer step alone, GPT {n_layer}x{n_embd} ({model.get_num_params() / 1e6:.1f}M params), {dev}, "
           f"threads={torch.get_num_threads()}, Muon's Newton-Schulz in {str(ns_dtype)[6:]}, median of {steps}")
@@ -222,6 +222,10 @@ def random_model(config, dtype):
 
 
 def generate_speed(dev, device_type, dtype_name):
+    if llamacpp and not Path(llamacpp).is_file():  # the flags first: nothing built when one is wrong
+        die(f"--llamacpp={llamacpp}: no such file; give the path of llama.cpp's llama-bench (build/bin/llama-bench)")
+    if llamacpp and (batch_size != 1 or device_type != 'cpu'):
+        die("--llamacpp compares one prompt at a time on the CPU, as llama-bench does: --batch_size=1 --device=cpu")
     if shape:
         if shape not in SHAPES:
             die(f"--shape={shape}: use one of {', '.join(SHAPES)}")
@@ -246,10 +250,10 @@ def generate_speed(dev, device_type, dtype_name):
           f"batch {batch_size}, {prompt_tokens}-token prompt, {max_new_tokens} new tokens, greedy; "
           f"median of {repeats} interleaved rounds")
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        variants, read = generation_variants(model, quantized, idx, device_type, dtype_name)
+        variants, read, steps = generation_variants(model, quantized, idx, device_type, dtype_name)
         if llamacpp:
             read.update(llama_cpp_variants(model, schemes, Path(tmp), variants))
-        times, outs = time_interleaved(variants, device_type, 1, repeats)
+        times, outs, first = time_interleaved(variants, device_type, 1, repeats)
     probe = memory_bandwidth(dev, bandwidth_mb) if bandwidth_mb else 0
     print_generation_table(times, read, probe)
     same = lambda a, b: f"{torch.equal(outs[a], outs[b])}" if a in outs and b in outs else 'not run'  # noqa: E731
@@ -259,11 +263,10 @@ def generate_speed(dev, device_type, dtype_name):
           + (f"; transformers static == its own: {same(*hf_rows)}" if len(hf_rows) == 2 else ''))
     if compile:  # the first start compiles (Inductor's cache on disk makes the next start fast)
         print("first generation, compiling included: " + ', '.join(
-            f"{name.split(',')[0]} {FIRST_CALL[name]:.1f} s" for name in variants if name.endswith('compiled step')))
+            f"{name.split(',')[0]} {first[name]:.1f} s" for name in variants if name.endswith('compiled step')))
         # compiled logits against eager ones (random weights: a near tie may pick another greedy token)
-        for label, m in [('', model)] + [(f'{s} ', quantized[s]) for s in schemes]:
-            gap = compiled_gap(m, COMPILED[id(m)])
-            print(f"{label or 'unquantized '}compiled step against eager, one step's logits: {gap:.3g} "
+        for label, m in [('ours', model)] + [(f'ours {s}', quantized[s]) for s in schemes]:
+            print(f"{label} compiled step against eager, one step's logits: {compiled_gap(m, steps[label]):.3g} "
                   f"(largest difference over the logits' spread)")
     if profile:  # after the timed rounds, so that the profiler's own cost is not in the figures
         for name in [n for n in variants if n.startswith('ours') and n.endswith(', KV cache')]:
@@ -317,9 +320,10 @@ def compiled_gap(m, step):
 
 
 def generation_variants(model, quantized, idx, device_type, dtype_name):
-    """({row name: a function generating max_new_tokens greedily}, {row name: the weight bytes a token reads}): ours
-    with the KV cache (and compiled, and quantized), without it, and transformers' generate() on the same weights."""
-    variants, read = {}, {}
+    """({row name: a function generating max_new_tokens greedily}, {row name: the weight bytes a token reads},
+    {'ours' or 'ours int8'...: its compiled step}): ours with the KV cache (and compiled, and quantized), without
+    it, and transformers' generate() on the same weights."""
+    variants, read, steps = {}, {}, {}
     for label, m in [('ours', model)] + [(f'ours {s}', q) for s, q in quantized.items()]:
         # one cache per model for every run: a compiled step's graph is recorded for its addresses
         cache = m.new_kv_cache(batch_size, min(m.config.block_size, prompt_tokens + max_new_tokens), idx.device)
@@ -327,12 +331,11 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
         def ours(m=m, cache=cache, decode_step=None):
             cache.restart(0)
             return m.generate(idx, max_new_tokens, temperature=0, kv_cache=cache, decode_step=decode_step)
-        variants[f'{label}, KV cache'] = ours
-        read[f'{label}, KV cache'] = weight_bytes(m)
+        variants[f'{label}, KV cache'], read[f'{label}, KV cache'] = ours, weight_bytes(m)
         if compile:
-            step = COMPILED[id(m)] = compile_decoding(m, True, device_type)
+            step = steps[label] = compile_decoding(m, True, device_type)
             variants[f'{label}, KV cache, compiled step'] = lambda ours=ours, step=step: ours(decode_step=step)
-            read[f'{label}, KV cache, compiled step'] = weight_bytes(m)
+            read[f'{label}, KV cache, compiled step'] = read[f'{label}, KV cache']
     if uncached:
         variants['ours, no cache (recompute the context)'] = lambda: model.generate(idx, max_new_tokens, temperature=0,
                                                                                    use_cache=False)
@@ -354,7 +357,7 @@ def generation_variants(model, quantized, idx, device_type, dtype_name):
             variants['transformers, static cache, compiled'] = lambda: hf_generate(cache_implementation='static',
                                                                                    compile_config=config)
         variants['transformers generate(), its KV cache'] = hf_generate
-    return variants, read
+    return variants, read, steps
 
 
 def llama_cpp_variants(model, schemes, folder, variants):
@@ -362,19 +365,14 @@ def llama_cpp_variants(model, schemes, folder, variants):
     as a program: F16, and Q8_0 and Q4_0 beside int8 and int4 (Q4_0 made by llama-quantize, found beside
     llama-bench). Same threads, batch 1, the same prompt and new tokens. Returns {row name: the GGUF's bytes a token
     reads}."""
-    bench_bin = Path(llamacpp)
-    if not bench_bin.is_file():
-        die(f"--llamacpp={llamacpp}: no such file; give the path of llama.cpp's llama-bench (build/bin/llama-bench)")
-    if batch_size != 1 or model.lm_head.weight.device.type != 'cpu':
-        die("--llamacpp compares one prompt at a time on the CPU, as llama-bench does: --batch_size=1 --device=cpu")
+    bench_bin = Path(llamacpp)  # (a file, batch 1, on the CPU: checked by generate_speed)
     if model.config.vocab_size < 256:
         die("--llamacpp needs a vocabulary of at least 256 tokens (the GGUF's tokenizer is GPT-2's or bytes)")
     tokenizer = get_tokenizer('gpt2' if model.config.vocab_size >= 50257 else 'bytes')
     save_pretrained(model, folder / 'model', tokenizer_json=tokenizer_json(tokenizer))
-    kinds = ['F16'] + ['Q8_0'] * ('int8' in schemes)
-    for kind in kinds:
+    export = [sys.executable, str(Path(__file__).with_name('export.py')), f'--init_from={folder / "model"}']
+    for kind in ['F16'] + ['Q8_0'] * ('int8' in schemes):
         path = folder / f'bench-{kind.lower()}.gguf'
-        export = [sys.executable, str(Path(__file__).with_name('export.py')), f'--init_from={folder / "model"}']
         proc = subprocess.run(export + [f'--to={path}', f'--type={kind.lower()}', '--name=bench'], capture_output=True,
                               text=True)
         if proc.returncode != 0:
@@ -419,11 +417,12 @@ def run_llama_bench(bench_bin, path):
 
 
 def time_interleaved(variants, device_type, warmup, rounds):
-    """({name: median seconds}, {name: its last output}) over `rounds` rounds, each running every variant once
+    """({name: median seconds}, {name: its last output}, {name: seconds of its first, untimed run: a compiled
+    step's compilation is in it}) over `rounds` rounds, each running every variant once
     in turn, after `warmup` untimed ones (allocations, kernels, compilation): a load on the machine that comes
     and goes then falls on every variant alike. A variant that times itself (an outside program) returns its
     seconds as a float."""
-    times, outs = {name: [] for name in variants}, {}
+    times, outs, first = {name: [] for name in variants}, {}, {}
     for r in range(warmup + rounds):
         for name, fn in variants.items():
             synchronize(device_type)
@@ -433,12 +432,8 @@ def time_interleaved(variants, device_type, warmup, rounds):
             if r >= warmup:
                 times[name].append(outs[name] if isinstance(outs[name], float) else time.perf_counter() - t0)
             elif r == 0:
-                FIRST_CALL[name] = time.perf_counter() - t0  # a compiled step's compilation is in it
-    return {name: float(np.median(t)) for name, t in times.items()}, outs
-
-
-FIRST_CALL = {}  # variant -> seconds of its first (untimed) run
-COMPILED = {}  # id(model) -> its compiled one-token step (--compile=True)
+                first[name] = time.perf_counter() - t0
+    return {name: float(np.median(t)) for name, t in times.items()}, outs, first
 
 
 def memory_bandwidth(dev, megabytes, tries=5):
