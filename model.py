@@ -60,6 +60,7 @@ class GPTConfig:
 
 FUSED_ADAMW_DEVICES = ('cuda', 'cpu')  # where torch.optim.AdamW(fused=True) runs: one pass over all params
 ONEDNN_AT_ONE_ROW = {}  # dtype -> whether oneDNN computes one-row matmuls on this CPU (measured once: one_row_kernels)
+ONEDNN_OUTSIDE_STEP = []  # oneDNN's setting outside the one_row_kernels scope now open (attention's matmuls keep it)
 PRESETS = {  # the four GPT-2 sizes: 124M, 355M, 774M, 1558M parameters
     'gpt2': dict(n_layer=12, n_head=12, n_embd=768), 'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),
     'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280), 'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600)}
@@ -112,29 +113,28 @@ def one_query_attention(q, k, v, mask=None, scale=None):
         scores = (k[:, :, None].float() * rows[:, :, :, None].float()).sum(-1)  # (B, n_kv_head, nh / n_kv_head, S)
         scores = scores if mask is None else scores.masked_fill(~mask, float('-inf'))
         return (scores.softmax(dim=-1)[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).view(B, nh, 1, hs)
-    with onednn_enabled(torch.backends.mkldnn.is_available()):  # oneDNN's small matmuls, whatever one_row_kernels chose
+    with onednn_enabled((ONEDNN_OUTSIDE_STEP or [torch.backends.mkldnn.enabled])[-1]):  # not one_row_kernels' choice
         # keys times queries, then turned: rows @ k^T would first copy the cached keys (a slice of the cache) whole
         scores = (k @ rows.transpose(-2, -1)).transpose(-2, -1).float()  # (B, n_kv_head, nh / n_kv_head, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float('-inf'))
+        scores = scores if mask is None else scores.masked_fill(~mask, float('-inf'))
         return (scores.softmax(dim=-1).to(v.dtype) @ v).view(B, nh, 1, hs)  # softmax in float32, as SDPA's
 
 
 @contextmanager
 def onednn_enabled(enabled):
     """`with onednn_enabled(False):` ATen's own CPU kernels, not oneDNN's (torch.backends.mkldnn), then as before."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
+    before, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, enabled
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
 
 
+@contextmanager
 def one_row_kernels(dtype, device):
-    """The kernels a one-token step runs with: on a CPU in bf16/fp16, oneDNN's one-row matmul (x @ W^T) or ATen's own,
-    timed once per dtype on a 128 MB matrix (bigger than the caches, as a model's weights): without AMX, oneDNN reads
-    bf16 at half the memory's speed (RESULTS.md). oneDNN stays unless ATen's is 10% faster."""
+    """`with one_row_kernels(dtype, device):` a one-token step; on a CPU in bf16/fp16 with ATen's own one-row matmul
+    (x @ W^T) if a once-per-dtype timing on a 128 MB matrix (past the caches) finds it 10% faster than oneDNN's, as
+    without AMX (oneDNN reads bf16 at half the memory's speed there: RESULTS.md); else oneDNN, as before."""
     onednn = torch.backends.mkldnn.enabled
     if onednn and device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16):
         if dtype not in ONEDNN_AT_ONE_ROW:
@@ -146,7 +146,12 @@ def one_row_kernels(dtype, device):
                     best[kind] = min(best.get(kind, float('inf')), time.perf_counter() - start)
             ONEDNN_AT_ONE_ROW[dtype] = best[False] > 0.9 * best[True]
         onednn = ONEDNN_AT_ONE_ROW[dtype]
-    return onednn_enabled(onednn)
+    ONEDNN_OUTSIDE_STEP.append(torch.backends.mkldnn.enabled)
+    try:
+        with onednn_enabled(onednn):
+            yield
+    finally:
+        ONEDNN_OUTSIDE_STEP.pop()
 
 
 class CausalSelfAttention(nn.Module):  # ch03: multi-head attention (+ grouped-query attention, RoPE)
@@ -245,8 +250,7 @@ class KVCache:
         # one tensor per layer: a compiled step writes each in place (a slice of one big tensor would be copied whole)
         self.k = [torch.zeros(batch_size, config.n_kv_head, self.ring if ring else self.length, config.head_dim,
                               device=device, dtype=dtype) for ring in self.in_ring]  # zeros, not empty: 0 * NaN = NaN
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.padding = padding
+        self.v, self.padding = [torch.zeros_like(k) for k in self.k], padding
         # the compiled step's write slot, one tensor refilled each step: a Python int would recompile per step
         self.step_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.restart(0)
@@ -321,8 +325,7 @@ class GPT(nn.Module):  # ch04: the GPT model
             **({'wpe': nn.Embedding(config.block_size, config.n_embd)} if learned_positions else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config, config.n_embd),
-        ))
+            ln_f=make_norm(config, config.n_embd)))
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.pos_emb == 'rope':  # cos and sin of every (position, frequency) angle, (block_size, hs), built once
             self.rope_tables = ['rope_cos', 'rope_sin'] + (['rope_local_cos', 'rope_local_sin']  # Gemma: sliding layers
@@ -424,8 +427,7 @@ class GPT(nn.Module):  # ch04: the GPT model
         if optimizer != 'muon':
             raise ValueError(f"unknown optimizer {optimizer!r}; use adamw or muon")
         hidden = [p for n, p in named if p.dim() == 2 and '.h.' in n]  # embeddings (wte = head) stay with AdamW
-        embed = [p for n, p in named if p.dim() >= 2 and '.h.' not in n]
-        rest = [p for _, p in named if p.dim() < 2]
+        embed, rest = [p for n, p in named if p.dim() >= 2 and '.h.' not in n], [p for _, p in named if p.dim() < 2]
         return MuonWithAdamW([
             {'params': hidden, 'use_muon': True, 'lr': muon_lr, 'lr_scale': muon_lr / learning_rate,
              'momentum': 0.95, 'weight_decay': weight_decay, 'ns_dtype': muon_dtype},

@@ -210,6 +210,22 @@ def test_one_token_steps_run_the_measured_matmul_kernel(onednn, monkeypatch):
     assert torch.equal(model.generate(out[:, :70], 4, temperature=0), out)
 
 
+def test_onednn_turned_off_by_the_user_stays_off_in_decoding(monkeypatch):
+    # one_row_kernels measures nothing then, and attention's small matmuls keep the user's setting (they turn oneDNN
+    # back on only where one_row_kernels turned it off)
+    import model as model_file
+    monkeypatch.setattr(model_file, 'ONEDNN_AT_ONE_ROW', {})
+    seen, matmul = [], torch.Tensor.__matmul__  # oneDNN's setting at each of attention's matmuls
+    monkeypatch.setattr(torch.Tensor, '__matmul__', lambda a, b: seen.append(torch.backends.mkldnn.enabled)
+                        or matmul(a, b))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=96, n_layer=2, n_head=4, n_embd=32)).eval().to(torch.bfloat16)
+    with model_file.onednn_enabled(False):
+        model.generate(torch.randint(1, 96, (1, 70)), 3, temperature=0)
+        assert seen and not any(seen) and not torch.backends.mkldnn.enabled
+    assert model_file.ONEDNN_AT_ONE_ROW == {} and torch.backends.mkldnn.enabled and model_file.ONEDNN_OUTSIDE_STEP == []
+
+
 def test_one_row_kernels_are_chosen_by_a_measurement_once(monkeypatch):
     # a fake clock: each oneDNN matmul takes `onednn` seconds, each of ATen's `aten`; ATen must be 10% faster to win
     import model as model_file
