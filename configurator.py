@@ -252,8 +252,8 @@ def compile_decoding(model, enabled, device_type):
     runs eagerly. The prompt is always computed eagerly (its length varies)."""
     if not (enabled and compile_available(device_type)):
         return None
-    print("--compile=True: the first token compiles the one-token step (Inductor, about a minute for a 0.6B model on "
-          "2 CPU cores; seconds on the next start, from its cache in TORCHINDUCTOR_CACHE_DIR)", file=sys.stderr)
+    print("--compile=True: the first token compiles the one-token step (Inductor: a minute or so the first time, "
+          "seconds on the next start, from its cache in TORCHINDUCTOR_CACHE_DIR)", file=sys.stderr)
     if device_type == 'cuda' and any(p.dtype == torch.int8 for p in model.parameters()):
         # int8 weights (quantize.Int8Linear): inductor fuses their dequantization into a one-row matmul only with
         # coordinate-descent tuning on (gpt-fast's setting); else the bf16 weights are written out and read back
