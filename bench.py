@@ -371,24 +371,22 @@ def llama_cpp_variants(model, schemes, folder, variants):
     tokenizer = get_tokenizer('gpt2' if model.config.vocab_size >= 50257 else 'bytes')
     save_pretrained(model, folder / 'model', tokenizer_json=tokenizer_json(tokenizer))
     export = [sys.executable, str(Path(__file__).with_name('export.py')), f'--init_from={folder / "model"}']
+    files = {kind: folder / f'bench-{kind.lower()}.gguf' for kind in ('F16', 'Q8_0', 'Q4_0')}
     for kind in ['F16'] + ['Q8_0'] * ('int8' in schemes):
-        path = folder / f'bench-{kind.lower()}.gguf'
-        proc = subprocess.run(export + [f'--to={path}', f'--type={kind.lower()}', '--name=bench'], capture_output=True,
-                              text=True)
+        proc = subprocess.run(export + [f'--to={files[kind]}', f'--type={kind.lower()}', '--name=bench'],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
-            die(f"export.py could not write {path.name}: {proc.stderr.strip().splitlines()[-1:]}")
-        variants[f'llama.cpp {kind}'] = lambda path=path: run_llama_bench(bench_bin, path)
+            die(f"export.py could not write {files[kind].name}: {proc.stderr.strip().splitlines()[-1:]}")
     quantizer = bench_bin.with_name('llama-quantize' + bench_bin.suffix)
     if 'int4' in schemes and quantizer.is_file():
-        subprocess.run([str(quantizer), str(folder / 'bench-f16.gguf'), str(folder / 'bench-q4_0.gguf'), 'Q4_0'],
-                       check=True, capture_output=True)
-        variants['llama.cpp Q4_0'] = lambda: run_llama_bench(bench_bin, folder / 'bench-q4_0.gguf')
+        subprocess.run([str(quantizer), str(files['F16']), str(files['Q4_0']), 'Q4_0'], check=True, capture_output=True)
     elif 'int4' in schemes:
         print(f"(no {quantizer.name} beside {bench_bin}: no Q4_0 row)")
     read = {}
-    for kind in ('F16', 'Q8_0', 'Q4_0'):
-        if f'llama.cpp {kind}' in variants:  # its file less the token embedding's own rows (looked up, as ours)
-            path = folder / f'bench-{kind.lower()}.gguf'
+    for kind, path in files.items():
+        if path.is_file():
+            variants[f'llama.cpp {kind}'] = lambda path=path: run_llama_bench(bench_bin, path)
+            # its file less the token embedding's own rows (looked up, as ours)
             embedding = 0 if model.config.tie_embeddings else gguf_tensor_bytes(path, 'token_embd.weight')
             if embedding is not None:
                 read[f'llama.cpp {kind}'] = os.path.getsize(path) - embedding

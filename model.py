@@ -6,7 +6,7 @@ Imports only torch and the standard library: files (checkpoints, published weigh
 import copy
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -495,10 +495,8 @@ class GPT(nn.Module):  # ch04: the GPT model
             keep = cache.length if cache.filled == 0 else cache.length // 2
             cache.restart(offset=text.size(1) - keep)
         new = text[:, cache.offset + cache.filled:]
-        if new.size(1) > 1:  # the prompt: a variable length, computed eagerly
-            return self.lm_head(self.hidden_states(new, cache)[:, -1])
-        with one_row_kernels(cache.k[0].dtype, new.device):
-            if decode_step is None:
+        with one_row_kernels(cache.k[0].dtype, new.device) if new.size(1) == 1 else nullcontext():
+            if decode_step is None or new.size(1) > 1:  # a prompt (a variable length) is always computed eagerly
                 return self.lm_head(self.hidden_states(new, cache)[:, -1])
             cache.step_slot.fill_(cache.filled)
             logits = decode_step(new.clone(memory_format=torch.contiguous_format), cache, cache.step_slot)  # one graph

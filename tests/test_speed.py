@@ -198,7 +198,6 @@ def test_grad_checkpoint_gives_the_same_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
-
 def test_bench_times_llama_cpp_on_the_same_weights_in_the_same_rounds(tmp_path):
     """--llamacpp: GGUFs of the benchmarked weights (F16, and Q8_0 and Q4_0 beside int8 and int4), each timed by
     llama-bench in every round, its own seconds taken; here a stand-in llama-bench reports 1 s a run and checks
